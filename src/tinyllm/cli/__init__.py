@@ -1,0 +1,47 @@
+"""The `tinyllm` command: one subcommand per module in this package, each thin.
+
+A subcommand module defines `register(subparsers)`, which adds its parser and sets
+`func=run` where `run(args) -> int` parses nothing more and calls library code. `main` turns a
+`UserError` into one line on stderr and exit status 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tinyllm import __version__
+from tinyllm.errors import UserError
+
+# Subcommands in the order `tinyllm --help` lists them. A name is added here only once it works.
+SUBCOMMANDS = ["tokenize"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinyllm",
+        description="Train small GPT-style language models from scratch and talk to them.",
+    )
+    parser.add_argument("--version", action="version", version=f"tinyllm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"tinyllm.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"tinyllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tinyllm {args.command}: interrupted", file=sys.stderr)
+        return 130
