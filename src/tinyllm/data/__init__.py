@@ -1,0 +1,1 @@
+"""Data: sources (hub, local, builtin) -> documents -> token shards -> batches."""
