@@ -1,0 +1,400 @@
+"""The builtin corpus: simple English stories, generated offline, with questions about each story.
+
+Why it is shaped this way:
+- A story is a small world (characters with places and feelings, objects with colours and
+  holders) changed by one event per sentence: "Mia went to the park. She found a red kite in the
+  park. Mia gave the red kite to Tom." Some words repeat a fact the model must carry ("the *red*
+  kite", "in the *park*"), which is what makes the corpus worth learning beyond its grammar.
+- After a share of the stories, ChatML questions follow ("Who has the kite?" -> "Tom."). Each
+  question is built from the final world state, so its answer is fixed by the story.
+- Every random choice goes through a tape (`builtin_tape`) that writes the chosen text at once.
+  Options are prefix-free at every pick, so the text tells which option was taken: the document
+  is uniquely decodable and the tape's summed log-probability is exactly the document's. Stopping
+  decisions (end of story, questions or not, another question or not) are picks too; their texts
+  are " " (go on), "\\n<|im_start|>user\\n" (questions follow) and "<|endoftext|>" (the end), so
+  the tape's text is exactly `doc.rendered() + "<|endoftext|>"`, the string the ids decode to.
+- Document i comes from `random.Random(blake2b(seed, i))`: random access, identical across
+  processes, and no draw shared between documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from tinyllm.data.builtin_lexicon import DEFAULT_LEXICON, EVENTS, WEATHER_LEAD, Lexicon
+from tinyllm.data.builtin_tape import (
+    Choice,
+    ParseError,
+    ParseTape,
+    SampleTape,
+    Tape,
+    enumerate_choices,
+)
+from tinyllm.data.document import Document, tokenize_document
+from tinyllm.tokenizer import Tokenizer
+
+VERSION = 1
+END = "<|endoftext|>"
+_GO_ON, _ASK, _STOP = " ", "\n<|im_start|>user\n", END
+_NEXT_QUESTION = "<|im_start|>user\n"
+_ANSWER_HEAD = "<|im_end|>\n<|im_start|>assistant\n"
+_TURN_END = "<|im_end|>\n"
+# Event leads, written right after the subject; prefix-free as a set.
+_LEADS = {
+    "go": " went to the", "go_with": " and", "find": " found a", "have": " had a",
+    "give": " gave the", "leave": " left the", "pick_up": " picked up the", "meet": " met a",
+    "felt": " felt", "was_very": " was very", "said": ' said, "', "shouted": ' shouted, "',
+}
+
+
+class _Char:
+    __slots__ = ("name", "pronoun", "trait", "kind", "place", "feeling")
+
+    def __init__(self, name: str, pronoun: str, trait: str, kind: str, place: int | None) -> None:
+        self.name, self.pronoun, self.trait, self.kind = name, pronoun, trait, kind
+        self.place = place
+        self.feeling: str | None = None
+
+
+class _Obj:
+    __slots__ = ("noun", "colour", "holder", "place", "finder", "found_at")
+
+    def __init__(self, noun: str, colour: str, holder: _Char, found_at: int | None) -> None:
+        self.noun, self.colour, self.holder = noun, colour, holder
+        self.place: int | None = None  # where it lies while nobody holds it
+        self.finder = holder if found_at is not None else None
+        self.found_at = found_at
+
+
+class _World:
+    __slots__ = ("chars", "objs", "gifts", "last")
+
+    def __init__(self) -> None:
+        self.chars: list[_Char] = []
+        self.objs: list[_Obj] = []
+        self.gifts: list[tuple[_Char, _Char, _Obj]] = []
+        self.last: _Char | None = None  # the previous sentence's subject: "she"/"he" means them
+
+
+class _Grammar:
+    """A Lexicon compiled into the fixed `Choice`s and lookup lists the generator uses."""
+
+    def __init__(self, lex: Lexicon) -> None:
+        self.lex = lex
+        self.opening = Choice(lex.openings)
+        self.trait = Choice([" " + t for t in lex.traits])
+        self.colour = Choice([" " + c for c in lex.colours])
+        self.feeling = Choice([" " + f for f in lex.feelings])
+        self.weather = Choice([" " + w for w in lex.weathers])
+        self.utterance = Choice([u + '"' for u in lex.utterances])
+        # (" kind", kind, names it allows), and each name's pronoun.
+        self.kinds = [(" " + k, k, [n for n, p in lex.names if pron in (None, p)]) for k, pron in lex.kinds]
+        self.pronoun = dict(lex.names)
+        # Place options with the current place left out (key None: nowhere yet).
+        self.place_text = [" " + p for _, p in lex.places]
+        self.place_at = [f" {prep} the {p}." for prep, p in lex.places]
+        self.place_answer = [f"{prep.capitalize()} the {p}." for prep, p in lex.places]
+        n = len(lex.places)
+        self.places_except = {
+            ex: [i for i in range(n) if i != ex] for ex in [None, *range(n)]
+        }
+        self.event_weight = [(e, lex.events[e]) for e in EVENTS if lex.events[e] > 0]
+        more = lex.more_question_prob
+        # None when there is nothing to choose (probability 0 or 1): `_questions` just writes.
+        self.more = Choice([_NEXT_QUESTION, END], [more, 1 - more]) if 0 < more < 1 else None
+        self.ends = [self._ends(n) for n in range(lex.max_sentences + 1)]
+
+    def _ends(self, n: int) -> Choice:
+        """The pick after sentence n: go on, stop with questions, or stop."""
+        lex, q = self.lex, self.lex.qa_share
+        go_on = 1.0 if n < lex.min_sentences else 0.0 if n >= lex.max_sentences else 1 - lex.stop_prob
+        options = [(_GO_ON, go_on), (_ASK, (1 - go_on) * q), (_STOP, (1 - go_on) * (1 - q))]
+        options = [(t, w) for t, w in options if w > 0]
+        return Choice([t for t, _ in options], [w for _, w in options])
+
+
+def _generate(tape: Tape, g: _Grammar) -> Document:
+    """One document: the story, then maybe questions. All randomness goes through `tape`."""
+    w = _World()
+    _intro(tape, g, w)
+    n = 1
+    while True:
+        end = g.ends[n]
+        how = end.texts[tape.pick(end)]
+        if how == _GO_ON:
+            _sentence(tape, g, w)
+            n += 1
+            continue
+        story = "".join(tape.parts[:-1])
+        if how == _STOP:
+            return Document(text=story, messages=None, logprob=tape.logprob)
+        messages = _questions(tape, g, w)
+        return Document(text=story + "\n", messages=messages, logprob=tape.logprob)
+
+
+def _intro(tape: Tape, g: _Grammar, w: _World) -> None:
+    tape.pick(g.opening)
+    tape.say(" there was a")
+    w.chars.append(_new_char(tape, g, w, place=None))
+    tape.say(".")
+
+
+def _new_char(tape: Tape, g: _Grammar, w: _World, place: int | None) -> _Char:
+    """'{trait} {kind} named {Name}': a character with a name not yet in the story."""
+    trait = g.lex.traits[tape.pick(g.trait)]
+    used = {c.name for c in w.chars}
+    # Only kinds with a name left: a kind is never chosen into a dead end.
+    kinds = [k for k in g.kinds if not used.issuperset(k[2])] if used else g.kinds
+    _, kind, pool = kinds[tape.uniform([k[0] for k in kinds])]
+    tape.say(" named")
+    names = [n for n in pool if n not in used] if used else pool
+    name = names[tape.uniform([" " + n for n in names])]
+    return _Char(name, g.pronoun[name], trait, kind, place)
+
+
+def _sentence(tape: Tape, g: _Grammar, w: _World) -> None:
+    """One sentence: who it is about (or the weather), then an event for them."""
+    lex, last = g.lex, w.last
+    texts = [c.name for c in w.chars]
+    weights = [lex.name_weight] * len(texts)
+    if last is not None:
+        texts.append(last.pronoun.capitalize())
+        weights.append(lex.pronoun_weight)
+    subjects = len(texts)
+    if lex.connective_weight > 0:
+        texts += lex.connectives
+        weights += [lex.connective_weight] * len(lex.connectives)
+    if lex.weather_weight > 0:
+        texts.append(WEATHER_LEAD)
+        weights.append(lex.weather_weight)
+    i = tape.weighted(texts, weights)
+    if texts[i] == WEATHER_LEAD:
+        tape.pick(g.weather)
+        tape.say(" day.")
+        w.last = None
+        return
+    if i >= subjects:
+        # After a connective: the subject again, lower-case pronoun ("Then she went ...").
+        texts = [" " + t for t in texts[:subjects]]
+        if last is not None:
+            texts[-1] = " " + last.pronoun
+        i = tape.weighted(texts, weights[:subjects])
+    subject = w.chars[i] if i < len(w.chars) else last
+    _event(tape, g, w, subject)
+    w.last = subject
+
+
+def _event(tape: Tape, g: _Grammar, w: _World, c: _Char) -> None:
+    """An event for subject `c`, among those its state allows; each changes the world."""
+    others = [d for d in w.chars if d is not c]
+    held = [o for o in w.objs if o.holder is c]
+    here = c.place
+    near = [d for d in others if d.place == here]
+    loose = [o for o in w.objs if o.holder is None and o.place == here] if here is not None else []
+    moves, room = len(g.places_except[here]) > 0, len(w.objs) < g.lex.max_objects
+    can = {
+        "go": moves, "go_with": moves and bool(others), "find": room and here is not None,
+        "have": room, "give": bool(held and near), "leave": bool(held) and here is not None,
+        "pick_up": bool(loose), "meet": len(w.chars) < g.lex.max_characters,
+        "felt": True, "was_very": True, "said": True, "shouted": True,
+    }
+    events = [ew for ew in g.event_weight if can[ew[0]]]
+    e = events[tape.weighted([_LEADS[e] for e, _ in events], [wt for _, wt in events])][0]
+    if e in ("felt", "was_very"):
+        c.feeling = g.lex.feelings[tape.pick(g.feeling)]
+        tape.say(".")
+    elif e in ("said", "shouted"):
+        tape.pick(g.utterance)
+    elif e in ("go", "go_with"):
+        movers = [c]
+        if e == "go_with":
+            movers.append(others[tape.uniform([" " + d.name for d in others])])
+            tape.say(" went to the")
+        places = g.places_except[here]
+        place = places[tape.uniform([g.place_text[p] for p in places])]
+        tape.say(".")
+        for m in movers:
+            m.place = place
+    elif e in ("find", "have"):
+        colour = g.lex.colours[tape.pick(g.colour)]
+        used = {o.noun for o in w.objs}
+        nouns = [n for n in g.lex.nouns if n not in used]
+        noun = nouns[tape.uniform([" " + n for n in nouns])]
+        tape.say(g.place_at[here] if e == "find" else ".")
+        w.objs.append(_Obj(noun, colour, c, here if e == "find" else None))
+    elif e == "meet":
+        w.chars.append(_new_char(tape, g, w, place=here))
+        tape.say(".")
+    else:
+        where = g.place_at[here] if here is not None else ""
+        _handle(tape, w, c, e, loose if e == "pick_up" else held, near, where)
+
+
+def _handle(tape: Tape, w: _World, c: _Char, e: str, objs: list[_Obj], near: list[_Char],
+            place_at: str) -> None:
+    """The events that move an object already in the story: give, leave, pick up."""
+    obj = objs[tape.uniform([f" {o.colour} {o.noun}" for o in objs])]
+    if e == "give":
+        tape.say(" to")
+        to = near[tape.uniform([" " + d.name for d in near])]
+        tape.say(".")
+        obj.holder = to
+        w.gifts.append((c, to, obj))
+    elif e == "leave":
+        tape.say(place_at)
+        obj.holder, obj.place = None, c.place
+    else:
+        tape.say(".")
+        obj.holder, obj.place = c, None
+
+
+def _questions(tape: Tape, g: _Grammar, w: _World) -> tuple[dict, ...]:
+    """Questions about the final world, asked in random order without repeats."""
+    pool = _facts(g, w)
+    messages: list[dict] = []
+    while True:
+        q, a = pool.pop(tape.uniform([q for q, _ in pool]))
+        tape.say(_ANSWER_HEAD + a + _TURN_END)
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        if len(messages) // 2 >= g.lex.max_questions or not pool or g.lex.more_question_prob == 0:
+            tape.say(END)
+            return tuple(messages)
+        if g.more is None:  # more_question_prob == 1: another question, no choice made
+            tape.say(_NEXT_QUESTION)
+        elif tape.pick(g.more) == 1:
+            return tuple(messages)
+
+
+def _facts(g: _Grammar, w: _World) -> list[tuple[str, str]]:
+    """Every (question, answer) the story settles, in a fixed order."""
+    facts = []
+    for c in w.chars:
+        facts.append((f"Who is {c.name}?", f"A {c.trait} {c.kind}."))
+        if c.place is not None:
+            facts.append((f"Where is {c.name}?", g.place_answer[c.place]))
+        if c.feeling is not None:
+            facts.append((f"How does {c.name} feel?", c.feeling.capitalize() + "."))
+    for o in w.objs:
+        facts.append((f"What colour is the {o.noun}?", o.colour.capitalize() + "."))
+        if o.holder is not None:
+            facts.append((f"Who has the {o.noun}?", o.holder.name + "."))
+        else:
+            facts.append((f"Where is the {o.noun}?", g.place_answer[o.place]))
+        if o.finder is not None:
+            facts.append((f"Where did {o.finder.name} find the {o.noun}?", g.place_answer[o.found_at]))
+    pairs = [(giver, to) for giver, to, _ in w.gifts]
+    for giver, to, o in w.gifts:
+        if pairs.count((giver, to)) == 1:  # else "what did A give to B" has two answers
+            facts.append((f"What did {giver.name} give to {to.name}?", f"The {o.colour} {o.noun}."))
+    return facts
+
+
+_GRAMMARS: dict[Lexicon, _Grammar] = {}
+
+
+def _grammar(lex: Lexicon) -> _Grammar:
+    if lex not in _GRAMMARS:
+        _GRAMMARS[lex] = _Grammar(lex)
+    return _GRAMMARS[lex]
+
+
+def _stream_seed(seed: int, index: int) -> int:
+    """A stable 64-bit seed per (seed, index); Python's `hash` is salted per process."""
+    digest = hashlib.blake2b(f"tinyllm-builtin:{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class BuiltinCorpus:
+    """Unlimited stories with questions; document i depends only on (seed, i)."""
+
+    def __init__(self, seed: int = 0, *, lexicon: Lexicon | None = None) -> None:
+        self.seed = int(seed)
+        self.lexicon = lexicon or DEFAULT_LEXICON
+        self._grammar = _grammar(self.lexicon)
+
+    def document(self, index: int) -> Document:
+        if index < 0:
+            raise ValueError(f"document index must be >= 0, got {index}")
+        return _generate(SampleTape(random.Random(_stream_seed(self.seed, index))), self._grammar)
+
+    def documents(self, start: int = 0) -> Iterator[Document]:
+        index = start
+        while True:
+            yield self.document(index)
+            index += 1
+
+    @property
+    def identity(self) -> dict:
+        ident = {"name": "builtin", "version": VERSION, "seed": self.seed}
+        if self.lexicon != DEFAULT_LEXICON:
+            # A custom grammar is a different dataset; name it by a digest of its words.
+            ident["lexicon"] = hashlib.sha256(repr(self.lexicon.key()).encode()).hexdigest()[:16]
+        return ident
+
+
+def entropy_floor(docs: Iterable[Document], tok: Tokenizer) -> float:
+    """-sum(logprob) / sum(tokens), in nats per token: the lowest loss any model can reach on `docs`.
+
+    Tokens are `tokenize_document`'s ids, so the trailing <|endoftext|> counts.
+    """
+    nats, tokens = 0.0, 0
+    for chunk in _chunks(docs, 1024):
+        if any(d.logprob is None for d in chunk):
+            raise ValueError("entropy_floor needs documents with a logprob (builtin corpus only)")
+        nats -= math.fsum(d.logprob for d in chunk)
+        text_ids = tok.encode_batch([d.text for d in chunk])
+        tokens += sum(len(tokenize_document(tok, d, ids)) for d, ids in zip(chunk, text_ids, strict=True))
+    if tokens == 0:
+        raise ValueError("entropy_floor needs at least one document")
+    return nats / tokens
+
+
+def _chunks(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    chunk: list[Document] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """A document with the choices that generate it and their summed log-probability."""
+
+    choices: tuple[int, ...]
+    logprob: float
+    document: Document
+
+
+def parse_document(doc: Document, lexicon: Lexicon | None = None) -> Derivation:
+    """Recover the one choice sequence that generates `doc`; raise if none does.
+
+    Raises `builtin_tape.ParseError` when `doc` is not a document of this grammar and
+    `AmbiguityError` when a pick on the way offered options that are not prefix-free.
+    """
+    target = linear_text(doc)
+    tape = ParseTape(target)
+    again = _generate(tape, _grammar(lexicon or DEFAULT_LEXICON))
+    if tape.pos != len(target):
+        raise ParseError(f"text continues after the document ends at offset {tape.pos}")
+    return Derivation(tuple(tape.choices), tape.logprob, again)
+
+
+def enumerate_documents(lexicon: Lexicon) -> Iterator[Derivation]:
+    """Every choice sequence a (tiny) lexicon allows, with its document: the whole distribution."""
+    g = _grammar(lexicon)
+    for doc, tape in enumerate_choices(lambda tape: _generate(tape, g)):
+        yield Derivation(tuple(tape.choices), tape.logprob, doc)
+
+
+def linear_text(doc: Document) -> str:
+    """The document as the generator writes it: its rendering plus the final <|endoftext|>."""
+    return doc.rendered() + END
+
