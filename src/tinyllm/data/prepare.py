@@ -1,0 +1,231 @@
+"""`prepare`: sources -> token shards + `manifest.json` in one directory, resumable and guarded.
+
+Why it is shaped this way:
+- Sources are ingested one after the other (`ingest.SourceIngest`: chunked reading, parallel
+  tokenization, hash-based train/val, shards finished at commit points); this module owns the
+  directory: `progress.json` after every commit, `manifest.json` last, so its presence means
+  "complete", and an interrupted run restarts each source at its last commit, keeping the
+  finished shards.
+- A second run into the same directory compares the settings that shape the data (sources and
+  their files, caps, split, shard size, tokenizer): equal means nothing to do (only the mixture
+  weights may change), different is refused with what differs. A lock file serialises runs into
+  one directory, since data-parallel ranks may all ask for the same cached builtin dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinyllm import __version__
+from tinyllm.data.ingest import SourceIngest, new_state
+from tinyllm.data.manifest import FORMAT, MANIFEST, SPLITS, VERSION, read_json, write_json_atomic
+from tinyllm.data.sources import BUILTIN_MAX_TOKENS, Source, resolve_sources
+from tinyllm.errors import UserError
+from tinyllm.tokenizer import Tokenizer, get_tokenizer
+
+PROGRESS = "progress.json"
+LOCK = ".prepare.lock"
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """The settings that shape a prepared dataset (all but `threads` and `progress`)."""
+
+    val_fraction: float = 0.01
+    max_docs: int | None = None  # per source; None = no cap
+    max_tokens: int | None = None  # per source; None = the source's default cap, 0 = no cap
+    shard_tokens: int = 1 << 24  # 32 MiB shards
+    threads: int | None = None  # tokenizer threads; None = all cores
+    progress: bool = True
+
+    def check(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
+        for flag, v in (("--max-docs", self.max_docs), ("--max-tokens", self.max_tokens)):
+            if v is not None and v < 0:
+                raise UserError(f"{flag} {v} must be a positive count (or 0 for no cap)")
+        if self.shard_tokens < 1:
+            raise UserError(f"--shard-tokens {self.shard_tokens} must be positive")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads {self.threads} must be at least 1")
+
+
+def prepare(sources: list[Source], out: str | Path, options: PrepareOptions = PrepareOptions()) -> dict:
+    """Prepare `sources` into `out` (resuming an interrupted run there); returns the manifest."""
+    options.check()
+    out = Path(out)
+    tok = get_tokenizer()
+    config = _config(sources, options, tok)
+    _existing_state(out, config)  # refuse a wrong directory before touching it
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        existing = _existing_state(out, config)  # again: another process may have finished it
+        if existing is not None and "format" in existing:  # a finished dataset with equal settings
+            return _reweigh(out, existing, sources)
+        progress = existing or {"config": config, "sources": {s.name: new_state() for s in sources}}
+        for stale in out.glob(".*.tmp-*"):  # shards an interrupted run did not finish
+            stale.unlink()
+        save = functools.partial(write_json_atomic, out / PROGRESS, progress)
+        save()
+        for src, cap in zip(sources, config["sources"], strict=True):
+            state = progress["sources"][src.name]
+            if not state["done"]:
+                SourceIngest(src, state, cap, out, tok, options, save).run()
+        manifest = _manifest(sources, progress, tok)
+        write_json_atomic(out / MANIFEST, manifest)
+        (out / PROGRESS).unlink()
+    return manifest
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One prepare at a time per directory: data-parallel ranks may all ask for the same cache."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks (Windows): concurrent runs into one --out are unsupported
+        yield
+        return
+    with open(out / LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _config(sources: list[Source], options: PrepareOptions, tok: Tokenizer) -> dict:
+    def cap(src: Source) -> int | None:
+        if options.max_tokens is None:
+            return src.max_tokens
+        return options.max_tokens or None
+
+    entries = []
+    for src in sources:
+        entry = {"name": src.name, "identity": src.identity(), "max_docs": options.max_docs or None, "max_tokens": cap(src)}
+        if entry["identity"]["kind"] == "builtin" and entry["max_tokens"] is None and entry["max_docs"] is None:
+            raise UserError("the builtin corpus is endless: give it a cap (--max-tokens N or --max-docs N)")
+        entries.append(entry)
+    return {
+        "version": VERSION,
+        "tokenizer": tok.identity,
+        "sources": entries,
+        "val_fraction": options.val_fraction,
+        "shard_tokens": options.shard_tokens,
+    }
+
+
+def _existing_state(out: Path, config: dict) -> dict | None:
+    """The manifest or progress already in `out` if it matches `config`; refuses anything else."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a directory")
+    # Our lock and temp files do not count: another process may be mid-way through this very run.
+    if not out.is_dir() or all(p.name == LOCK or p.name.startswith(".") and ".tmp-" in p.name for p in out.iterdir()):
+        return None
+    # Twice: a run in another process may replace its progress by the manifest between our reads.
+    found = _read_dataset_file(out) or _read_dataset_file(out)
+    if found is None:
+        raise UserError(f"--out {out} is not empty and holds no tinyllm dataset: choose an empty or new directory")
+    _refuse_if_different(out, found.get("config"), config)
+    return found
+
+
+def _read_dataset_file(out: Path) -> dict | None:
+    for name in (MANIFEST, PROGRESS):
+        try:
+            return read_json(out / name, "tinyllm dataset file")
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def _refuse_if_different(out: Path, old: object, new: dict) -> None:
+    if old == new:
+        return
+    if not isinstance(old, dict):
+        raise UserError(f"{out} holds a dataset from another tinyllm version: choose a new --out or delete {out}")
+    if old.get("tokenizer") != new["tokenizer"]:
+        why = f"with another tokenizer ({old.get('tokenizer')})"
+    elif [s.get("name") for s in old.get("sources", [])] != [s["name"] for s in new["sources"]]:
+        why = f"from other sources ({', '.join(s.get('name', '?') for s in old.get('sources', []))})"
+    else:
+        why = "with other settings (" + ", ".join(_differences(old, new)) + ")"
+    raise UserError(f"{out} already holds data prepared {why}: choose a new --out or delete {out}")
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """What changed between two configs with the same sources, e.g. "builtin max_tokens 2 -> 3"."""
+    changed = [f"{k} {old.get(k)} -> {new[k]}" for k in new if k != "sources" and old.get(k) != new[k]]
+    for o, n in zip(old["sources"], new["sources"], strict=True):
+        for k in n:
+            if o.get(k) != n[k]:
+                changed.append(f"{n['name']} files" if k == "identity" else f"{n['name']} {k} {o.get(k)} -> {n[k]}")
+    return changed
+
+
+def _reweigh(out: Path, manifest: dict, sources: list[Source]) -> dict:
+    """A finished dataset asked for again: only the mixture weights may have changed."""
+    changed = False
+    for src in sources:
+        entry = manifest["sources"][src.name]
+        if (entry["weight"], entry["spec"]) != (src.weight, src.spec):
+            entry["weight"], entry["spec"], changed = src.weight, src.spec, True
+    if changed:
+        write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def _manifest(sources: list[Source], progress: dict, tok: Tokenizer) -> dict:
+    totals = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
+    entries = {}
+    for src in sources:
+        st = progress["sources"][src.name]
+        splits = {}
+        for split in SPLITS:
+            sp = st["splits"][split]
+            splits[split] = {"documents": sp["documents"], "tokens": sp["tokens"], "shards": sp["shards"]}
+            totals[split]["documents"] += sp["documents"]
+            totals[split]["tokens"] += sp["tokens"]
+        entry = {"spec": src.spec, "weight": src.weight, "splits": splits,
+                 "skipped_empty": st["skipped_empty"], "replaced_utf8": st["replaced_utf8"]}
+        val = st["splits"]["val"]
+        if val["documents"] and val["scored_documents"] == val["documents"]:
+            entry["floor"] = val["nll"] / val["tokens"]  # nats/token: the best loss any model can reach
+        entries[src.name] = entry
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "tinyllm": __version__,
+        "tokenizer": tok.identity,
+        "dtype": "uint16",
+        "config": progress["config"],
+        "sources": entries,
+        "splits": totals,
+    }
+    if len(entries) == 1 and "floor" in next(iter(entries.values())):
+        manifest["floor"] = next(iter(entries.values()))["floor"]
+    return manifest
+
+
+def default_builtin_dataset(max_tokens: int = BUILTIN_MAX_TOKENS, seed: int = 0, cache_dir: Path | None = None) -> Path:
+    """The builtin corpus prepared once into a cache directory and reused afterwards.
+
+    The directory is `<cache>/builtin-<key>` where the cache is `cache_dir`, else `$TINYLLM_CACHE`,
+    else `~/.cache/tinyllm`, and the key hashes everything that shapes the data.
+    """
+    sources = resolve_sources([], seed=seed)
+    options = PrepareOptions(max_tokens=max_tokens)
+    tok = get_tokenizer()
+    key_src = json.dumps(_config(sources, options, tok), sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
+    root = Path(cache_dir or os.environ.get("TINYLLM_CACHE") or Path.home() / ".cache" / "tinyllm").expanduser()
+    out = root / f"builtin-{key}"
+    if not (out / MANIFEST).is_file():
+        prepare(sources, out, options)
+    return out

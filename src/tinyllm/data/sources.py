@@ -1,0 +1,296 @@
+"""Where documents come from: a registry of named sources, local paths, and `--source` specs.
+
+Why it is shaped this way:
+- Every source is a deterministic stream of `Document`s with `documents(start)`, so `prepare`
+  handles the builtin corpus, a Hugging Face dataset and a folder of files the same way, and
+  resumes any of them by record number.
+- A hub source is a hub id plus a function from one record of that dataset's exact schema to a
+  Document. It always loads through `datasets.load_dataset(..., streaming=True)`: from the hub,
+  or, with `--source NAME=PATH`, from local files through the packaged parquet/json builder. The
+  same record -> Document code runs either way, which is how it is tested with no network.
+- `--source` takes `name[:weight]`, `name=path[:weight]` or `path[:weight]`; the weight only sets
+  the loader's mixture, so it is not part of a source's identity.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinyllm.data.document import Document
+from tinyllm.data.local import ReadCounters, expand_paths, read_documents
+from tinyllm.errors import UserError
+
+BUILTIN = "builtin"
+BUILTIN_MAX_TOKENS = 2_000_000  # the builtin corpus is infinite; ~1 minute to prepare on 2 cores
+HUB_MAX_TOKENS = 50_000_000  # a day of CPU training; raise it with --max-tokens
+
+
+# -- hub record -> Document ----------------------------------------------------------------------
+def _text(record: dict, key: str) -> str:
+    value = record[key]  # a missing key is caught up front by the column check
+    return "" if value is None else str(value)
+
+
+def _join(*parts: str) -> str:
+    return "\n\n".join(p for p in parts if p.strip())
+
+
+def _chat(user: str, assistant: str) -> Document:
+    return Document(messages=({"role": "user", "content": user}, {"role": "assistant", "content": assistant}))
+
+
+@dataclass(frozen=True)
+class HubEntry:
+    name: str
+    hub_id: str
+    config: str | None
+    fields: tuple[str, ...]  # the columns to_document reads; checked before streaming
+    to_document: Callable[[dict], Document]
+    recipe: str  # record -> text, for --list-sources
+    max_tokens: int | None = HUB_MAX_TOKENS
+
+
+HUB: dict[str, HubEntry] = {
+    e.name: e
+    for e in (
+        HubEntry("wikipedia", "wikimedia/wikipedia", "20231101.en", ("text",),
+                 lambda r: Document(text=_text(r, "text")), "text"),
+        HubEntry("simplestories", "SimpleStories/SimpleStories", None, ("story",),
+                 lambda r: Document(text=_text(r, "story")), "story"),
+        HubEntry("fineweb-edu", "HuggingFaceFW/fineweb-edu", "sample-10BT", ("text",),
+                 lambda r: Document(text=_text(r, "text")), "text"),
+        HubEntry("openwebtext2", "Geralt-Targaryen/openwebtext2", None, ("title", "text"),
+                 lambda r: Document(text=_join(_text(r, "title"), _text(r, "text"))), "title + text"),
+        HubEntry("alpaca", "tatsu-lab/alpaca", None, ("instruction", "input", "output"),
+                 lambda r: _chat(_join(_text(r, "instruction"), _text(r, "input")), _text(r, "output")),
+                 "chat: user = instruction (+ input), assistant = output", None),
+        HubEntry("reddit-instruct", "euclaise/reddit-instruct-curated", None, ("post_title", "post_text", "comment_text"),
+                 lambda r: _chat(_join(_text(r, "post_title"), _text(r, "post_text")), _text(r, "comment_text")),
+                 "chat: user = post_title (+ post_text), assistant = comment_text", None),
+    )
+}
+NAMES = (BUILTIN, *HUB)
+
+
+# -- sources -------------------------------------------------------------------------------------
+class Source(ABC):
+    """A named, deterministic stream of documents, read from record `start` on."""
+
+    name: str
+    spec: str  # as the user wrote it
+    weight: float
+    max_tokens: int | None  # default cap; --max-tokens overrides
+    counters: ReadCounters
+
+    @abstractmethod
+    def identity(self) -> dict:
+        """What must match for two runs to produce the same documents (resume or refuse)."""
+
+    @abstractmethod
+    def documents(self, start: int = 0) -> Iterator[Document]:
+        """The documents from record `start` on (records include ones prepare skips as empty)."""
+
+
+class BuiltinSource(Source):
+    """The offline generated corpus (tinyllm.data.builtin): endless, so always capped."""
+
+    max_tokens = BUILTIN_MAX_TOKENS
+
+    def __init__(self, spec: str, weight: float, seed: int) -> None:
+        self.name, self.spec, self.weight, self.seed = BUILTIN, spec, weight, seed
+        self.counters = ReadCounters()
+
+    def identity(self) -> dict:
+        from tinyllm.data.builtin import BuiltinCorpus
+
+        return {"kind": "builtin", "seed": self.seed, "corpus": BuiltinCorpus(seed=self.seed).identity}
+
+    def documents(self, start: int = 0) -> Iterator[Document]:
+        from tinyllm.data.builtin import BuiltinCorpus
+
+        return BuiltinCorpus(seed=self.seed).documents(start)
+
+
+class LocalSource(Source):
+    """Files, folders or globs on disk, read by tinyllm.data.local."""
+
+    max_tokens = None
+
+    def __init__(self, name: str, spec: str, path: str, weight: float, field: str) -> None:
+        self.name, self.spec, self.weight, self.field = name, spec, weight, field
+        self.files = expand_paths(path, f"--source {spec}")
+        self.counters = ReadCounters()
+
+    def identity(self) -> dict:
+        return {"kind": "local", "field": self.field, "files": _file_ids(self.files)}
+
+    def documents(self, start: int = 0) -> Iterator[Document]:
+        return read_documents(self.files, self.field, self.counters, start)
+
+
+class HubSource(Source):
+    """A registry entry streamed through `datasets`: from the hub, or from local files in its schema."""
+
+    def __init__(self, entry: HubEntry, spec: str, weight: float, path: str | None = None) -> None:
+        self.entry, self.name, self.spec, self.weight = entry, entry.name, spec, weight
+        self.max_tokens = entry.max_tokens
+        self.files = expand_paths(path, f"--source {spec}") if path is not None else None
+        self.counters = ReadCounters()
+
+    def identity(self) -> dict:
+        e = self.entry
+        ident = {"kind": "hub", "hub_id": e.hub_id, "config": e.config}
+        if self.files is not None:
+            ident["files"] = _file_ids(self.files)
+        return ident
+
+    def _where(self) -> str:
+        if self.files is None:
+            return f"{self.entry.hub_id} on the Hugging Face hub"
+        return ", ".join(map(str, self.files[:3])) + (" ..." if len(self.files) > 3 else "")
+
+    def _load(self):  # -> datasets.IterableDataset
+        import datasets
+
+        try:
+            if self.files is None:
+                return datasets.load_dataset(self.entry.hub_id, self.entry.config, split="train", streaming=True)
+            builder = _builder(self.files, self.spec)
+            return datasets.load_dataset(builder, data_files=[str(f) for f in self.files], split="train", streaming=True)
+        except (OSError, ValueError) as e:  # ConnectionError and DatasetNotFoundError are OSErrors
+            raise UserError(
+                f"--source {self.spec}: cannot load {self._where()} ({_first_line(e)}); without network, "
+                f"download its files and pass --source {self.name}=PATH"
+            ) from None
+
+    def documents(self, start: int = 0) -> Iterator[Document]:
+        import pyarrow as pa
+
+        ds = self._load()
+        if start:
+            ds = ds.skip(start)
+        it = iter(ds)
+        checked = False
+        while True:
+            try:
+                record = next(it)
+            except StopIteration:
+                return
+            except (OSError, ValueError, pa.ArrowException) as e:
+                raise UserError(f"--source {self.spec}: reading {self._where()} failed ({_first_line(e)})") from None
+            if not checked:
+                missing = [f for f in self.entry.fields if f not in record]
+                if missing:
+                    raise UserError(
+                        f"--source {self.spec}: {self._where()} has no field {missing[0]!r} (it has: "
+                        f"{', '.join(record)}); {self.name} needs {', '.join(self.entry.fields)}"
+                    )
+                checked = True
+            yield self.entry.to_document(record)
+
+
+def _builder(files: list[Path], spec: str) -> str:
+    kinds = {{".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}[f.suffix] for f in files}
+    if len(kinds) > 1 or "text" in kinds:
+        raise UserError(f"--source {spec}: a hub source's local files must all be parquet or all JSON lines, got {sorted(kinds)}")
+    return kinds.pop()
+
+
+def _file_ids(files: list[Path]) -> list[list]:
+    # Absolute, so a resumed run from another working directory is still the same source.
+    return [[str(f.resolve()), f.stat().st_size] for f in files]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+# -- specs ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SourceSpec:
+    text: str
+    name: str | None  # a registry name, or None for a plain local path
+    path: str | None
+    weight: float
+
+
+def parse_spec(text: str) -> SourceSpec:
+    """`name[:weight]`, `name=path[:weight]` or `path[:weight]`."""
+    body, weight = text, 1.0
+    head, _, tail = text.rpartition(":")
+    if head and _is_number(tail):
+        body, weight = head, float(tail)
+        if not (math.isfinite(weight) and weight > 0):
+            raise UserError(f"--source {text}: the weight {tail} must be a positive number")
+    if not body:
+        raise UserError(f"--source {text}: give a source name or a path before the weight")
+    if "=" in body:
+        name, path = body.split("=", 1)
+        if name not in HUB:
+            hint = "builtin has no files" if name == BUILTIN else f"hub sources are {', '.join(HUB)}"
+            raise UserError(f"--source {text}: only a hub source takes =PATH ({hint})")
+        if not path:
+            raise UserError(f"--source {text}: give the path after '='")
+        return SourceSpec(text, name, path, weight)
+    if body in NAMES:
+        return SourceSpec(text, body, None, weight)
+    return SourceSpec(text, None, body, weight)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_sources(specs: list[str], *, field: str = "text", seed: int = 0) -> list[Source]:
+    """Sources for the `--source` specs (the builtin corpus when there are none), names unique."""
+    sources: list[Source] = []
+    for text in specs or [BUILTIN]:
+        s = parse_spec(text)
+        if s.name == BUILTIN:
+            src: Source = BuiltinSource(text, s.weight, seed)
+        elif s.name is not None:
+            src = HubSource(HUB[s.name], text, s.weight, s.path)
+        else:
+            src = LocalSource(_local_name(s.path, sources), text, s.path, s.weight, field)
+        if any(o.name == src.name for o in sources):
+            raise UserError(f"--source {text}: {src.name} is given twice; give each source once")
+        sources.append(src)
+    return sources
+
+
+def _local_name(path: str, taken: list[Source]) -> str:
+    stem = Path(re.sub(r"[*?\[\]]+.*$", "", path.rstrip("/")) or ".").resolve().stem or "files"
+    base = "local-" + (re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-") or "files")
+    names = {s.name for s in taken}
+    name, n = base, 2
+    while name in names:
+        name, n = f"{base}-{n}", n + 1
+    return name
+
+
+def describe_sources() -> str:
+    """The table `tinyllm prepare --list-sources` prints."""
+    rows = [("name", "hub id (config)", "record -> document", "default cap")]
+    rows.append((BUILTIN, "(offline, generated)", "story + questions about it", f"{BUILTIN_MAX_TOKENS:,} tokens"))
+    for e in HUB.values():
+        hub = e.hub_id + (f" ({e.config})" if e.config else "")
+        rows.append((e.name, hub, e.recipe, f"{e.max_tokens:,} tokens" if e.max_tokens else "whole dataset"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]
+    lines += [
+        "",
+        "Also: a local path (file, folder or glob): .txt (a file is a document), .jsonl/.json/.parquet",
+        "(a record is a document; --field NAME, default text). A hub source reads local files in its",
+        "own schema with NAME=PATH, e.g. --source wikipedia=dumps/wiki/. Append :WEIGHT to set the mix.",
+    ]
+    return "\n".join(lines)

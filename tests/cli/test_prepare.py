@@ -1,0 +1,81 @@
+"""`tinyllm prepare` as a user runs it: a real subprocess, its output, files and exit codes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tinyllm.cli import build_parser
+
+
+def tinyllm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tinyllm", *args], capture_output=True, text=True)
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tinyllm prepare: error: "), r.stderr
+    return lines[0]
+
+
+def test_every_flag_is_documented():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for action in sub.choices["prepare"]._actions:
+        assert action.help, f"{action.option_strings} has no help"
+
+
+def test_list_sources_names_every_source():
+    r = tinyllm("prepare", "--list-sources")
+    assert r.returncode == 0
+    for name in ("builtin", "wikipedia", "simplestories", "fineweb-edu", "openwebtext2", "alpaca", "reddit-instruct"):
+        assert f"\n{name} " in r.stdout
+
+
+def test_prepare_local_files_writes_a_manifest(tmp_path):
+    data = tmp_path / "notes.jsonl"
+    data.write_text("".join(json.dumps({"body": f"Note {i}: the cat sat on the mat."}) + "\n" for i in range(30)))
+    r = tinyllm("prepare", "--source", f"{data}:2", "--field", "body", "--out", str(tmp_path / "ds"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    entry = manifest["sources"]["local-notes"]
+    assert entry["weight"] == 2.0
+    assert entry["splits"]["train"]["documents"] + entry["splits"]["val"]["documents"] == 30
+    assert "local-notes (weight 2)" in r.stdout and "manifest.json" in r.stdout
+
+
+def test_prepare_builtin_with_a_cap(tmp_path):
+    r = tinyllm("prepare", "--max-tokens", "3000", "--out", str(tmp_path / "ds"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert 3000 <= sum(s["tokens"] for s in manifest["splits"].values()) < 3500
+    assert 0 < manifest["floor"] < 5 and "floor" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--source", "missing.txt", "--out", "DS"], "no such file, folder or source name 'missing.txt'"),
+    (["--source", "builtin:-1", "--out", "DS"], "weight -1 must be a positive number"),
+    (["--val-fraction", "1.5", "--out", "DS"], "--val-fraction 1.5"),
+    ([], "give --out DIR"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, args, message):
+    args = [str(tmp_path / "ds") if a == "DS" else a for a in args]
+    assert message in one_line_error(tinyllm("prepare", *args))
+
+
+def test_missing_field_is_a_one_line_error(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"content": "hello"}) + "\n")
+    line = one_line_error(tinyllm("prepare", "--source", str(data), "--out", str(tmp_path / "ds"), "--quiet"))
+    assert "rows.jsonl line 1 has no field 'text'" in line
+
+
+def test_second_run_with_other_sources_is_refused(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("Alpha text for the first run.")
+    b.write_text("Beta text for another dataset.")
+    out = str(tmp_path / "ds")
+    assert tinyllm("prepare", "--source", str(a), "--out", out, "--quiet").returncode == 0
+    line = one_line_error(tinyllm("prepare", "--source", str(b), "--out", out, "--quiet"))
+    assert "already holds data prepared from other sources" in line

@@ -1,0 +1,194 @@
+"""prepare: documents round-trip exactly, the split is stable, runs resume and refuse mix-ups."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tinyllm.data.builtin import BuiltinCorpus, entropy_floor
+from tinyllm.data.document import Document
+from tinyllm.data.manifest import MANIFEST, load_manifest
+from tinyllm.data.prepare import default_builtin_dataset
+from tinyllm.data.shards import Shard
+from tinyllm.data.sources import resolve_sources
+from tinyllm.errors import UserError
+from tinyllm.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
+
+from .conftest import ListSource, make_docs
+
+
+def shard_docs(out, manifest, name, split) -> list[list[int]]:
+    docs = []
+    for entry in manifest["sources"][name]["splits"][split]["shards"]:
+        shard = Shard(out / entry["file"], VOCAB_SIZE, expect=entry)
+        docs += [shard.document(i).tolist() for i in range(shard.n_docs)]
+    return docs
+
+
+def decoded(out, manifest, name, split) -> list[str]:
+    tok = get_tokenizer()
+    out_docs = shard_docs(out, manifest, name, split)
+    assert all(d[-1] == EOT and EOT not in d[:-1] for d in out_docs)
+    return [tok.decode(d[:-1]) for d in out_docs]
+
+
+def test_every_document_round_trips_exactly(tmp_path, quiet_prepare):
+    docs = make_docs(300)
+    docs[5] = Document(text="Unicode: naïve café, 東京, emoji 🙂, and <|endoftext|> typed as text.")
+    docs[6] = Document(text="Q&A follows.", messages=({"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}))
+    m = quiet_prepare([ListSource("toy", docs)], tmp_path, shard_tokens=500)  # many shards
+    assert len(m["sources"]["toy"]["splits"]["train"]["shards"]) > 3
+    got = decoded(tmp_path, m, "toy", "train") + decoded(tmp_path, m, "toy", "val")
+    assert sorted(got) == sorted(d.rendered() for d in docs)
+    # Within a split, the source's order is kept.
+    train = decoded(tmp_path, m, "toy", "train")
+    assert train == [d.rendered() for d in docs if d.rendered() in set(train)]
+
+
+def test_split_is_deterministic_and_small_runs_get_val(tmp_path, quiet_prepare):
+    docs = make_docs(40)
+    a = quiet_prepare([ListSource("toy", docs)], tmp_path / "a")
+    b = quiet_prepare([ListSource("toy", docs)], tmp_path / "b")
+    assert decoded(tmp_path / "a", a, "toy", "val") == decoded(tmp_path / "b", b, "toy", "val")
+    assert a["splits"] == b["splits"]
+    assert 1 <= a["splits"]["val"]["documents"] < 20  # the early bar, with val_fraction 0.01
+    assert a["splits"]["train"]["documents"] + a["splits"]["val"]["documents"] == 40
+
+
+def test_val_fraction_is_respected_on_larger_runs(tmp_path, quiet_prepare):
+    m = quiet_prepare([ListSource("toy", make_docs(4000, max_words=8))], tmp_path, val_fraction=0.1)
+    val = m["splits"]["val"]["documents"]
+    assert 400 - 3 * 19 < val < 400 + 3 * 19 + 8  # binomial(4000, 0.1) sd ~19, plus the early bar
+
+
+def test_caps_stop_each_source(tmp_path, quiet_prepare):
+    docs = make_docs(200)
+    m = quiet_prepare([ListSource("a", docs), ListSource("b", make_docs(200, seed=1))], tmp_path / "d", max_docs=50)
+    for name in ("a", "b"):
+        sp = m["sources"][name]["splits"]
+        assert sp["train"]["documents"] + sp["val"]["documents"] == 50
+    m = quiet_prepare([ListSource("a", docs)], tmp_path / "t", max_tokens=1000)
+    total = m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
+    assert 1000 <= total < 1000 + 70  # stops after the document that reaches the cap
+
+
+def test_empty_documents_are_skipped_and_counted(tmp_path, quiet_prepare):
+    docs = make_docs(20)
+    docs[3] = Document(text="   \n")
+    docs[9] = Document(text="")
+    m = quiet_prepare([ListSource("toy", docs)], tmp_path)
+    assert m["sources"]["toy"]["skipped_empty"] == 2
+    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 18
+
+
+def test_source_with_only_empty_documents_is_an_error(tmp_path, quiet_prepare):
+    with pytest.raises(UserError, match="gave no documents.*3 empty"):
+        quiet_prepare([ListSource("toy", [Document(text="")] * 3)], tmp_path)
+
+
+def test_invalid_utf8_count_reaches_the_manifest(tmp_path, quiet_prepare):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_bytes(b"caf\xe9 au lait")
+    (tmp_path / "in" / "b.txt").write_text("plain")
+    m = quiet_prepare(resolve_sources([str(tmp_path / "in")]), tmp_path / "out")
+    (entry,) = m["sources"].values()
+    assert entry["replaced_utf8"] == 1
+
+
+def test_bad_chat_message_names_source_and_record(tmp_path, quiet_prepare):
+    docs = make_docs(5) + [Document(messages=({"role": "robot", "content": "beep"},))]
+    with pytest.raises(UserError, match="toy, record 5: message 0 has role 'robot'"):
+        quiet_prepare([ListSource("toy", docs)], tmp_path)
+
+
+def test_interrupted_run_resumes_to_the_same_dataset(tmp_path, quiet_prepare, monkeypatch):
+    monkeypatch.setattr("tinyllm.data.ingest.CHUNK_DOCS", 16)  # so the interruption lands mid-stream
+    docs = make_docs(400)
+    whole = quiet_prepare([ListSource("toy", docs)], tmp_path / "whole", shard_tokens=800)
+    with pytest.raises(KeyboardInterrupt):
+        quiet_prepare([ListSource("toy", docs, fail_after=250)], tmp_path / "resumed", shard_tokens=800)
+    progress = json.loads((tmp_path / "resumed" / "progress.json").read_text())
+    kept = progress["sources"]["toy"]["splits"]["train"]["shards"]
+    assert kept and 0 < progress["sources"]["toy"]["position"] <= 250
+    assert not list((tmp_path / "resumed").glob(".*tmp*"))  # no half-written shard left behind
+    resumed = quiet_prepare([ListSource("toy", docs)], tmp_path / "resumed", shard_tokens=800)
+    assert resumed["sources"] == whole["sources"]  # same shards, counts and CRCs
+    for entry in whole["sources"]["toy"]["splits"]["train"]["shards"]:
+        assert (tmp_path / "whole" / entry["file"]).read_bytes() == (tmp_path / "resumed" / entry["file"]).read_bytes()
+    assert not (tmp_path / "resumed" / "progress.json").exists()
+
+
+def test_rerun_with_other_sources_or_tokenizer_is_refused(tmp_path, quiet_prepare):
+    docs = make_docs(30)
+    quiet_prepare([ListSource("toy", docs)], tmp_path)
+    with pytest.raises(UserError, match="other sources"):
+        quiet_prepare([ListSource("other", docs)], tmp_path)
+    with pytest.raises(UserError, match=r"other settings \(val_fraction 0.01 -> 0.2\)"):
+        quiet_prepare([ListSource("toy", docs)], tmp_path, val_fraction=0.2)
+    with pytest.raises(UserError, match=r"other settings \(toy max_docs None -> 5\)"):
+        quiet_prepare([ListSource("toy", docs)], tmp_path, max_docs=5)
+    with pytest.raises(UserError, match=r"other settings \(toy files\)"):
+        quiet_prepare([ListSource("toy", docs[:-1])], tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["config"]["tokenizer"] = manifest["tokenizer"] = {"name": "llama", "vocab_size": 32000}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="another tokenizer"):
+        quiet_prepare([ListSource("toy", docs)], tmp_path)
+    with pytest.raises(UserError, match="prepared with tokenizer 'llama'"):
+        load_manifest(tmp_path)
+
+
+def test_rerun_with_same_settings_only_updates_weights(tmp_path, quiet_prepare):
+    docs = make_docs(30)
+    first = quiet_prepare([ListSource("toy", docs)], tmp_path)
+    again = quiet_prepare([ListSource("toy", docs, weight=3.0)], tmp_path)
+    assert again["sources"]["toy"]["weight"] == 3.0
+    assert again["sources"]["toy"]["splits"] == first["sources"]["toy"]["splits"]
+    assert load_manifest(tmp_path)["sources"]["toy"]["weight"] == 3.0
+
+
+def test_unrelated_nonempty_directory_is_refused(tmp_path, quiet_prepare):
+    (tmp_path / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match="not empty"):
+        quiet_prepare([ListSource("toy", make_docs(5))], tmp_path)
+
+
+def test_builtin_floor_is_the_val_entropy(tmp_path, quiet_prepare):
+    m = quiet_prepare(resolve_sources([]), tmp_path, max_tokens=20_000)
+    n = m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"]
+    docs = [BuiltinCorpus(seed=0).document(i) for i in range(n)]  # builtin documents are never empty
+    by_text = {d.rendered(): d for d in docs}
+    val_docs = [by_text[t] for t in decoded(tmp_path, m, "builtin", "val")]
+    assert m["floor"] == pytest.approx(entropy_floor(val_docs, get_tokenizer()), rel=1e-9)
+    assert m["sources"]["builtin"]["floor"] == m["floor"]
+
+
+def test_mixed_sources_have_per_source_floor_only(tmp_path, quiet_prepare):
+    scored = [Document(text=d.text, logprob=-10.0) for d in make_docs(30)]
+    m = quiet_prepare([ListSource("scored", scored), ListSource("plain", make_docs(30, seed=2))], tmp_path)
+    assert "floor" not in m and "floor" not in m["sources"]["plain"]
+    val = m["sources"]["scored"]["splits"]["val"]
+    assert m["sources"]["scored"]["floor"] == pytest.approx(10.0 * val["documents"] / val["tokens"])
+
+
+def test_default_builtin_dataset_is_prepared_once(tmp_path, monkeypatch):
+    path = default_builtin_dataset(max_tokens=5_000, cache_dir=tmp_path)
+    assert path.parent == tmp_path and path.name.startswith("builtin-")
+    stamp = (path / MANIFEST).stat().st_mtime_ns
+    monkeypatch.setenv("TINYLLM_CACHE", str(tmp_path))
+    assert default_builtin_dataset(max_tokens=5_000) == path
+    assert (path / MANIFEST).stat().st_mtime_ns == stamp
+    assert default_builtin_dataset(max_tokens=6_000, cache_dir=tmp_path) != path
+
+
+def test_concurrent_requests_for_the_cache_prepare_it_once(tmp_path):
+    # Data-parallel ranks all call default_builtin_dataset at start-up.
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: default_builtin_dataset(max_tokens=5_000, cache_dir=tmp_path), range(2)))
+    assert paths[0] == paths[1]
+    m = load_manifest(paths[0])
+    assert sorted(p.name for p in paths[0].iterdir() if not p.name.startswith(".")) == sorted(
+        [MANIFEST] + [s["file"] for sp in m["sources"]["builtin"]["splits"].values() for s in sp["shards"]]
+    )
