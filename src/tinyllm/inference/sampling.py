@@ -1,0 +1,158 @@
+"""Choosing the next token, and a streaming generator of token ids over a GPT.
+
+Why it is shaped this way:
+- `sample_next` is a pure function of a logits row (temperature, then top-k, then top-p), so the
+  engine, the chat REPL and the server all share one definition of each knob.
+- `generate` sees only token ids and yields them one at a time, so callers can stream text as it
+  is produced, and stop early by simply not asking for more. It checks its arguments when called
+  and returns the generator, so a bad flag fails at once rather than at the first token.
+- With the KV cache each step feeds only the tokens the cache has not seen (the prompt once, then
+  one token); `use_cache=False` recomputes the whole window each step. Both follow the same window
+  policy, so they produce the same tokens; the tests hold them to that.
+- The context window: a prompt longer than block_size is cut from the left (with a warning).
+  With learned positions there is no embedding past block_size, so generation stops (with a
+  warning) once the sequence fills the context. With RoPE only relative positions matter, so when
+  the window is full the oldest half is dropped and the remaining half re-encoded from position 0,
+  and generation continues.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Collection, Iterator
+
+import torch
+from torch import Tensor
+
+from tinyllm.errors import UserError
+from tinyllm.model.gpt import GPT
+from tinyllm.model.kv_cache import KVCache
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise UserError for values no sampler accepts (shared by every caller that takes flags)."""
+    if not temperature >= 0:
+        raise UserError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be >= 1 (or unset for no limit), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] (or unset for no limit), got {top_p}")
+
+
+def sample_next(
+    logits: Tensor,
+    *,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Next token ids [B] from logits [B, V].
+
+    temperature 0 takes the argmax (top_k and top_p are then irrelevant). Otherwise the logits are
+    divided by the temperature, restricted to the k most likely tokens (top_k) and to the smallest
+    set whose probability reaches top_p (top_p, always at least one token), and sampled.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature  # [B, V]
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens before it already reach top_p; the first always stays.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def generate(
+    model: GPT,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_ids: Collection[int] = (),
+    use_cache: bool = True,
+) -> Iterator[int]:
+    """Yield up to `max_new_tokens` new token ids, one at a time, for batch-1 `prompt_ids`.
+
+    Arguments are checked at the call (UserError), before the first token is asked for. Stops
+    before yielding any id in `stop_ids`. The same `seed` gives the same tokens. The model is in
+    eval mode while the generator runs and is restored afterwards. See the module docstring for
+    what happens at the end of the context.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    cfg = model.config
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if len(prompt_ids) == 0:
+        raise UserError("the prompt is empty: give at least one token")
+    bad = [t for t in prompt_ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise UserError(
+            f"prompt token id {bad[0]} is outside the model's vocabulary [0, {cfg.vocab_size})"
+        )
+    ids = list(prompt_ids)
+    if len(ids) > cfg.block_size:
+        warnings.warn(
+            f"prompt of {len(ids)} tokens is longer than the model's context ({cfg.block_size}); "
+            f"keeping its last {cfg.block_size} tokens",
+            stacklevel=2,
+        )
+        ids = ids[-cfg.block_size :]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    cache = model.make_kv_cache(batch_size=1) if use_cache else None
+    return _stream(model, ids, max_new_tokens, cache, frozenset(stop_ids), sampling)
+
+
+@torch.no_grad()
+def _stream(
+    model: GPT,
+    ids: list[int],
+    max_new_tokens: int,
+    cache: KVCache | None,
+    stop_ids: frozenset[int],
+    sampling: dict,
+) -> Iterator[int]:
+    cfg = model.config
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        start = 0  # ids[start:] is the window the model sees
+        for _ in range(max_new_tokens):
+            if len(ids) - start > cfg.block_size:
+                if cfg.pos_emb == "learned":
+                    warnings.warn(
+                        f"generation stopped at the model's context of {cfg.block_size} tokens "
+                        "(learned position embeddings end there)",
+                        stacklevel=2,
+                    )
+                    return
+                start = len(ids) - max(1, cfg.block_size // 2)
+                if cache is not None:
+                    cache.reset()
+            # Without a cache the whole window; with one, only what the cache has not seen yet.
+            feed = ids[start:] if cache is None else ids[start + cache.length :]
+            x = torch.tensor([feed], dtype=torch.long, device=device)
+            logits = model(x, kv_cache=cache, last_only=True)[:, -1, :]  # [1, V]
+            token = int(sample_next(logits, **sampling)[0])
+            if token in stop_ids:
+                return
+            yield token
+            ids.append(token)
+    finally:
+        model.train(was_training)
