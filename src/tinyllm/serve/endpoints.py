@@ -1,0 +1,271 @@
+"""The OpenAI endpoints' logic: a validated request becomes prompts, jobs, and a response.
+
+Why it is shaped this way:
+- Chat and text completions share everything after the prompt is built (limits, sampling, running,
+  streaming, usage), so each endpoint only turns its request into token-id prompts and stop ids
+  and hands over to `_respond`.
+- Every check that depends on the model (the model name, the context length, the vocabulary, how
+  many choices one request may run) happens here, before any job is queued, so a refused request
+  costs no generation and always gets its 4xx before a stream begins.
+- A non-streaming request also watches its connection: if the client leaves while it waits, its
+  jobs are cancelled, just as a stream's are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tinyllm.errors import UserError
+from tinyllm.serve import responses as R
+from tinyllm.serve.choices import ChoiceRun, ChoiceSpec, GenerationFailed
+from tinyllm.serve.errors import APIError, error_body
+from tinyllm.serve.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from tinyllm.serve.worker import GenerationWorker, SamplingParams
+from tinyllm.tokenizer import Tokenizer
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+AnyRequest = ChatCompletionRequest | CompletionRequest
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class OpenAIEndpoints:
+    """Serves one model under one name."""
+
+    def __init__(
+        self,
+        worker: GenerationWorker,
+        tokenizer: Tokenizer,
+        *,
+        model_name: str,
+        context_length: int,
+        vocab_size: int,
+        max_choices: int = 16,
+    ) -> None:
+        self.worker = worker
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.max_choices = max_choices
+        self._card = R.ResponseMeta(R.TEXT, model_name)  # its `created` dates the model card
+
+    def model_card(self) -> dict:
+        # max_model_len is vLLM's extension; the chat page reads it to bound max_tokens.
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self._card.created,
+            "owned_by": "tinyllm",
+            "max_model_len": self.context_length,
+        }
+
+    async def chat_completions(self, request: Request) -> Response:
+        req = parse_body(ChatCompletionRequest, await request.body())
+        self.check_model(req.model)
+        if req.logprobs:
+            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+        try:
+            ids = self.tokenizer.render_chat(
+                [m.as_chatml() for m in req.messages], add_generation_prompt=True
+            ).ids
+        except UserError as e:
+            raise APIError(400, str(e), param="messages") from None
+        stop_ids = frozenset({self.tokenizer.im_end_id, self.tokenizer.eot_id})
+        return await self._respond(request, req, R.CHAT, [ids], stop_ids, echo=None)
+
+    async def completions(self, request: Request) -> Response:
+        req = parse_body(CompletionRequest, await request.body())
+        self.check_model(req.model)
+        if req.logprobs:
+            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+        if req.suffix:
+            raise APIError(
+                400, "suffix (insertion) is not supported by this server", param="suffix"
+            )
+        prompts = self._text_prompts(req.prompt)
+        echo = [self.tokenizer.decode(p) for p in prompts] if req.echo else None
+        stop_ids = frozenset({self.tokenizer.eot_id})
+        return await self._respond(request, req, R.TEXT, prompts, stop_ids, echo=echo)
+
+    # -- checks ---------------------------------------------------------------------------------
+    def check_model(self, name: str) -> None:
+        """Raise a 404 unless `name` is the served model's name."""
+        if name != self.model_name:
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist: this server serves '{self.model_name}' "
+                "(see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+
+    def _text_prompts(self, prompt: str | list) -> list[list[int]]:
+        items = prompt if isinstance(prompt, list) and not isinstance(prompt[0], int) else [prompt]
+        prompts = []
+        for item in items:
+            if isinstance(item, str):
+                # An empty prompt starts a fresh document, as in training.
+                prompts.append(self.tokenizer.encode(item) or [self.tokenizer.eot_id])
+                continue
+            bad = [t for t in item if not 0 <= t < self.vocab_size]
+            if bad:
+                raise APIError(
+                    400,
+                    f"invalid 'prompt': token id {bad[0]} is outside the vocabulary "
+                    f"[0, {self.vocab_size})",
+                    param="prompt",
+                    code="invalid_value",
+                )
+            prompts.append(list(item))
+        return prompts
+
+    def _max_tokens(
+        self, limit: int | None, prompt_len: int, default: int | None, prompt_param: str
+    ) -> int:
+        """The completion budget: the client's limit, else the default, else the rest of the context."""
+        room = self.context_length - prompt_len
+        wanted = limit if limit is not None else default
+        if room >= 1 and (wanted is None or wanted <= room):
+            return room if wanted is None else wanted
+        if room < 1:
+            problem, param = f"the prompt alone is {prompt_len} tokens", prompt_param
+        else:
+            problem, param = (
+                f"{prompt_len} prompt tokens + max_tokens {wanted} = {prompt_len + wanted}",
+                "max_tokens",
+            )
+        raise APIError(
+            400,
+            f"This model's maximum context length is {self.context_length} tokens, but {problem}. "
+            "Shorten the prompt or lower max_tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+    def _specs(
+        self, req: AnyRequest, kind: str, prompts: list[list[int]], stop_ids: frozenset[int]
+    ) -> list[ChoiceSpec]:
+        n = req.n or 1
+        if n * len(prompts) > self.max_choices:
+            raise APIError(
+                400,
+                f"this request asks for {n * len(prompts)} choices (n x prompts); "
+                f"this server allows at most {self.max_choices}",
+                param="n",
+                code="invalid_value",
+            )
+        default_max = None if kind == R.CHAT else COMPLETIONS_DEFAULT_MAX_TOKENS
+        prompt_param = "messages" if kind == R.CHAT else "prompt"
+        specs = []
+        for prompt in prompts:
+            max_new = self._max_tokens(req.token_limit, len(prompt), default_max, prompt_param)
+            for j in range(n):
+                params = SamplingParams(
+                    max_new_tokens=max_new,
+                    temperature=1.0 if req.temperature is None else req.temperature,
+                    top_k=req.top_k,
+                    top_p=req.top_p if req.top_p is not None and req.top_p < 1 else None,
+                    # Each of the n choices gets its own seed, so they differ but still reproduce.
+                    seed=None if req.seed is None else (req.seed + j) % 2**64,
+                    stop_ids=stop_ids,
+                )
+                specs.append(ChoiceSpec(prompt, params, req.stop_strings))
+        return specs
+
+    # -- running --------------------------------------------------------------------------------
+    async def _respond(
+        self,
+        request: Request,
+        req: AnyRequest,
+        kind: str,
+        prompts: list[list[int]],
+        stop_ids: frozenset[int],
+        echo: list[str] | None,
+    ) -> Response:
+        specs = self._specs(req, kind, prompts, stop_ids)
+        meta = R.ResponseMeta(kind, self.model_name)
+        prompt_tokens = sum(len(p) for p in prompts)
+        n = req.n or 1
+        run = ChoiceRun(self.worker, self.tokenizer, specs)
+        run.start()
+        if req.stream:
+            events = _stream(
+                run,
+                meta,
+                len(specs),
+                prompt_tokens,
+                req.include_usage,
+                [echo[i // n] for i in range(len(specs))] if echo else None,
+            )
+            return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+        results = await _collect_unless_disconnected(request, run)
+        if results is None:  # nobody is listening; 499 is only for the access log
+            return Response(status_code=499)
+        if echo:
+            results = [(echo[i // n] + text, reason) for i, (text, reason) in enumerate(results)]
+        body = R.completion_body(meta, results, R.usage(prompt_tokens, sum(run.completion_tokens)))
+        return JSONResponse(body)
+
+
+async def _stream(
+    run: ChoiceRun,
+    meta: R.ResponseMeta,
+    n_choices: int,
+    prompt_tokens: int,
+    include_usage: bool,
+    echo: list[str] | None,
+) -> AsyncIterator[str]:
+    """The SSE body: a first chunk per choice, text deltas, finishes, optional usage, [DONE]."""
+    try:
+        for i in range(n_choices):
+            if meta.kind == R.CHAT:
+                yield R.sse(R.chunk(meta, i, role=True, text="", with_usage_field=include_usage))
+            elif echo:
+                yield R.sse(R.chunk(meta, i, text=echo[i], with_usage_field=include_usage))
+        async for d in run.deltas():
+            if d.text:
+                yield R.sse(R.chunk(meta, d.index, text=d.text, with_usage_field=include_usage))
+            if d.finish_reason:
+                yield R.sse(
+                    R.chunk(
+                        meta, d.index, finish_reason=d.finish_reason, with_usage_field=include_usage
+                    )
+                )
+        if include_usage:
+            yield R.sse(R.usage_chunk(meta, R.usage(prompt_tokens, sum(run.completion_tokens))))
+    except GenerationFailed as e:
+        yield R.sse(error_body(500, str(e)))
+    finally:
+        run.cancel()  # also reached when the client disconnects and the stream is cancelled
+    yield R.SSE_DONE
+
+
+async def _collect_unless_disconnected(
+    request: Request, run: ChoiceRun
+) -> list[tuple[str, str]] | None:
+    """All choices' (text, finish_reason), or None if the client disconnected first."""
+    collecting = asyncio.ensure_future(run.collect())
+    leaving = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({collecting, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        if not collecting.done():
+            collecting.cancel()
+        run.cancel()
+    if not collecting.done() or collecting.cancelled():
+        return None
+    try:
+        return collecting.result()
+    except GenerationFailed as e:
+        raise APIError(500, str(e)) from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the body was read already, so only a disconnect comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,107 @@
+"""Running the app under uvicorn: in the foreground (`serve`) or on a background thread.
+
+Why it is shaped this way: the CLI wants a blocking call; the tests and the benchmark want a real
+server (real sockets, real HTTP, real disconnects) that they can start on a free port and stop
+again in-process. Both go through uvicorn's `Server`, so what the tests exercise is what ships.
+The background server asks the OS for the port (port 0) instead of guessing a free one, which
+would race with other processes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+
+from tinyllm.errors import UserError
+from tinyllm.model.gpt import GPT
+from tinyllm.serve.app import DEFAULT_MODEL_NAME, create_app
+from tinyllm.tokenizer import Tokenizer
+
+
+def serve(
+    model: GPT,
+    tokenizer: Tokenizer,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str = DEFAULT_MODEL_NAME,
+    log_level: str = "info",
+    **app_options,
+) -> None:
+    """Serve `model` until interrupted. `app_options` go to `create_app` (limits, queue sizes)."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port: use 1..65535 (or 0 for any free port)")
+    app = create_app(model, tokenizer, model_name=model_name, **app_options)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn logs a bind error, then exits; say what to do instead
+        if server.started:
+            raise
+        raise UserError(
+            f"cannot listen on {host}:{port} (see the error above): is the port in use? "
+            "Pick another --port or --host"
+        ) from e
+
+
+class BackgroundServer:
+    """A real uvicorn server on a free localhost port, on a daemon thread. Use as a context manager.
+
+    >>> with BackgroundServer(model, tokenizer, model_name="tiny") as srv:
+    ...     openai.OpenAI(base_url=srv.url + "/v1", api_key="unused")
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        *,
+        host: str = "127.0.0.1",
+        model_name: str = DEFAULT_MODEL_NAME,
+        start_timeout: float = 30.0,
+        **app_options,
+    ) -> None:
+        app = create_app(model, tokenizer, model_name=model_name, **app_options)
+        self.app = app
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=0, log_level="warning", timeout_graceful_shutdown=2)
+        )
+        self._host = host
+        self._start_timeout = start_timeout
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        """The base URL, e.g. http://127.0.0.1:43121 (the OpenAI base URL is this + /v1)."""
+        return f"http://{self._host}:{self.port}"
+
+    def start(self) -> BackgroundServer:
+        self._thread = threading.Thread(
+            target=self._server.run, name="tinyllm-uvicorn", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + self._start_timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the background server did not start (see its log)")
+            time.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,253 @@
+"""The generation worker: one thread owns the model and advances every running request in turn.
+
+Why it is shaped this way:
+- One thread, one model. PyTorch already spreads each forward over the cores, so running
+  requests on several threads would only make them fight; and the HTTP event loop never blocks on
+  a forward, because it never runs one.
+- Requests take turns token by token (round robin over up to `max_active` running jobs, each
+  with its own KV cache inside `tinyllm.inference.sampling.generate`). Every client sees its
+  first token after at most one round instead of after everybody queued ahead has finished, and
+  a short request is not stuck behind a long one. Jobs beyond `max_active` wait in a FIFO queue;
+  beyond `max_queued` the worker refuses work (`Overloaded`) rather than let latency grow without
+  bound. True batched decoding (one forward for all jobs) would raise throughput further, but
+  needs per-row positions and padding masks in the model; this class is the one place to add it.
+- The worker sees token ids only. It reports each job's progress through the job's `on_event`
+  callback, called on the worker thread; the server passes one that hops onto its event loop.
+- The worker thread sets its own PyTorch thread count (thread-local under OpenMP), by default one
+  less than PyTorch's: on a small CPU the HTTP event loop needs a core too, and OpenMP threads
+  that spin while another thread holds their core made decoding >10x slower on a busy 2-core machine.
+- Cancelling is a flag the worker checks before each step, so a client that disconnects frees
+  its slot within one round, and a queued job that is cancelled never starts.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tinyllm.inference.sampling import generate
+from tinyllm.model.gpt import GPT
+
+log = logging.getLogger("tinyllm.serve")
+
+# Event kinds passed to Job.on_event: ("token", id), ("end", "stop" | "length"), ("error", message).
+EventCallback = Callable[[str, object], None]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_ids: frozenset[int] = field(default_factory=frozenset)
+
+
+class Job:
+    """One sequence to generate: a prompt, how to sample it, and where its events go."""
+
+    def __init__(
+        self, prompt_ids: Sequence[int], params: SamplingParams, on_event: EventCallback
+    ) -> None:
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.on_event = on_event
+        self.generated = 0
+        self._cancelled = threading.Event()
+        self._tokens: Generator[int, None, None] | None = (
+            None  # the running generator, once admitted
+        )
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class Unavailable(Exception):
+    """The worker is not running (not started yet, or shutting down)."""
+
+
+class Overloaded(Unavailable):
+    """The queue is full; the client should retry later."""
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    active: int
+    queued: int
+    max_active: int
+    max_queued: int
+    tokens_generated: int
+    jobs_finished: int
+    jobs_cancelled: int
+
+
+class GenerationWorker:
+    """Owns `model` and runs submitted `Job`s on its own thread until `stop()`."""
+
+    def __init__(
+        self, model: GPT, *, max_active: int = 32, max_queued: int = 256, threads: int | None = None
+    ) -> None:
+        if max_active < 1 or max_queued < 0:
+            raise ValueError(
+                f"need max_active >= 1 and max_queued >= 0, got {max_active}, {max_queued}"
+            )
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.model = model
+        self.threads = threads or max(1, torch.get_num_threads() - 1)
+        self.max_active = max_active
+        self.max_queued = max_queued
+        self._cond = threading.Condition()
+        self._pending: collections.deque[Job] = collections.deque()
+        self._active: list[Job] = []  # touched only by the worker thread
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._tokens_generated = 0
+        self._jobs_finished = 0
+        self._jobs_cancelled = 0
+
+    # -- called from any thread ---------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the worker is already running")
+        self.model.eval()  # once for all jobs: generate() restores whatever mode it found
+        self._thread = threading.Thread(target=self._run, name="tinyllm-generation", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the current step, fail every job still waiting or running, and end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue all of `jobs`, or none of them (raises `Overloaded` when they do not fit).
+
+        Raises `Unavailable` unless the worker is running, rather than queue jobs nobody will run.
+        """
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise Unavailable(
+                    "the generation worker is not running (server starting or stopping)"
+                )
+            free = self.max_active - len(self._active) + self.max_queued - len(self._pending)
+            if len(jobs) > free:
+                busy = f"{len(self._active)} running, {len(self._pending)} queued"
+                raise Overloaded(f"the server is busy ({busy}): retry later")
+            self._pending.extend(jobs)
+            self._cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """Stop `job`: a queued one never starts, a running one stops before its next token."""
+        job._cancelled.set()
+        with self._cond:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                return  # running (the worker drops it on its next round) or already done
+            self._jobs_cancelled += 1
+
+    def stats(self) -> WorkerStats:
+        with self._cond:
+            queued = len(self._pending)
+        return WorkerStats(
+            len(self._active),
+            queued,
+            self.max_active,
+            self.max_queued,
+            self._tokens_generated,
+            self._jobs_finished,
+            self._jobs_cancelled,
+        )
+
+    # -- the worker thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_num_threads(self.threads)  # for this thread only
+        while True:
+            with self._cond:
+                while not (self._stopping or self._pending or self._active):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                while self._pending and len(self._active) < self.max_active:
+                    self._active.append(self._pending.popleft())
+            self._active = [job for job in self._active if self._step(job)]
+        with self._cond:
+            leftover = self._active + list(self._pending)
+            self._active, self._pending = [], collections.deque()
+        for job in leftover:
+            self._close(job)
+            _notify(job, "error", "the server is shutting down")
+
+    def _step(self, job: Job) -> bool:
+        """Advance `job` by one token; False once it is finished, failed or cancelled."""
+        if job.cancelled:
+            self._close(job)
+            with self._cond:  # cancel() counts queued jobs from other threads
+                self._jobs_cancelled += 1
+            return False
+        try:
+            if job._tokens is None:
+                p = job.params
+                job._tokens = generate(
+                    self.model,
+                    job.prompt_ids,
+                    p.max_new_tokens,
+                    temperature=p.temperature,
+                    top_k=p.top_k,
+                    top_p=p.top_p,
+                    seed=p.seed,
+                    stop_ids=p.stop_ids,
+                )
+            token = next(job._tokens, None)
+        except Exception as e:  # a bug, or a job the server should have refused: fail this job only
+            log.exception("generation failed")
+            self._close(job)
+            _notify(job, "error", f"generation failed: {type(e).__name__}: {e}")
+            return False
+        if token is None:
+            return self._finish(job, self._end_reason(job))
+        job.generated += 1
+        self._tokens_generated += 1
+        if not _notify(job, "token", token):
+            self._close(job)
+            return False
+        if job.generated >= job.params.max_new_tokens:
+            return self._finish(job, "length")
+        return True
+
+    def _end_reason(self, job: Job) -> str:
+        # generate() ends early on a stop id, or when the context is full (learned positions).
+        full = len(job.prompt_ids) + job.generated >= self.model.config.block_size
+        return "length" if full and self.model.config.pos_emb == "learned" else "stop"
+
+    def _finish(self, job: Job, reason: str) -> bool:
+        self._close(job)
+        self._jobs_finished += 1
+        _notify(job, "end", reason)
+        return False
+
+    @staticmethod
+    def _close(job: Job) -> None:
+        if job._tokens is not None:
+            job._tokens.close()
+
+
+def _notify(job: Job, kind: str, value: object) -> bool:
+    """Deliver an event; a receiver that is gone (its event loop closed) cancels the job."""
+    try:
+        job.on_event(kind, value)
+        return True
+    except Exception:
+        job._cancelled.set()
+        return False

@@ -1,0 +1,196 @@
+"""Bad requests get OpenAI-style error bodies and 4xx codes, never a 500 or a hung connection."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import pytest
+
+from tinyllm.serve import BackgroundServer
+
+CHAT = "/v1/chat/completions"
+TEXT = "/v1/completions"
+
+
+def chat_body(model: str, **extra) -> dict:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        **extra,
+    }
+
+
+def post(server, path: str, body, *, timeout: float = 10) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(
+        server.url + path,
+        content=content,
+        headers={"Content-Type": "application/json"},
+        timeout=timeout,
+    )
+
+
+def assert_openai_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["type"] == "invalid_request_error"
+    if param is not None:
+        assert err["param"] == param
+    return err
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"a string"', b'{"model": "x",'])
+def test_malformed_json_is_400(server, raw):
+    assert_openai_error(post(server, CHAT, raw), 400)
+
+
+@pytest.mark.parametrize(
+    "path, missing", [(CHAT, "messages"), (CHAT, "model"), (TEXT, "prompt"), (TEXT, "model")]
+)
+def test_missing_fields_are_400_naming_the_field(server, model_name, path, missing):
+    body = chat_body(model_name) if path == CHAT else {"model": model_name, "prompt": "hi"}
+    del body[missing]
+    err = assert_openai_error(post(server, path, body), 400, param=missing)
+    assert missing in err["message"]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_tokens", "5"),
+        ("max_tokens", 2.5),
+        ("temperature", "hot"),
+        ("stream", "yes"),
+        ("n", True),
+        ("messages", "hi"),
+        ("messages", [{"role": "user", "content": 5}]),
+        ("stop", 7),
+        ("seed", "1"),
+    ],
+)
+def test_wrong_types_are_400(server, model_name, field, value):
+    assert_openai_error(post(server, CHAT, chat_body(model_name, **{field: value})), 400)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_tokens", 0),
+        ("max_tokens", -3),
+        ("max_tokens", 10**9),
+        ("temperature", -0.1),
+        ("temperature", 2.5),
+        ("top_p", 0),
+        ("top_p", 1.5),
+        ("n", 0),
+        ("n", 1000),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("stop", ""),
+        ("messages", []),
+        ("messages", [{"role": "robot", "content": "hi"}]),
+    ],
+)
+def test_out_of_range_values_are_400(server, model_name, field, value):
+    err = assert_openai_error(post(server, CHAT, chat_body(model_name, **{field: value})), 400)
+    assert err["param"].split(".")[0] == field
+
+
+def test_prompt_longer_than_the_context_is_400(server, model_name):
+    long_text = "word " * 400  # > 256 tokens, the test model's context
+    err = assert_openai_error(
+        post(server, TEXT, {"model": model_name, "prompt": long_text}), 400, param="prompt"
+    )
+    assert err["code"] == "context_length_exceeded"
+    body = chat_body(model_name, messages=[{"role": "user", "content": long_text}])
+    body.pop("max_tokens")
+    assert_openai_error(post(server, CHAT, body), 400, param="messages")
+
+
+def test_prompt_plus_max_tokens_beyond_the_context_is_400(server, model_name):
+    err = assert_openai_error(
+        post(server, TEXT, {"model": model_name, "prompt": "hi", "max_tokens": 256}),
+        400,
+        param="max_tokens",
+    )
+    assert "256" in err["message"]
+
+
+def test_token_ids_outside_the_vocabulary_are_400(server, model_name):
+    assert_openai_error(
+        post(server, TEXT, {"model": model_name, "prompt": [1, 50260]}), 400, param="prompt"
+    )
+
+
+def test_unknown_model_is_404(server):
+    err = assert_openai_error(post(server, CHAT, chat_body("gpt-4")), 404, param="model")
+    assert err["code"] == "model_not_found"
+    assert_openai_error(httpx.get(server.url + "/v1/models/gpt-4"), 404)
+
+
+def test_unsupported_features_are_refused_not_ignored(server, model_name):
+    assert_openai_error(
+        post(server, CHAT, chat_body(model_name, logprobs=True)), 400, param="logprobs"
+    )
+    assert_openai_error(
+        post(server, TEXT, {"model": model_name, "prompt": "a", "suffix": "b"}), 400, param="suffix"
+    )
+    image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    assert_openai_error(
+        post(server, CHAT, chat_body(model_name, messages=[{"role": "user", "content": image}])),
+        400,
+    )
+
+
+def test_unknown_extra_fields_are_ignored(server, model_name):
+    body = chat_body(model_name, user="u1", presence_penalty=0.5, some_future_field={"x": [1]})
+    body["messages"][0]["name"] = "alice"
+    r = post(server, CHAT, body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_oversized_body_is_413_with_or_without_content_length(tokenizer, make_model, model_name):
+    with BackgroundServer(
+        make_model(), tokenizer, model_name=model_name, max_body_bytes=2000
+    ) as srv:
+        big = chat_body(model_name, messages=[{"role": "user", "content": "x" * 5000}])
+        assert_openai_error(post(srv, CHAT, big), 413)
+
+        def chunks():  # chunked transfer encoding: no Content-Length to check up front
+            data = json.dumps(big).encode()
+            for i in range(0, len(data), 500):
+                yield data[i : i + 500]
+
+        r = httpx.post(
+            srv.url + CHAT,
+            content=chunks(),
+            headers={"Content-Type": "application/json"},
+            timeout=10,
+        )
+        assert_openai_error(r, 413)
+        assert (
+            post(srv, CHAT, chat_body(model_name)).status_code == 200
+        )  # a small body still passes
+
+
+def test_unknown_routes_and_methods_get_openai_errors(server):
+    assert_openai_error(httpx.get(server.url + "/v1/engines"), 404)
+    assert_openai_error(httpx.get(server.url + CHAT), 405)
+
+
+def test_truncated_body_does_not_hang_the_connection(server):
+    """A client that promises more body than it sends and hangs up gets its socket closed."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"model":'
+        )
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(5)
+        assert s.recv(65536) == b""  # closed by the server, within the timeout
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"

@@ -1,0 +1,178 @@
+"""The official `openai` client works unchanged against the server, streaming and not."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import torch
+
+from tinyllm.serve import BackgroundServer
+
+HELLO = [{"role": "user", "content": "Hello! How are you?"}]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def test_models_lists_the_served_model(client, model_name):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [model_name]
+    assert client.models.retrieve(model_name).id == model_name
+
+
+def test_chat_completion_counts_tokens_and_stops_at_max_tokens(client, tokenizer, model_name):
+    r = client.chat.completions.create(
+        model=model_name, messages=HELLO, max_tokens=7, temperature=0
+    )
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 7
+    assert r.usage.prompt_tokens == len(
+        tokenizer.render_chat(HELLO, add_generation_prompt=True).ids
+    )
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 7
+    assert r.id.startswith("chatcmpl-") and r.model == model_name
+
+
+def test_streamed_chat_equals_the_non_streamed_answer(client, model_name):
+    kw = dict(model=model_name, messages=HELLO, max_tokens=12, temperature=0.9, seed=7)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(
+        client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert (
+        len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
+    )  # it really streamed
+
+
+def test_same_seed_same_answer_and_n_choices_differ(client, model_name):
+    kw = dict(model=model_name, messages=HELLO, max_tokens=10, temperature=1.0, seed=123, n=3)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in b.choices]
+    assert len(set(texts)) > 1
+    assert a.usage.completion_tokens == 30
+
+
+def test_text_completion_streaming_and_not(client, tokenizer, model_name):
+    whole = client.completions.create(
+        model=model_name, prompt="Once upon a time", max_tokens=9, temperature=0
+    )
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage.prompt_tokens == len(tokenizer.encode("Once upon a time"))
+    stream = client.completions.create(
+        model=model_name, prompt="Once upon a time", max_tokens=9, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream) == whole.choices[0].text
+
+
+def test_completions_default_to_16_tokens_and_accept_token_ids_and_echo(
+    client, tokenizer, model_name
+):
+    ids = tokenizer.encode("The sky is")
+    r = client.completions.create(model=model_name, prompt=ids, temperature=0, echo=True)
+    assert r.usage.completion_tokens == 16
+    assert r.choices[0].text.startswith("The sky is")
+    batch = client.completions.create(
+        model=model_name, prompt=["a", "b"], max_tokens=3, n=2, temperature=0
+    )
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.choices[0].text == batch.choices[1].text  # greedy: n copies agree
+
+
+def test_stop_string_cuts_the_text_streaming_and_not(client, model_name):
+    kw = dict(model=model_name, messages=HELLO, max_tokens=40, temperature=0)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert len(stop) == 3 and stop in full
+    expected = full[: full.index(stop)]
+    cut = client.chat.completions.create(**kw, stop=[stop, "never appears \u2603"])
+    assert cut.choices[0].message.content == expected
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < 40
+    streamed = client.chat.completions.create(**kw, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
+
+
+def _always_prefers(make_model, token_id: int):
+    """A tiny model whose next token is `token_id` with probability ~0.3 at temperature 1."""
+    model = make_model()
+    with torch.no_grad():
+        # A constant final hidden state b makes the logits head @ b; give token_id logit ~10.
+        b = torch.ones(model.config.n_embd) / model.config.n_embd**0.5
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.copy_(b)
+        model.head_weight.mul_(0.05)
+        model.head_weight[token_id] = 10 * b
+    return model
+
+
+def test_chat_stops_at_im_end_and_completions_at_endoftext(tokenizer, make_model):
+    for stop_id, endpoint in (
+        (tokenizer.im_end_id, "chat"),
+        (tokenizer.eot_id, "chat"),
+        (tokenizer.eot_id, "text"),
+    ):
+        with BackgroundServer(
+            _always_prefers(make_model, stop_id), tokenizer, model_name="m"
+        ) as srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+            for seed in range(3):
+                if endpoint == "chat":
+                    r = client.chat.completions.create(
+                        model="m", messages=HELLO, max_tokens=60, seed=seed
+                    )
+                    text = r.choices[0].message.content
+                else:
+                    r = client.completions.create(model="m", prompt="Hi", max_tokens=60, seed=seed)
+                    text = r.choices[0].text
+                assert r.choices[0].finish_reason == "stop"
+                assert r.usage.completion_tokens < 60
+                assert "<|im_end|>" not in text and "<|endoftext|>" not in text
+
+
+def test_im_end_is_ordinary_output_for_text_completions(tokenizer, make_model):
+    with BackgroundServer(
+        _always_prefers(make_model, tokenizer.im_end_id), tokenizer, model_name="m"
+    ) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model="m", prompt="Hi", max_tokens=30, temperature=0)
+        assert r.choices[0].finish_reason == "length"
+        assert "<|im_end|>" in r.choices[0].text
+
+
+def test_client_errors_surface_as_openai_exceptions(client, model_name):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=HELLO)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_name, messages=HELLO, max_tokens=100_000)
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_streamed_choices_arrive_interleaved_and_match_the_whole_answer(client, model_name):
+    kw = dict(model=model_name, messages=HELLO, max_tokens=8, temperature=1.0, seed=11, n=2)
+    whole = client.chat.completions.create(**kw)
+    texts, order = ["", ""], []
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.delta.content:
+                order.append(c.index)
+    assert texts == [c.message.content for c in whole.choices]
+    assert order.index(1) < len(order) - 1 - order[::-1].index(
+        0
+    )  # choice 1 began before choice 0 ended

@@ -1,0 +1,71 @@
+"""Starting the server: localhost by default, a clear error for a busy port, a clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+import threading
+
+import httpx
+import pytest
+
+from tinyllm.errors import UserError
+from tinyllm.serve import BackgroundServer, create_app, serve
+
+
+def test_binds_localhost_unless_told_otherwise():
+    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+    assert inspect.signature(BackgroundServer).parameters["host"].default == "127.0.0.1"
+
+
+def workers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "tinyllm-generation"]
+
+
+def test_a_busy_port_is_a_user_error_and_leaves_no_thread(make_model, tokenizer):
+    before = workers()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"127.0.0.1:{port}.*--port"):
+            serve(make_model(), tokenizer, port=port, log_level="critical")
+    assert workers() == before
+
+
+def test_stopping_the_server_stops_its_worker(make_model, tokenizer):
+    before = workers()
+    with BackgroundServer(make_model(), tokenizer) as srv:
+        assert httpx.get(srv.url + "/health").json()["status"] == "ok"
+        assert len(workers()) == len(before) + 1
+    assert workers() == before
+
+
+def test_a_tokenizer_of_another_vocabulary_is_refused(make_model, tokenizer):
+    with pytest.raises(ValueError, match="vocabulary"):
+        create_app(make_model(vocab_size=1000), tokenizer)
+
+
+def test_the_chat_page_and_its_assets_are_served(server):
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'src="/static/chat.js"' in page.text
+    for asset in ("/static/chat.js", "/static/chat.css"):
+        assert httpx.get(server.url + asset).status_code == 200
+
+
+def test_an_app_whose_worker_is_not_running_answers_503_instead_of_hanging(make_model, tokenizer):
+    app = create_app(
+        make_model(), tokenizer, model_name="m"
+    )  # lifespan never run: no worker thread
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    async def ask() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return await client.post("/v1/chat/completions", json=body, timeout=5)
+
+    r = asyncio.run(ask())
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "server_unavailable"
