@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import zlib
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 from tinyllm.data.document import Document
 from tinyllm.data.loader import TokenLoader
 from tinyllm.errors import UserError
-from tinyllm.tokenizer import PAD, get_tokenizer
+from tinyllm.tokenizer import IM_START, PAD, get_tokenizer
 
 from .conftest import ListSource, make_docs
 from .test_prepare import shard_docs
@@ -171,3 +173,154 @@ def test_bad_arguments_are_user_errors(toy, kwargs, message):
     args = {"split": "train", "batch_size": 2, "context": T} | kwargs
     with pytest.raises(UserError, match=message):
         TokenLoader(out, args.pop("split"), args.pop("batch_size"), args.pop("context"), **args)
+
+
+# -- loss on assistant tokens only (chat fine-tuning) ----------------------------------------------
+TC = 40  # the chat rows' context: a padded row cut shorter would end before most answers
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    """Short stories, two thirds of them followed by Q&A, in several shards (rows of TC tokens)."""
+    from tinyllm.data.prepare import PrepareOptions, prepare
+
+    from .test_prepare import chat_docs
+
+    out = tmp_path_factory.mktemp("chat")
+    m = prepare([ListSource("chat", chat_docs(120, max_words=12))], out, PrepareOptions(progress=False, shard_tokens=900, val_fraction=0))
+    return out, m
+
+
+def expected_rows(out, m, mode: str) -> list[tuple[list[int], list[int]]]:
+    """(inputs, targets) of every row with an assistant target, in order, built from the shards."""
+    from .test_prepare import shard_masks
+
+    docs, masks = shard_docs(out, m, "chat", "train"), shard_masks(out, m, "chat", "train")
+    if mode == "packed":
+        tokens, mask = sum(docs, []), sum(masks, [])
+        rows = [(tokens[k * TC : k * TC + TC + 1], mask[k * TC : k * TC + TC + 1]) for k in range((len(tokens) - 1) // TC)]
+    else:
+        rows = [(d[: TC + 1], mk[: TC + 1]) for d, mk in zip(docs, masks, strict=True)]
+    return [(r[:-1], [t if keep else -1 for t, keep in zip(r[1:], mk[1:], strict=True)])
+            for r, mk in rows if any(mk[1:])]
+
+
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_assistant_targets_are_exactly_the_assistant_tokens(chat, mode):
+    out, m = chat
+    want = expected_rows(out, m, mode)
+    loader = TokenLoader(out, "train", 4, TC, mode=mode, sequential=True, loss_on="assistant")
+    assert loader.epoch_rows == len(want)
+    if mode == "padded":  # stories without questions are left out
+        assert len(want) < TokenLoader(out, "train", 4, TC, mode=mode, sequential=True).epoch_rows
+    for step in range(len(want) // 4):
+        b = loader.next_batch()
+        for r in range(4):
+            inputs, targets = want[step * 4 + r]
+            n = len(inputs)
+            assert b.inputs[r, :n].tolist() == inputs and b.targets[r, :n].tolist() == targets
+            assert (b.targets[r, n:] == -1).all()
+            assert (b.targets[r] != -1).any()  # every row, so every batch, has a target
+
+
+def test_assistant_targets_decode_to_the_answers(chat):
+    out, _ = chat
+    tok = get_tokenizer()
+    b = TokenLoader(out, "train", 8, 64, mode="padded", sequential=True, loss_on="assistant").next_batch()
+    for row in b.targets:
+        kept = tok.decode(t for t in row.tolist() if t != -1)
+        assert re.fullmatch(r"(Answer \d+\.<\|im_end\|>)+", kept)
+
+
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_assistant_mode_resumes_exactly_across_epochs(chat, mode):
+    out, _ = chat
+    first = TokenLoader(out, "train", 3, TC, mode=mode, seed=9, loss_on="assistant")
+    for _ in range(first.epoch_rows // 3 - 1):
+        first.next_batch()
+    state = json.loads(json.dumps(first.state_dict()))
+    expected = [first.next_batch() for _ in range(4)]
+    again = TokenLoader(out, "train", 3, TC, mode=mode, seed=9, loss_on="assistant")
+    again.load_state_dict(state)
+    for want in expected:
+        got = again.next_batch()
+        assert torch.equal(got.inputs, want.inputs) and torch.equal(got.targets, want.targets)
+    with pytest.raises(UserError, match="loss_on 'assistant', this run has 'all'"):
+        TokenLoader(out, "train", 3, TC, mode=mode, seed=9).load_state_dict(state)
+
+
+def test_position_saved_before_loss_on_existed_means_all(chat):
+    out, _ = chat
+    loader = TokenLoader(out, "train", 2, TC, seed=1)
+    loader.next_batch()
+    state = loader.state_dict()
+    del state["loss_on"]
+    want = loader.next_batch()
+    again = TokenLoader(out, "train", 2, TC, seed=1)
+    again.load_state_dict(state)
+    assert torch.equal(again.next_batch().inputs, want.inputs)
+    with pytest.raises(UserError, match="loss_on 'all'"):
+        TokenLoader(out, "train", 2, TC, seed=1, loss_on="assistant").load_state_dict(state)
+
+
+def test_default_mode_is_unchanged_by_the_mask(chat):
+    out, m = chat
+    tokens = np.concatenate([np.array(d) for d in shard_docs(out, m, "chat", "train")])
+    b = TokenLoader(out, "train", 2, TC, sequential=True).next_batch()
+    assert b.targets.tolist() == [tokens[1 : TC + 1].tolist(), tokens[TC + 1 : 2 * TC + 1].tolist()]
+
+
+def test_alpaca_records_give_loss_only_on_the_output(tmp_path, quiet_prepare):
+    from tinyllm.data.sources import resolve_sources
+
+    rows = [{"instruction": f"Count to {i}.", "input": "" if i % 2 else "Use digits.",
+             "output": " ".join(str(k) for k in range(1, i + 1)), "text": "ignored"} for i in range(1, 30)]
+    (tmp_path / "alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    quiet_prepare(resolve_sources([f"alpaca={tmp_path / 'alpaca.jsonl'}"]), tmp_path / "data")
+    tok = get_tokenizer()
+    outputs = {r["output"] + "<|im_end|>" for r in rows}
+    header = [IM_START, *tok.encode("assistant\n")]
+    for mode in ("packed", "padded"):
+        loader = TokenLoader(tmp_path / "data", "train", 4, 128, mode=mode, sequential=True, loss_on="assistant")
+        for _ in range(3):
+            b = loader.next_batch()
+            for inputs, targets in zip(b.inputs.tolist(), b.targets.tolist(), strict=True):
+                kept = [i for i, t in enumerate(targets) if t != -1]
+                assert kept, "a row with no target"
+                if mode == "padded":  # one record per row: the kept targets are its output, whole
+                    assert tok.decode(targets[i] for i in kept) in outputs
+                for i in kept:  # each answer's loss starts right after the assistant header
+                    if i - 1 not in kept and i + 1 >= len(header):
+                        assert inputs[i + 1 - len(header) : i + 1] == header
+
+
+def test_source_without_chat_cannot_train_on_assistant_tokens(toy):
+    out, _ = toy
+    with pytest.raises(UserError, match="source toy has no assistant tokens.*fine-tune on chat data"):
+        TokenLoader(out, "train", 2, T, loss_on="assistant")
+    with pytest.raises(UserError, match="loss_on 'answers'"):
+        TokenLoader(out, "train", 2, T, loss_on="answers")
+
+
+def test_mixed_sources_skip_rows_of_the_plain_one(tmp_path, quiet_prepare):
+    from .test_prepare import chat_docs
+
+    quiet_prepare([ListSource("chat", chat_docs(30, max_words=12)), ListSource("plain", make_docs(30))], tmp_path, val_fraction=0)
+    with pytest.raises(UserError, match="source plain has no assistant tokens"):
+        TokenLoader(tmp_path, "train", 2, TC, mode="padded", loss_on="assistant")
+
+
+def test_dataset_without_masks_asks_for_prepare_again(tmp_path, quiet_prepare):
+    from .test_shards import as_version_1
+
+    m = quiet_prepare([ListSource("toy", make_docs(40))], tmp_path)
+    for split in m["sources"]["toy"]["splits"].values():
+        for entry in split["shards"]:
+            as_version_1(tmp_path / entry["file"])
+            raw = (tmp_path / entry["file"]).read_bytes()
+            entry["crc32"], entry["bytes"] = zlib.crc32(raw[32:]), len(raw)
+    m["version"] = 1
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    assert TokenLoader(tmp_path, "train", 2, T).next_batch().inputs.shape == (2, T)  # still loads
+    with pytest.raises(UserError, match="older tinyllm.*run tinyllm prepare again"):
+        TokenLoader(tmp_path, "train", 2, T, loss_on="assistant")

@@ -192,3 +192,65 @@ def test_concurrent_requests_for_the_cache_prepare_it_once(tmp_path):
     assert sorted(p.name for p in paths[0].iterdir() if not p.name.startswith(".")) == sorted(
         [MANIFEST] + [s["file"] for sp in m["sources"]["builtin"]["splits"].values() for s in sp["shards"]]
     )
+
+
+def shard_masks(out, manifest, name, split) -> list[list[int]]:
+    masks = []
+    for entry in manifest["sources"][name]["splits"][split]["shards"]:
+        shard = Shard(out / entry["file"], VOCAB_SIZE, expect=entry)
+        off = shard.offsets
+        masks += [shard.assistant(int(off[i]), int(off[i + 1])).astype(int).tolist() for i in range(shard.n_docs)]
+    return masks
+
+
+def chat_docs(n: int, max_words: int = 60) -> list[Document]:
+    """Stories, some followed by one or two Q&A turns (one with a system message)."""
+    docs = []
+    for i, d in enumerate(make_docs(n, max_words=max_words)):
+        turns = ({"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."})
+        if i % 3 == 1:
+            docs.append(Document(text=d.text, messages=turns))
+        elif i % 3 == 2:
+            docs.append(Document(text=d.text, messages=({"role": "system", "content": "Be brief."}, *turns, *turns)))
+        else:
+            docs.append(d)
+    return docs
+
+
+def test_prepared_mask_is_the_chat_templates_mask(tmp_path, quiet_prepare):
+    tok = get_tokenizer()
+    docs = chat_docs(60)
+    m = quiet_prepare([ListSource("chat", docs)], tmp_path, shard_tokens=400)
+    by_text = {d.rendered(): d for d in docs}
+    seen = 0
+    for split in ("train", "val"):
+        texts = decoded(tmp_path, m, "chat", split)
+        for text, mask in zip(texts, shard_masks(tmp_path, m, "chat", split), strict=True):
+            doc = by_text[text]
+            chat = tok.render_chat(doc.messages).mask if doc.messages else []
+            assert mask == [0] * len(tok.encode(doc.text)) + chat + [0]
+            seen += 1
+    assert seen == 60 and m["version"] == 2
+
+
+def test_manifest_counts_the_rendered_bytes_of_each_split(tmp_path, quiet_prepare):
+    docs = chat_docs(40)
+    docs[0] = Document(text="naïve café 東京 🙂")  # multi-byte characters count as their UTF-8 bytes
+    m = quiet_prepare([ListSource("a", docs), ListSource("b", make_docs(30, seed=3))], tmp_path)
+    for split in ("train", "val"):
+        total = 0
+        for name in ("a", "b"):
+            want = sum(len(t.encode("utf-8")) for t in decoded(tmp_path, m, name, split))
+            assert m["sources"][name]["splits"][split]["bytes"] == want
+            total += want
+        assert m["splits"][split]["bytes"] == total > 0
+
+
+def test_dataset_from_an_older_format_is_not_prepared_over(tmp_path, quiet_prepare):
+    docs = make_docs(20)
+    quiet_prepare([ListSource("toy", docs)], tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["version"] = manifest["config"]["version"] = 1
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="another tinyllm version: choose a new --out"):
+        quiet_prepare([ListSource("toy", docs)], tmp_path)

@@ -4,6 +4,8 @@ Why it is shaped this way:
 - The source is read in chunks of documents (a few MB of text), one chunk ahead: the next chunk
   is read (Python, holding the GIL) while encoder threads tokenize the current one (tiktoken
   releases the GIL), so reading and tokenizing overlap and nothing has to fit in memory.
+- Each document goes to its shard with its assistant mask (`document_tokens`), and each split
+  counts the UTF-8 bytes of its documents' rendered text, the denominator of bits per byte.
 - Train/val is decided per document by a hash of its text, so re-running gives the same split
   and a document never lands in both. Until a source has `MIN_VAL_DOCS` val documents the bar is
   25%, so even a tiny run can be validated.
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from tinyllm.data.document import Document, tokenize_document
+from tinyllm.data.document import Document, document_tokens
 from tinyllm.data.manifest import SPLITS
 from tinyllm.data.shards import ShardWriter
 from tinyllm.data.sources import Source
@@ -44,8 +46,9 @@ def new_state() -> dict:
     """A source's ingest state before its first record; saved at every commit point."""
 
     def split() -> dict:
+        # bytes: UTF-8 bytes of Document.rendered(), for bits per byte;
         # nll: -sum(logprob) over scored documents (builtin), for the entropy floor
-        return {"documents": 0, "tokens": 0, "shards": [], "nll": 0.0, "scored_documents": 0}
+        return {"documents": 0, "tokens": 0, "bytes": 0, "shards": [], "nll": 0.0, "scored_documents": 0}
 
     return {
         "position": 0,  # records of the source consumed up to the last commit
@@ -65,9 +68,14 @@ def is_empty(doc: Document) -> bool:
     )
 
 
-def val_hash(doc: Document) -> float:
-    """A document's place in [0, 1): below the val bar it goes to val. Depends only on its text."""
-    digest = hashlib.blake2b(doc.rendered().encode("utf-8", "surrogatepass"), digest_size=8).digest()
+def rendered_bytes(doc: Document) -> bytes:
+    """The document's rendered text as UTF-8 (lone surrogates from JSON kept, not refused)."""
+    return doc.rendered().encode("utf-8", "surrogatepass")
+
+
+def val_hash(rendered: bytes) -> float:
+    """A document's place in [0, 1) from its `rendered_bytes`: below the val bar it goes to val."""
+    digest = hashlib.blake2b(rendered, digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
 
 
@@ -111,6 +119,7 @@ class SourceIngest:
         self.max_docs, self.max_tokens = cap["max_docs"], cap["max_tokens"]
         self.writers: dict[str, ShardWriter] = {}
         self.pending: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+        self.pending_masks: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
         self.open_tokens = dict.fromkeys(SPLITS, 0)  # tokens in each split's unfinished shard
 
     def run(self) -> None:
@@ -170,29 +179,32 @@ class SourceIngest:
                 st["skipped_empty"] += 1
                 continue
             try:
-                ids = tokenize_document(self.tok, doc, ids)
+                ids, mask = document_tokens(self.tok, doc, ids)
             except UserError as e:
                 raise UserError(f"--source {self.src.spec}, record {st['position'] - 1}: {e}") from None
-            split = self._split_of(doc)
-            self._append(split, ids, doc.logprob)
+            rendered = rendered_bytes(doc)
+            split = self._split_of(rendered)
+            self._append(split, ids, mask, len(rendered), doc.logprob)
             if (self.max_docs and st["documents"] >= self.max_docs) or (self.max_tokens and st["tokens"] >= self.max_tokens):
                 return True
             if self.open_tokens[split] >= self.options.shard_tokens:
                 self._commit(done=False)
         return False
 
-    def _split_of(self, doc: Document) -> str:
+    def _split_of(self, rendered: bytes) -> str:
         frac = self.options.val_fraction
         if frac <= 0:
             return "train"
         if self.state["splits"]["val"]["documents"] < MIN_VAL_DOCS:
             frac = max(frac, EARLY_VAL_FRACTION)
-        return "val" if val_hash(doc) < frac else "train"
+        return "val" if val_hash(rendered) < frac else "train"
 
-    def _append(self, split: str, ids: list[int], logprob: float | None) -> None:
+    def _append(self, split: str, ids: list[int], mask: list[int], n_bytes: int, logprob: float | None) -> None:
         st, sp = self.state, self.state["splits"][split]
         self.pending[split].append(ids)
+        self.pending_masks[split].append(mask)
         self.open_tokens[split] += len(ids)
+        sp["bytes"] += n_bytes
         for d in (st, sp):
             d["documents"] += 1
             d["tokens"] += len(ids)
@@ -207,8 +219,8 @@ class SourceIngest:
                     n = len(self.state["splits"][split]["shards"])
                     path = self.out / f"{self.src.name}-{split}-{n:05d}.bin"
                     self.writers[split] = ShardWriter(path, self.tok.vocab_size)
-                self.writers[split].add(docs)
-                self.pending[split] = []
+                self.writers[split].add(docs, self.pending_masks[split])
+                self.pending[split], self.pending_masks[split] = [], []
 
     def _commit(self, done: bool) -> None:
         """Finish every open shard of this source and record the stream position."""

@@ -14,6 +14,13 @@ Why it is shaped this way:
   batch size or world size).
 - Shards are opened once (checked against the manifest's sizes and CRC-32) and memory-mapped;
   only the rows of a batch are ever copied.
+- `loss_on="assistant"` (chat fine-tuning) sets a target to -1 unless the shard's mask marks
+  the target token as the assistant's. A row with no such target would cost a forward pass
+  and teach nothing (about half the builtin stories have no questions), so in that mode a
+  source's units are only the windows or documents with at least one assistant target, found
+  once from the masks when the loader opens. Every row, so every batch, then has a target: no
+  0/0 loss ever reaches the trainer. The unit list is a pure function of the data, context and
+  mode, so the position stays "rows consumed" plus cursors, exactly resumable.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from tinyllm.tokenizer import PAD, VOCAB_SIZE
 __all__ = ["Batch", "TokenLoader", "load_manifest", "default_builtin_dataset"]
 
 MODES = ("packed", "padded")
+LOSS_ON = ("all", "assistant")
 STATE_VERSION = 1
 _BLOCK = 4096  # rows per seeded draw of sources
 
@@ -42,51 +50,103 @@ _BLOCK = 4096  # rows per seeded draw of sources
 @dataclass
 class Batch:
     inputs: torch.Tensor  # int64 [B, T]
-    targets: torch.Tensor  # int64 [B, T]; -1 where no loss (pad positions)
+    targets: torch.Tensor  # int64 [B, T]; -1 where no loss (pad positions; with loss_on="assistant", non-assistant tokens)
 
 
 class _SourceSplit:
     """One source's split: its shards seen as one token stream and one list of documents."""
 
-    def __init__(self, data_dir: Path, name: str, split: dict, mode: str, context: int) -> None:
+    def __init__(self, data_dir: Path, name: str, split: dict, mode: str, context: int, loss_on: str) -> None:
         self.name = name
         self.shards = [Shard(data_dir / s["file"], VOCAB_SIZE, expect=s) for s in split["shards"]]
         self.tok_starts = np.cumsum([0] + [s.n_tokens for s in self.shards])  # [S + 1]
         self.doc_starts = np.cumsum([0] + [s.n_docs for s in self.shards])  # [S + 1]
         self.n_tokens, self.n_docs = int(self.tok_starts[-1]), int(self.doc_starts[-1])
-        self.mode, self.context = mode, context
-        self.n_units = (self.n_tokens - 1) // context if mode == "packed" else self.n_docs
-        self.n_units = max(self.n_units, 0)
+        self.mode, self.context, self.masked = mode, context, loss_on == "assistant"
+        if self.masked and not all(s.has_mask for s in self.shards):
+            raise UserError(
+                f"{data_dir} was prepared by an older tinyllm that did not record which tokens are the "
+                f"assistant's: run tinyllm prepare again into a new directory to train on assistant tokens only"
+            )
+        self.n_rows = max((self.n_tokens - 1) // context if mode == "packed" else self.n_docs, 0)
+        # Units in assistant mode: the rows that have an assistant target (module docstring).
+        self.units = np.flatnonzero(self._assistant_targets(self.n_rows)) if self.masked else None
+        self.n_units = len(self.units) if self.units is not None else self.n_rows
 
-    def unit(self, i: int) -> np.ndarray:
-        """Row i of this source: a window of context+1 tokens, or a document cut to context+1."""
+    def _row_range(self, i: int) -> tuple[int, int]:
+        """Global token range of row i: a window of context+1 tokens, or a document cut to context+1."""
         if self.mode == "packed":
-            return self._tokens(i * self.context, i * self.context + self.context + 1)
+            return i * self.context, i * self.context + self.context + 1
         s = int(np.searchsorted(self.doc_starts, i, side="right")) - 1
-        return self.shards[s].document(i - int(self.doc_starts[s]))[: self.context + 1]
+        off = self.shards[s].offsets
+        k, base = i - int(self.doc_starts[s]), int(self.tok_starts[s])
+        start, end = base + int(off[k]), base + int(off[k + 1])
+        return start, min(end, start + self.context + 1)
 
-    def _tokens(self, a: int, b: int) -> np.ndarray:
+    def unit(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Unit k's tokens [n], and in assistant mode its mask [n] (bool: token is the assistant's)."""
+        i = int(self.units[k]) if self.units is not None else k
+        a, b = self._row_range(i)
+        tokens = self._gather(a, b, lambda sh, lo, hi: sh.tokens[lo:hi])
+        return tokens, self._gather(a, b, Shard.assistant) if self.masked else None
+
+    def _gather(self, a: int, b: int, read) -> np.ndarray:
+        """read(shard, lo, hi) over global tokens a..b-1, which may straddle shards."""
         s = int(np.searchsorted(self.tok_starts, a, side="right")) - 1
         pieces = []
-        while a < b:  # a window may straddle shards
+        while a < b:
             lo = a - int(self.tok_starts[s])
             hi = min(b, int(self.tok_starts[s + 1])) - int(self.tok_starts[s])
-            pieces.append(self.shards[s].tokens[lo:hi])
+            pieces.append(read(self.shards[s], lo, hi))
             a, s = int(self.tok_starts[s]) + hi, s + 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
+    def _assistant_targets(self, n: int) -> np.ndarray:
+        """bool [n]: whether row i has an assistant token among its targets (tokens 1.. of the row)."""
+        if n == 0:
+            return np.zeros(0, dtype=bool)
+        if self.mode == "padded":
+            firsts = [int(f) for f in self.tok_starts[:-1]]
+            starts = np.concatenate([f + sh.offsets[:-1].astype(np.int64) for f, sh in zip(firsts, self.shards, strict=True)])
+            ends = np.concatenate([f + sh.offsets[1:].astype(np.int64) for f, sh in zip(firsts, self.shards, strict=True)])
+            starts, ends = starts + 1, np.minimum(ends, starts + self.context + 1)
+        else:
+            starts = np.arange(n, dtype=np.int64) * self.context + 1
+            ends = starts + self.context
+        found = np.zeros(n, dtype=bool)
+        # Shard by shard, so only one shard's mask is ever unpacked. Ranges are sorted and disjoint.
+        for s, shard in enumerate(self.shards):
+            first, last = int(self.tok_starts[s]), int(self.tok_starts[s + 1])
+            lo, hi = np.maximum(starts, first) - first, np.minimum(ends, last) - first
+            sel = np.flatnonzero(lo < hi)
+            if len(sel) == 0:
+                continue
+            bits = np.append(shard.assistant(0, shard.n_tokens), False)  # [n_tokens + 1]: room for an end index
+            bounds = np.empty(2 * len(sel), dtype=np.int64)
+            bounds[0::2], bounds[1::2] = lo[sel], hi[sel]
+            # reduceat over [lo, hi) pairs; the odd segments are the gaps between ranges.
+            found[sel] |= np.logical_or.reduceat(bits, bounds)[0::2]
+        return found
+
 
 class TokenLoader:
-    """Batches of one split of a prepared dataset (see the module docstring for the design)."""
+    """Batches of one split of a prepared dataset (see the module docstring for the design).
+
+    `loss_on="assistant"` keeps targets only where the target token is an assistant token of a
+    ChatML conversation (chat fine-tuning); "all" (the default) keeps every target.
+    """
 
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, context: int, *,
                  mode: str = "packed", seed: int = 0, rank: int = 0, world_size: int = 1,
-                 sequential: bool = False) -> None:
+                 sequential: bool = False, loss_on: str = "all") -> None:
         _check_args(split, batch_size, context, mode, rank, world_size)
+        if loss_on not in LOSS_ON:
+            raise UserError(f"loss_on {loss_on!r} is unknown: use all or assistant")
         self.data_dir = Path(data_dir)
         self._manifest = load_manifest(self.data_dir)
         self.split, self.batch_size, self.context, self.mode = split, batch_size, context, mode
         self.seed, self.rank, self.world_size, self.sequential = seed, rank, world_size, sequential
+        self.loss_on = loss_on
         self._sources = self._open_sources()
         w = np.array([self._manifest["sources"][s.name]["weight"] for s in self._sources], dtype=np.float64)
         self._weights = w / w.sum()
@@ -99,19 +159,30 @@ class TokenLoader:
     def manifest(self) -> dict:
         return self._manifest
 
+    @property
+    def epoch_rows(self) -> int:
+        """Rows in one pass over every source's units (what a sequential evaluation covers)."""
+        return sum(s.n_units for s in self._sources)
+
     def _open_sources(self) -> list[_SourceSplit]:
         opened, short = [], []
         for name, entry in self._manifest["sources"].items():
-            src = _SourceSplit(self.data_dir, name, entry["splits"][self.split], self.mode, self.context)
+            src = _SourceSplit(self.data_dir, name, entry["splits"][self.split], self.mode, self.context, self.loss_on)
             (opened if src.n_units > 0 else short).append(src)
         for src in short:
             need = f"{self.context + 1} tokens for one row" if self.mode == "packed" else "one document"
             msg = (f"{self.data_dir}: the {self.split} split of source {src.name} has {src.n_tokens} tokens in "
                    f"{src.n_docs} documents, less than {need}")
+            fix = "prepare more data (raise --max-tokens) or use a smaller context"
+            if src.n_docs == 0:
+                fix = "prepare it again with more data or a larger --val-fraction"
+            elif src.masked and src.n_rows > 0:
+                within = f" in the first {self.context + 1} tokens of any document" if self.mode == "padded" else ""
+                msg = (f"{self.data_dir}: the {self.split} split of source {src.name} has no assistant tokens "
+                       f"(chat answers){within} to put the loss on")
+                fix = "fine-tune on chat data (alpaca, reddit-instruct, builtin) or train with the loss on all tokens"
+                fix += ", or use a longer context" if within else ""
             if self.split == "train" or not opened:
-                fix = "prepare more data (raise --max-tokens) or use a smaller context"
-                if src.n_docs == 0:
-                    fix = "prepare it again with more data or a larger --val-fraction"
                 raise UserError(f"{msg}: {fix}")
             warnings.warn(f"{msg}; it is left out of {self.split} batches", stacklevel=3)
         if not opened:
@@ -153,7 +224,9 @@ class TokenLoader:
             if j in mine:
                 rows.append(self._sources[s].unit(unit))
         self._rows += B * self.world_size
-        return _packed(rows) if self.mode == "packed" else _padded(rows)
+        tokens = [t for t, _ in rows]
+        masks = [m for _, m in rows] if self.loss_on == "assistant" else None
+        return _packed(tokens, masks) if self.mode == "packed" else _padded(tokens, masks)
 
     # -- position ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -164,6 +237,7 @@ class TokenLoader:
             "context": self.context,
             "seed": self.seed,
             "sequential": self.sequential,
+            "loss_on": self.loss_on,
             "rows": self._rows,
             "cursors": {s.name: c for s, c in zip(self._sources, self._cursors, strict=True)},
         }
@@ -171,7 +245,8 @@ class TokenLoader:
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise UserError("the saved data-loader position is not one this tinyllm wrote: start the run afresh")
-        for key in ("split", "mode", "context", "seed", "sequential"):
+        state = {"loss_on": "all"} | state  # positions saved before loss_on existed
+        for key in ("split", "mode", "context", "seed", "sequential", "loss_on"):
             if state.get(key) != getattr(self, key):
                 raise UserError(
                     f"the saved data position is for {key} {state.get(key)!r}, this run has {getattr(self, key)!r}: "
@@ -198,16 +273,19 @@ def _check_args(split: str, batch_size: int, context: int, mode: str, rank: int,
         raise UserError(f"rank {rank} is outside 0..{world_size - 1} (world size {world_size})")
 
 
-def _packed(rows: list[np.ndarray]) -> Batch:
-    w = torch.from_numpy(np.stack(rows).astype(np.int64))  # [B, T + 1]
-    return Batch(inputs=w[:, :-1].contiguous(), targets=w[:, 1:].contiguous())
+def _packed(rows: list[np.ndarray], masks: list[np.ndarray] | None) -> Batch:
+    w = np.stack(rows).astype(np.int64)  # [B, T + 1]
+    targets = w[:, 1:].copy()  # [B, T]
+    if masks is not None:
+        targets[~np.stack(masks)[:, 1:]] = -1  # the mask of the target token decides
+    return Batch(inputs=torch.from_numpy(w[:, :-1].copy()), targets=torch.from_numpy(targets))
 
 
-def _padded(rows: list[np.ndarray]) -> Batch:
+def _padded(rows: list[np.ndarray], masks: list[np.ndarray] | None) -> Batch:
     width = max(len(r) for r in rows) - 1  # the batch's longest row, as (input, target) pairs; <= T
     inputs = np.full((len(rows), width), PAD, dtype=np.int64)  # [B, width]
     targets = np.full((len(rows), width), -1, dtype=np.int64)  # [B, width]; -1: no loss
     for i, r in enumerate(rows):
         inputs[i, : len(r) - 1] = r[:-1]
-        targets[i, : len(r) - 1] = r[1:]
+        targets[i, : len(r) - 1] = r[1:] if masks is None else np.where(masks[i][1:], r[1:].astype(np.int64), -1)
     return Batch(inputs=torch.from_numpy(inputs), targets=torch.from_numpy(targets))

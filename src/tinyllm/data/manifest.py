@@ -6,12 +6,16 @@ the loader, the trainer and `prepare` itself (to resume or refuse) all read it t
 and turns every problem into a one-line `UserError` that says to run `tinyllm prepare`.
 
 Shape (one entry per source, in mixture order):
-    {"format": "tinyllm-tokens", "version": 1, "tokenizer": {...}, "dtype": "uint16",
+    {"format": "tinyllm-tokens", "version": 2, "tokenizer": {...}, "dtype": "uint16",
      "config": {...what made it; compared on re-runs...},
      "sources": {NAME: {"weight": w, "spec": ..., "splits": {"train": {"documents", "tokens",
-                 "shards": [{"file", "tokens", "documents", "bytes", "crc32"}]}, "val": {...}},
+                 "bytes", "shards": [{"file", "tokens", "documents", "bytes", "crc32"}]}, "val": {...}},
                  "skipped_empty": n, "replaced_utf8": n, "floor": nats/token or absent}},
-     "splits": {"train": {"documents", "tokens"}, "val": {...}}, "floor": nats/token or absent}
+     "splits": {"train": {"documents", "tokens", "bytes"}, "val": {...}}, "floor": nats/token or absent}
+
+A split's "bytes" is the UTF-8 size of its documents' `Document.rendered()` text (chat markup
+written out, the trailing <|endoftext|> not counted): the denominator of bits per byte. Version 2
+added it and the shards' assistant masks; version 1 datasets still load (without either).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from tinyllm.tokenizer import get_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "tinyllm-tokens"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SPLITS = ("train", "val")
 
 
@@ -64,8 +69,9 @@ def load_manifest(data_dir: str | Path) -> dict:
     manifest = read_json(path, "tinyllm dataset manifest")
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("sources"), dict):
         raise UserError(f"{path} is not a tinyllm dataset manifest: run tinyllm prepare --out DIR to make one")
-    if manifest.get("version") != VERSION:
-        raise UserError(f"{path} has format version {manifest.get('version')}, this tinyllm reads {VERSION}: prepare the data again")
+    if manifest.get("version") not in READABLE_VERSIONS:
+        raise UserError(f"{path} has format version {manifest.get('version')}, this tinyllm reads "
+                        f"{' and '.join(map(str, READABLE_VERSIONS))}: prepare the data again")
     check_tokenizer(manifest.get("tokenizer"), data_dir)
     return manifest
 

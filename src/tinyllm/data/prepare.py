@@ -148,7 +148,7 @@ def _read_dataset_file(out: Path) -> dict | None:
 def _refuse_if_different(out: Path, old: object, new: dict) -> None:
     if old == new:
         return
-    if not isinstance(old, dict):
+    if not isinstance(old, dict) or old.get("version") != new["version"]:
         raise UserError(f"{out} holds a dataset from another tinyllm version: choose a new --out or delete {out}")
     if old.get("tokenizer") != new["tokenizer"]:
         why = f"with another tokenizer ({old.get('tokenizer')})"
@@ -182,16 +182,16 @@ def _reweigh(out: Path, manifest: dict, sources: list[Source]) -> dict:
 
 
 def _manifest(sources: list[Source], progress: dict, tok: Tokenizer) -> dict:
-    totals = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
+    totals = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     entries = {}
     for src in sources:
         st = progress["sources"][src.name]
         splits = {}
         for split in SPLITS:
             sp = st["splits"][split]
-            splits[split] = {"documents": sp["documents"], "tokens": sp["tokens"], "shards": sp["shards"]}
-            totals[split]["documents"] += sp["documents"]
-            totals[split]["tokens"] += sp["tokens"]
+            splits[split] = {"documents": sp["documents"], "tokens": sp["tokens"], "bytes": sp["bytes"], "shards": sp["shards"]}
+            for key in totals[split]:
+                totals[split][key] += sp[key]
         entry = {"spec": src.spec, "weight": src.weight, "splits": splits,
                  "skipped_empty": st["skipped_empty"], "replaced_utf8": st["replaced_utf8"]}
         val = st["splits"]["val"]
