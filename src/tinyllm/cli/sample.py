@@ -1,0 +1,73 @@
+"""`tinyllm sample`: load a run's newest (or a chosen) checkpoint and stream a continuation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Iterable, Iterator
+
+from tinyllm.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="generate text from a trained run",
+        description="Load RUN_DIR's newest checkpoint (or --checkpoint) and print the prompt and its "
+        "continuation as it is generated. Generation starts a new document (after <|endoftext|>) and "
+        "stops at the next one.",
+    )
+    p.add_argument("--run", metavar="RUN_DIR", help="a run directory made by `tinyllm train`")
+    p.add_argument("--checkpoint", metavar="PATH", help="a checkpoint directory (RUN_DIR/checkpoints/step-N) instead of the newest")
+    p.add_argument("--prompt", default="", help="text to continue (default: none, a story from scratch)")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to generate at most (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="sampling temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, metavar="K", help="sample among the K most likely tokens; 0 for all (default 50)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: the smallest set reaching probability P (default off)")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed, for a repeatable sample")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run the model (default auto)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.run and not args.checkpoint:
+        raise UserError("give --run RUN_DIR (or --checkpoint PATH) to sample from")
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    # Imported here so --help answers without loading torch.
+    from tinyllm.inference.sampling import generate
+    from tinyllm.tokenizer import EOT, get_tokenizer
+    from tinyllm.train.checkpoint import load_model
+    from tinyllm.train.device import pick_device
+
+    model, _, _ = load_model(args.checkpoint or args.run, pick_device(args.device))
+    tok = get_tokenizer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = generate(model, [EOT, *tok.encode(args.prompt)], args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, stop_ids=(EOT,))
+        sys.stdout.write(args.prompt)
+        for piece in stream_text(tok, ids):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+    return 0
+
+
+def stream_text(tok, ids: Iterable[int]) -> Iterator[str]:
+    """Text pieces as ids arrive; a character split across tokens is held until it is whole."""
+    pending: list[int] = []
+    for i in ids:
+        pending.append(i)
+        text = tok.decode(pending)
+        # A byte-level BPE token can end inside a UTF-8 character; wait (up to a character's
+        # 4 bytes' worth of tokens) for the rest rather than print U+FFFD.
+        if text.endswith("\ufffd") and len(pending) < 4:
+            continue
+        yield text
+        pending = []
+    if pending:
+        yield tok.decode(pending)

@@ -1,0 +1,399 @@
+"""One typed run configuration, resolved as preset -> `--config FILE.toml` -> flags, then validated.
+
+Why it is shaped this way:
+- Four sections, one per component: `model` is the model's own `GPTConfig`, `data` goes to the
+  loader, `optim` to the optimizer and schedule, `train` to the loop. Each component receives only
+  its section, so none grows a dependency on the others' knobs.
+- Layers are merged as plain nested dicts, and every key is checked (name, type) as its layer is
+  merged, so an error names where the bad value came from (`--set`, the TOML file, the preset)
+  and suggests the key that was probably meant. The dataclasses are built once, at the end, and
+  checks that involve two fields (width vs heads, context vs block size) run then.
+- The resolved config is written back as TOML (`tomlio`) into the run directory and every
+  checkpoint, and `resolve(base=...)` reads it back to an equal config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from tinyllm import tomlio
+from tinyllm.errors import UserError
+from tinyllm.model.gpt import GPTConfig
+from tinyllm.tokenizer import VOCAB_SIZE
+from tinyllm.tomlio import read_toml
+
+DEFAULT_PRESET = "cpu"
+
+
+@dataclass
+class DataConfig:
+    """What the loader needs: where the tokens are and how rows are cut."""
+
+    # A directory made by `tinyllm prepare`; "" prepares the built-in corpus into a cache.
+    dir: str = ""
+    # "packed": documents run together across rows; "padded": one document per row, padded.
+    mode: Literal["packed", "padded"] = "packed"
+    # Tokens per row; 0 means model.block_size.
+    context: int = 0
+    # How many tokens of the built-in corpus to prepare when `dir` is "".
+    builtin_tokens: int = 5_000_000
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 3e-4
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 100
+    # The cosine ends at lr * min_lr_ratio (the floor), reached at the last step.
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # Clip the global gradient norm to this; 0 disables clipping.
+    grad_clip: float = 1.0
+    # Use the fused AdamW kernel where the device has one.
+    fused: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch, length of the run, precision, and how often to evaluate, sample, save."""
+
+    seed: int = 1337
+    micro_batch: int = 16
+    grad_accum: int = 4
+    max_steps: int = 5000
+    # Wall-clock budget ("90s", "10m", "2h", "1h30m"); "" or "none" for none. Stops with a checkpoint.
+    max_time: str = ""
+    # Shorten the schedule's horizon to the steps that fit in max_time, measured after a few steps,
+    # so the learning rate still reaches its floor when the budget ends.
+    fit_steps_to_time: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    # "auto": bf16 autocast on CUDA with bf16 and on CPUs with native bf16 units, else fp32.
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: bool = False
+    log_every: int = 10
+    eval_every: int = 500
+    eval_batches: int = 20
+    sample_every: int = 1000
+    sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time"])
+    sample_tokens: int = 64
+    sample_temperature: float = 0.8
+    sample_top_k: int = 50
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    # Stop when this many steps in a row have a NaN/Inf loss or gradient.
+    max_bad_steps: int = 5
+
+
+@dataclass
+class Config:
+    model: GPTConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    # The preset this config started from (informational; resuming checks it).
+    preset: str = ""
+
+    @property
+    def context(self) -> int:
+        """Tokens per training row."""
+        return self.data.context or self.model.block_size
+
+
+SECTIONS: dict[str, type] = {"model": GPTConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+# Top-level keys that are not sections. `description` documents a preset and is dropped.
+TOP_LEVEL = ("preset", "description")
+
+
+# -- presets ------------------------------------------------------------------------------------
+
+
+def _presets_dir() -> Any:
+    return resources.files("tinyllm").joinpath("presets")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".toml")] for p in _presets_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def read_preset(name: str) -> dict:
+    names = preset_names()
+    if name not in names:
+        raise UserError(f"unknown preset {name!r}{_did_you_mean(name, names)}: choose one of {', '.join(names)}")
+    text = _presets_dir().joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    return tomlio.loads(text)
+
+
+def list_presets() -> list[tuple[str, str]]:
+    """(name, one-line description) for every shipped preset."""
+    return [(n, str(read_preset(n).get("description", ""))) for n in preset_names()]
+
+
+# -- resolution ---------------------------------------------------------------------------------
+
+
+def resolve(
+    preset: str | None = DEFAULT_PRESET,
+    config_file: str | Path | None = None,
+    overrides: typing.Sequence[tuple[str, Any, str]] = (),
+    base: dict | None = None,
+) -> Config:
+    """Build the validated config: `base` (or the preset) -> `config_file` -> `overrides`.
+
+    `overrides` are (dotted key, value, source) triples; a `str` value from the command line is
+    parsed as a TOML value when the field is not a string. `base` (a saved run's config, as a
+    dict) replaces the preset when resuming.
+    """
+    merged = _defaults()
+    if base is not None:
+        _merge(merged, base, "the run's config.toml")
+    else:
+        name = preset or DEFAULT_PRESET
+        _merge(merged, read_preset(name), f"preset {name!r}")
+        merged["preset"] = name
+    if config_file is not None:
+        _merge(merged, read_toml(config_file), str(config_file))
+    for key, value, source in overrides:
+        section, name = _split_key(key, source)
+        _merge(merged, {section: {name: value}}, source)
+    return _build(merged)
+
+
+def parse_set(item: str) -> tuple[str, str]:
+    """`section.key=value` from `--set` -> (key, raw value)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set optim.lr=1e-3")
+    return key.strip(), value.strip()
+
+
+def _defaults() -> dict:
+    out: dict = {"preset": ""}
+    for name, cls in SECTIONS.items():
+        out[name] = {f.name: _field_default(f) for f in dataclasses.fields(cls)}
+    return out
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise AssertionError(f"config field {f.name} has no default")
+
+
+def _split_key(key: str, source: str) -> tuple[str, str]:
+    section, dot, name = key.partition(".")
+    if not dot:
+        raise UserError(f"{source}: key {key!r} needs a section, e.g. optim.lr{_did_you_mean_key(key)}")
+    return section, name
+
+
+def _merge(into: dict, layer: dict, source: str) -> None:
+    for key, value in layer.items():
+        if key in TOP_LEVEL:
+            if key == "preset":
+                into["preset"] = _coerce(value, str, "preset", source)
+            continue
+        if key not in SECTIONS:
+            hint = _did_you_mean(key, list(SECTIONS)) or _did_you_mean_key(key)
+            raise UserError(f"{source}: unknown section {key!r}{hint}; sections are {', '.join(SECTIONS)}")
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: {key} must be a table ([{key}]), got a {type(value).__name__}")
+        hints = typing.get_type_hints(SECTIONS[key])
+        for name, v in value.items():
+            if name not in hints:
+                raise UserError(f"{source}: unknown key {key}.{name}{_did_you_mean_key(f'{key}.{name}')}")
+            into[key][name] = _coerce(v, hints[name], f"{key}.{name}", source)
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _did_you_mean_key(word: str) -> str:
+    """Suggest the closest full `section.key`, matching on the bare key name too (`lr` -> optim.lr)."""
+    full = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    hit = difflib.get_close_matches(word, full, n=1, cutoff=0.6)
+    if not hit:
+        bare = word.rpartition(".")[2]
+        by_name = {k.rpartition(".")[2]: k for k in full}
+        names = difflib.get_close_matches(bare, list(by_name), n=1, cutoff=0.75)
+        hit = [by_name[names[0]]] if names else []
+    return f" (did you mean {hit[0]}?)" if hit else ""
+
+
+# -- types --------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check `value` against a field's type hint; a command-line string is parsed first."""
+    if isinstance(value, str) and source.startswith("--"):
+        parsed = _parse_cli_value(value)
+        # A string field takes the text as typed, unless it was quoted TOML ("" for empty).
+        value = parsed if isinstance(parsed, str) or not (hint is str or _accepts_str(hint)) else value
+    ok, out = _check(value, hint)
+    if not ok:
+        raise UserError(f"{source}: {key} must be {_describe(hint)}, got {value!r}")
+    return out
+
+
+def _parse_cli_value(raw: str) -> Any:
+    try:
+        return tomlio.loads(f"v = {raw}")["v"]
+    except tomlio.TOMLDecodeError:
+        return raw
+
+
+def _accepts_str(hint: Any) -> bool:
+    if typing.get_origin(hint) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(hint))
+    return False
+
+
+def _check(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is Literal:
+        return value in args and type(value) in {type(a) for a in args}, value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        checked = [_check(v, args[0]) for v in value]
+        return all(ok for ok, _ in checked), [v for _, v in checked]
+    raise AssertionError(f"config type {hint!r} is not supported")
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+# -- building and validating --------------------------------------------------------------------
+
+
+def _build(merged: dict) -> Config:
+    try:
+        model = GPTConfig(**merged["model"])
+    except ValueError as e:  # GPTConfig names the field in its message
+        raise UserError(str(e)) from None
+    cfg = Config(
+        model=model,
+        data=DataConfig(**merged["data"]),
+        optim=OptimConfig(**merged["optim"]),
+        train=TrainConfig(**merged["train"]),
+        preset=merged["preset"],
+    )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span fields; each message names the fields and how to fix them."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    if m.vocab_size < VOCAB_SIZE:
+        raise UserError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's {VOCAB_SIZE} ids: set it to {VOCAB_SIZE}")
+    if d.context < 0 or d.context > m.block_size:
+        raise UserError(
+            f"data.context ({d.context}) must be between 1 and model.block_size ({m.block_size}), or 0 for "
+            "block_size: the model cannot attend further than its block size"
+        )
+    _positive(t, "micro_batch", "grad_accum", "max_steps", "eval_batches", "keep_checkpoints", "max_bad_steps", "log_every")
+    _non_negative(t, "eval_every", "sample_every", "sample_tokens", "checkpoint_every", "sample_top_k")
+    _non_negative(o, "warmup_steps", "weight_decay", "grad_clip")
+    _non_negative(d, "builtin_tokens")
+    if not o.lr > 0 or not math.isfinite(o.lr):
+        raise UserError(f"optim.lr must be a positive number, got {o.lr}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise UserError(f"optim.min_lr_ratio must be between 0 and 1 (the floor as a fraction of lr), got {o.min_lr_ratio}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(o, name) < 1:
+            raise UserError(f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
+    if t.sample_temperature < 0:
+        raise UserError(f"train.sample_temperature must be >= 0 (0 is greedy), got {t.sample_temperature}")
+    budget = time_budget(t)  # raises on an unreadable duration
+    if t.fit_steps_to_time and budget is None:
+        raise UserError("train.fit_steps_to_time needs a budget: set train.max_time (e.g. --max-time 8m)")
+
+
+def _positive(section: Any, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise UserError(f"{_section_name(section)}.{name} must be at least 1, got {getattr(section, name)}")
+
+
+def _non_negative(section: Any, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 0:
+            raise UserError(f"{_section_name(section)}.{name} must be >= 0, got {getattr(section, name)}")
+
+
+def _section_name(section: Any) -> str:
+    return next(n for n, cls in SECTIONS.items() if isinstance(section, cls))
+
+
+def time_budget(train: TrainConfig) -> float | None:
+    """`train.max_time` in seconds, or None when there is no budget."""
+    text = train.max_time.strip().lower()
+    return None if text in ("", "none") else parse_duration(text, "train.max_time")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, what: str = "duration") -> float:
+    """'90s', '10m', '2h', '1h30m', '1.5h' or plain seconds -> seconds."""
+    s = text.strip().lower().replace(" ", "")
+    parts = list(_DURATION.finditer(s))
+    if not s or not parts or "".join(p.group(0) for p in parts) != s:
+        raise UserError(f"{what}: cannot read {text!r} as a duration: use e.g. 90s, 10m, 2h or 1h30m")
+    seconds = sum(float(p.group(1)) * _UNIT_SECONDS[p.group(2)] for p in parts)
+    if seconds <= 0:
+        raise UserError(f"{what}: the duration {text!r} must be positive")
+    return seconds
+
+
+# -- TOML out -----------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Config) -> dict:
+    out: dict = {"preset": cfg.preset}
+    for name in SECTIONS:
+        out[name] = dataclasses.asdict(getattr(cfg, name))
+    return out
+
+
+def to_toml(cfg: Config) -> str:
+    """The config as TOML that `resolve(base=read_toml(...))` reads back to an equal config."""
+    return tomlio.dumps(to_dict(cfg), header="Resolved tinyllm config: preset -> config file -> flags.")
+
+
+def save_toml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(to_toml(cfg), encoding="utf-8")

@@ -1,0 +1,126 @@
+"""Which device to train on, and at what precision.
+
+Why it is shaped this way: the choices differ per device and each has a reason.
+- bf16 autocast: on CUDA when the GPU supports bf16. On a CPU, having bf16 instructions is not
+  enough: on a Zen 4 it measured 1.3-1.75x faster than fp32 (PERF_NOTES.md), but on an Intel Xeon
+  with AVX512_BF16 (and no AMX) bf16 GEMMs ran at 0.55-0.7x of fp32. So "auto" on a CPU with bf16
+  units times one GEMM both ways (~0.1 s) and picks bf16 only when it is clearly faster; without
+  bf16 units bf16 is emulated, and "auto" stays in fp32 without measuring. MPS stays in fp32
+  under "auto" because bf16 support there depends on the macOS version.
+- TF32 matmuls on CUDA: free speed for training at this scale, and loss curves are unaffected.
+- `torch.backends.cpu.get_cpu_capability()` reports only "AVX512", not the bf16 extension, so the
+  CPU check reads the kernel's feature flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import platform
+import time
+from collections.abc import Iterator
+
+import torch
+
+from tinyllm.errors import UserError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU; a named device that is missing is a UserError."""
+    cuda, mps = torch.cuda.is_available(), _mps_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if name == "cuda" and not cuda:
+        raise UserError("train.device is cuda but torch sees no CUDA GPU: use --set train.device=auto")
+    if name == "mps" and not mps:
+        raise UserError("train.device is mps but this torch has no MPS support: use --set train.device=auto")
+    return torch.device(name)
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 arithmetic units (Linux feature flags; elsewhere False)."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip().lower()
+                if key in ("flags", "features"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def autocast_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for `train.dtype` on `device`; None means plain fp32."""
+    if dtype == "fp32":
+        return None
+    if dtype == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() and cpu_bf16_speedup() >= _BF16_MIN_SPEEDUP else None
+    return None
+
+
+# bf16 must beat fp32 by this much to be chosen: below it the measurement is within noise, and
+# fp32 is the more accurate of two equals.
+_BF16_MIN_SPEEDUP = 1.15
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup() -> float:
+    """fp32 time / bf16 time of a training-sized GEMM on this CPU (best of 3, interleaved)."""
+    a32, b32 = torch.randn(2048, 256), torch.randn(256, 2048)  # [B*T, C] @ [C, 8C]: 2 GFLOP
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    best = {"fp32": math.inf, "bf16": math.inf}
+    for _ in range(4):
+        for name, (a, b) in (("fp32", (a32, b32)), ("bf16", (a16, b16))):
+            started = time.perf_counter()
+            torch.mm(a, b)
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best["fp32"] / best["bf16"]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for forward passes; a no-op for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure_backends(device: torch.device) -> None:
+    """Process-wide settings for training on `device` (TF32 on CUDA)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def describe_precision(dtype: torch.dtype | None) -> str:
+    return "bf16 autocast" if dtype is torch.bfloat16 else "fp32"
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device) -> Iterator[None]:
+    """Run a block (sampling, evaluation) without moving the training RNG streams."""
+    # The CPU stream always; the GPU's own stream too on CUDA (MPS sampling seeds its own generator).
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield

@@ -1,0 +1,108 @@
+"""Everything a run writes about itself besides checkpoints.
+
+  train_output.txt  the human log: the same lines the console shows (loss lines, evals, samples)
+  metrics.jsonl     one JSON object per logged step: step, loss, lr, tokens (+ val_loss on evals);
+                    the step-0 record is the untrained model's val_loss and has no train loss
+  tb/               TensorBoard events for the same scalars
+  loss.png          train and val loss against tokens, with the corpus floor when it is known
+
+Why it is shaped this way: one object owns all four so the trainer says what happened once. On
+resume, metrics past the checkpoint's step belong to a timeline that no longer exists, so
+metrics.jsonl is cut back to the checkpoint and TensorBoard purges the same steps; the human log
+is only appended to, with a line saying where the run resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from tinyllm.train.plot import plot_loss
+
+METRICS = "metrics.jsonl"
+TEXT_LOG = "train_output.txt"
+PLOT = "loss.png"
+
+
+class RunLog:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        resume_step: int | None = None,
+        floor: float | None = None,
+        tensorboard: bool = True,
+        echo: bool = True,
+    ) -> None:
+        """Open the run's logs; `resume_step` None starts them afresh, else continues after it."""
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.floor = floor
+        self.echo = echo
+        self.history = self._start_metrics(resume_step)
+        self._text = open(self.run_dir / TEXT_LOG, "a" if resume_step is not None else "w", encoding="utf-8")
+        self._metrics = open(self.run_dir / METRICS, "a", encoding="utf-8")
+        self._tb = _open_tensorboard(self.run_dir / "tb", resume_step) if tensorboard else None
+
+    def _start_metrics(self, resume_step: int | None) -> list[dict]:
+        path = self.run_dir / METRICS
+        if resume_step is None or not path.exists():
+            path.write_text("", encoding="utf-8")
+            return []
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if record.get("step", math.inf) <= resume_step:
+                kept.append(record)
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        return kept
+
+    def write(self, text: str) -> None:
+        """A line for the human log, echoed above the progress bar."""
+        if self.echo:
+            tqdm.write(text)
+        self._text.write(text + "\n")
+        self._text.flush()
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        """Append one step's scalars (needs `step`; `tokens` is the x axis of the plot)."""
+        self.history.append(record)
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(_tb_tag(key), value, record["step"])
+
+    def sample(self, step: int, prompt: str, text: str) -> None:
+        self.write(f"--- sample at step {step} ---\n{prompt}{text}\n---")
+        if self._tb is not None:
+            self._tb.add_text("sample", f"{prompt}{text}", step)
+
+    def plot(self) -> None:
+        plot_loss(self.history, self.run_dir / PLOT, floor=self.floor)
+
+    def close(self) -> None:
+        self._text.close()
+        self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _tb_tag(key: str) -> str:
+    return {"loss": "loss/train", "val_loss": "loss/val"}.get(key, f"train/{key}")
+
+
+def _open_tensorboard(path: Path, resume_step: int | None) -> Any:
+    # Imported here: tensorboard takes about a second to import, and only training needs it.
+    from torch.utils.tensorboard import SummaryWriter
+
+    purge = resume_step + 1 if resume_step is not None else None
+    return SummaryWriter(log_dir=str(path), purge_step=purge)

@@ -1,0 +1,103 @@
+"""A run directory, and how one `tinyllm train` invocation relates to it: start afresh or continue.
+
+Why it is shaped this way: "continue" must mean the same thing whether the user passes
+`--resume`, `--resume CHECKPOINT`, or simply runs again into a directory that has checkpoints.
+In every case the config comes from the checkpoint being continued (not from the preset), flags
+and `--config` may change how the rest of the run goes (steps, budget, intervals, learning
+rate), and changes that would make the saved weights or data position meaningless (the model
+shape, the data) are refused with the fix spelled out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tinyllm.config import DEFAULT_PRESET, Config, read_toml, resolve
+from tinyllm.errors import UserError
+from tinyllm.train.checkpoint import find_checkpoint, latest_checkpoint
+
+CONFIG_FILE = "config.toml"
+
+
+@dataclass
+class RunPlan:
+    config: Config
+    run_dir: Path
+    resume_from: Path | None  # the checkpoint to continue from; None starts afresh
+
+
+def default_run_dir(preset: str | None) -> Path:
+    return Path("runs") / f"{preset or DEFAULT_PRESET}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def plan_run(
+    run_dir: str | Path | None,
+    *,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[tuple[str, Any, str]] | None = None,
+    resume: str | None = None,
+) -> RunPlan:
+    """Decide the config and the starting point of a run.
+
+    `resume`: None continues from the newest checkpoint when `run_dir` has one; "auto" (plain
+    `--resume`) insists on one; any other value is a checkpoint or run directory to continue from.
+    """
+    overrides = overrides or []
+    if run_dir is None:
+        if resume == "auto":
+            raise UserError("--resume needs the run to continue: add --out RUN_DIR")
+        # Continuing a given checkpoint writes into the run it belongs to.
+        run_dir = find_checkpoint(resume).parent.parent if resume else default_run_dir(preset)
+    run_dir = Path(run_dir)
+    source = _resume_point(run_dir, resume)
+    if source is None:
+        cfg = resolve(preset, config_file, overrides)
+    else:
+        base = read_toml(source / CONFIG_FILE)
+        if preset is not None and preset != base.get("preset"):
+            raise UserError(
+                f"{run_dir} was trained with preset {base.get('preset')!r}, not {preset!r}: drop --preset to "
+                "continue it, or pick a new --out to start another run"
+            )
+        cfg = resolve(config_file=config_file, overrides=overrides, base=base)
+        _check_compatible(resolve(base=base), cfg, source)
+    _check_data_dir(cfg)
+    return RunPlan(cfg, run_dir, source)
+
+
+def _resume_point(run_dir: Path, resume: str | None) -> Path | None:
+    if resume is not None and resume != "auto":
+        return find_checkpoint(resume)
+    latest = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if latest is None and resume == "auto":
+        raise UserError(f"--resume: {run_dir} has no checkpoint to continue from; drop --resume to start a new run there")
+    return latest
+
+
+def _check_compatible(saved: Config, new: Config, source: Path) -> None:
+    """Refuse changes that the saved weights or the data position cannot follow."""
+    for section in ("model", "data"):
+        old, now = asdict(getattr(saved, section)), asdict(getattr(new, section))
+        changed = [k for k in old if old[k] != now[k]]
+        if changed:
+            keys = ", ".join(f"{section}.{k} ({old[k]!r} -> {now[k]!r})" for k in changed)
+            raise UserError(
+                f"cannot continue {source} with a different {section} config: {keys}. Drop those settings to "
+                "continue, or pick a new --out to start another run"
+            )
+    for key in ("micro_batch", "seed"):
+        if getattr(saved.train, key) != getattr(new.train, key):
+            raise UserError(
+                f"cannot continue {source} with a different train.{key} (the data position depends on it): "
+                "drop that setting, or pick a new --out"
+            )
+
+
+def _check_data_dir(cfg: Config) -> None:
+    if cfg.data.dir and not Path(cfg.data.dir).is_dir():
+        raise UserError(f"--data {cfg.data.dir}: no such directory; make one with tinyllm prepare, or omit --data "
+                        "to use the built-in corpus")

@@ -1,0 +1,357 @@
+"""The training loop: one object that owns the model, optimizer, schedule, data and logs of a run.
+
+Why it is shaped this way:
+- Each component is built from its own config section (GPT from `model`, the loader from `data`,
+  AdamW and the schedule from `optim`); only the loop reads `train`.
+- Every piece of state is saved and restored through its own `state_dict`, so a run stopped at
+  step k and resumed computes bit-for-bit the same later steps as one that never stopped (on CPU).
+  Evaluation and sampling never move the training RNG streams or the training loader.
+- Stopping is cooperative: Ctrl-C, the time budget and the step limit are all checked between
+  optimizer steps, so the state saved is always that of a whole step. A second Ctrl-C quits at once.
+- Long-run bookkeeping (when to log, evaluate, sample, save) lives in `_after_step`, the step
+  itself in `_train_step`, so each reads in one screen.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tinyllm.config import Config, save_toml, time_budget
+from tinyllm.data.loader import TokenLoader, default_builtin_dataset
+from tinyllm.errors import UserError
+from tinyllm.inference.sampling import generate
+from tinyllm.model.gpt import GPT
+from tinyllm.tokenizer import EOT, get_tokenizer
+from tinyllm.train import checkpoint as ckpt
+from tinyllm.train.device import (
+    autocast,
+    autocast_dtype,
+    configure_backends,
+    describe_precision,
+    pick_device,
+    preserved_rng,
+    synchronize,
+)
+from tinyllm.train.logs import RunLog
+from tinyllm.train.optim import LRSchedule, build_optimizer
+
+# Steps timed before the schedule is fitted to a time budget; the first two touch cold memory
+# and run several times slower (PERF_NOTES.md), so they are not counted.
+_COLD_STEPS, _TIMED_STEPS = 2, 4
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    tokens: int
+    seconds: float
+    val_loss: float | None
+    floor: float | None
+    stopped: str  # "finished", "time budget", "interrupted"
+    checkpoint: Path | None
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, *, resume_from: Path | None = None, echo: bool = True) -> None:
+        """Build everything for a run; `resume_from` is a checkpoint to continue from."""
+        self.clock = time.monotonic()
+        self.cfg, self.run_dir, self.echo = cfg, Path(run_dir), echo
+        t = cfg.train
+        self.budget = time_budget(t)
+        self.device = pick_device(t.device)
+        configure_backends(self.device)
+        self.amp = autocast_dtype(self.device, t.dtype)
+        torch.manual_seed(t.seed)
+        self.model = GPT(cfg.model).to(self.device)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.schedule = LRSchedule(cfg.optim, t.max_steps)
+        data_dir = Path(cfg.data.dir) if cfg.data.dir else default_builtin_dataset(max_tokens=cfg.data.builtin_tokens)
+        self.loader = self._loader(data_dir, "train", sequential=False)
+        self.val_batches = self._val_batches(data_dir)
+        self.floor = self.loader.manifest.get("floor")
+        self.tokens_per_step = t.micro_batch * t.grad_accum * cfg.context
+        self.step, self.tokens, self.skipped, self.bad_in_row = 0, 0, 0, 0
+        self.schedule_fitted = False
+        self.last_val: float | None = None
+        self.last_ckpt: Path | None = resume_from
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.log = RunLog(self.run_dir, resume_step=self.step if resume_from else None, floor=self.floor, echo=echo)
+        for path in ckpt.discard_after(self.run_dir, self.step) if resume_from else ():
+            self.log.write(f"removed {path}: it came after the checkpoint this run continues from")
+        save_toml(cfg, self.run_dir / "config.toml")
+        self.stop_reason: str | None = None
+        self.overhead = {"eval": 0.0, "sample": 0.0, "checkpoint": 0.0}
+
+    def _loader(self, data_dir: Path, split: str, *, sequential: bool) -> TokenLoader:
+        t, d = self.cfg.train, self.cfg.data
+        return TokenLoader(data_dir, split, t.micro_batch, self.cfg.context, mode=d.mode, seed=t.seed, sequential=sequential)
+
+    def _val_batches(self, data_dir: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The fixed validation set: the first `eval_batches` batches of the val split, in order."""
+        val = self._loader(data_dir, "val", sequential=True)
+        batches = [val.next_batch() for _ in range(self.cfg.train.eval_batches)]
+        return [(b.inputs.to(self.device), b.targets.to(self.device)) for b in batches]
+
+    def _restore(self, path: Path) -> None:
+        state = ckpt.load_training_state(path, self.model, self.optimizer)
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.skipped, self.bad_in_row = int(state["skipped_steps"]), int(state["bad_in_row"])
+        # The saved horizon holds unless the user has since changed --max-steps (to go on, say).
+        if state["max_steps"] == self.cfg.train.max_steps:
+            self.schedule.load_state_dict(state["schedule"])
+            self.schedule_fitted = bool(state["schedule_fitted"])
+        self.loader.load_state_dict(state["loader"])
+        self.last_val = state["val_loss"]
+        if self.cfg.train.dtype == "auto":  # keep the precision "auto" chose, so resuming is exact
+            self.amp = torch.bfloat16 if state["precision"] == "bf16" else None
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train until the step limit, the time budget or Ctrl-C; always ends with a checkpoint."""
+        t = self.cfg.train
+        if self.step >= self.schedule.total_steps:
+            self.log.write(f"{self.run_dir} is already at step {self.step} of {self.schedule.total_steps}: "
+                           "pass a larger --max-steps to train it further")
+            self.log.close()
+            return self._result("already finished", self.last_ckpt)
+        self._announce()
+        restore_sigint = _install_sigint(self)
+        bar = tqdm(total=self.schedule.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not self.echo, leave=False)
+        try:
+            if self.step == 0 and t.eval_every:
+                self._evaluate()
+            if self.step == 0 and t.sample_every:
+                self._sample()
+            smooth, timed = None, []
+            while self.stop_reason is None:
+                started = time.monotonic()
+                loss, lr, grad_norm = self._train_step()
+                synchronize(self.device)
+                timed.append(time.monotonic() - started)
+                if t.fit_steps_to_time and not self.schedule_fitted and len(timed) == _COLD_STEPS + _TIMED_STEPS:
+                    self._fit_schedule(timed[_COLD_STEPS:])
+                # Decided before the bookkeeping, so the last step's record carries the final val loss.
+                last = self.step >= self.schedule.total_steps or self._out_of_time(timed)
+                self._after_step(loss, lr, grad_norm, timed[-1], last)
+                if loss is not None:
+                    smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
+                bar.total = self.schedule.total_steps
+                bar.update(1)
+                bar.set_postfix(loss=f"{smooth:.3f}" if smooth is not None else "nan", lr=f"{lr:.2e}",
+                                tok_s=f"{self.tokens_per_step / timed[-1]:,.0f}", refresh=False)
+                if last:
+                    break
+        finally:
+            bar.close()
+            restore_sigint()
+        return self._finish()
+
+    def _train_step(self) -> tuple[float | None, float, float]:
+        """One optimizer step over `grad_accum` micro-batches; a NaN/Inf step is skipped."""
+        t, o = self.cfg.train, self.cfg.optim
+        lr = self.schedule.apply(self.optimizer, self.step)
+        total = torch.zeros((), device=self.device)
+        for _ in range(t.grad_accum):
+            batch = self.loader.next_batch()
+            x = batch.inputs.to(self.device, non_blocking=True)  # [B, T]
+            y = batch.targets.to(self.device, non_blocking=True)  # [B, T], -1 = no loss
+            with autocast(self.device, self.amp):
+                loss = self.forward(x, y)
+            (loss / t.grad_accum).backward()
+            total += loss.detach()
+        loss_value = total.item() / t.grad_accum
+        max_norm = o.grad_clip if o.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._bad_step(loss_value, grad_norm)
+            return None, lr, grad_norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_in_row = 0
+        return loss_value, lr, grad_norm
+
+    def _bad_step(self, loss: float, grad_norm: float) -> None:
+        self.skipped += 1
+        self.bad_in_row += 1
+        self.log.write(f"step {self.step}: loss {loss} / grad norm {grad_norm} is not finite; step skipped "
+                       f"({self.bad_in_row} in a row, {self.skipped} in all)")
+        if self.bad_in_row >= self.cfg.train.max_bad_steps:
+            raise UserError(
+                f"training diverged: {self.bad_in_row} steps in a row had a NaN/Inf loss or gradient "
+                f"(up to step {self.step}). Lower optim.lr (now {self.cfg.optim.lr:g}) or raise optim.warmup_steps, "
+                f"then resume from the last checkpoint ({self.last_ckpt or 'none yet'})"
+            )
+
+    def _after_step(self, loss: float | None, lr: float, grad_norm: float, seconds: float, last: bool) -> None:
+        """Log, evaluate, sample and save as their intervals (and the last step) ask."""
+        t, step = self.cfg.train, self.step
+        record: dict = {}
+        if loss is not None and (step % t.log_every == 0 or last):
+            record = {"step": step, "loss": loss, "lr": lr, "tokens": self.tokens,
+                      "grad_norm": round(grad_norm, 4), "tokens_per_s": round(self.tokens_per_step / seconds, 1),
+                      "elapsed_s": round(time.monotonic() - self.clock, 2)}
+        if t.eval_every and (step % t.eval_every == 0 or last):
+            record = {"step": step, "lr": lr, "tokens": self.tokens, **record, "val_loss": self._val_loss_timed()}
+        if record:
+            self.log.metrics(record)
+            self._print_progress(record)
+            if "val_loss" in record:
+                self.log.plot()
+        if t.sample_every and step % t.sample_every == 0 and not last:
+            self._sample()
+        if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
+            self._checkpoint()
+
+    def _out_of_time(self, timed: list[float]) -> bool:
+        """True (and the run stops) when the next step would overrun the budget, or Ctrl-C came."""
+        if self.budget is not None and self.stop_reason is None:
+            recent = timed[-5:]
+            if time.monotonic() - self.clock + sum(recent) / len(recent) > self.budget:
+                self.stop("time budget")
+        return self.stop_reason is not None
+
+    def stop(self, reason: str = "interrupted") -> None:
+        """Ask the loop to stop after the current step (it then evaluates, saves and returns)."""
+        self.stop_reason = reason
+
+    # -- evaluation, samples, checkpoints -------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            losses = []
+            for x, y in self.val_batches:
+                with autocast(self.device, self.amp):
+                    losses.append(self.forward(x, y).float())
+            return float(torch.stack(losses).mean())
+        finally:
+            self.model.train(was_training)
+
+    def _val_loss_timed(self) -> float:
+        started = time.monotonic()
+        self.last_val = self.evaluate()
+        self.overhead["eval"] = time.monotonic() - started
+        return self.last_val
+
+    def _evaluate(self) -> None:
+        """The untrained model's val loss, the first point of the curve."""
+        val = self._val_loss_timed()
+        self.log.metrics({"step": self.step, "tokens": self.tokens, "lr": self.schedule.lr_at(self.step), "val_loss": val})
+        self.log.write(f"step {self.step}: val loss {val:.4f}")
+
+    def _sample(self) -> None:
+        t = self.cfg.train
+        tok = get_tokenizer()
+        started = time.monotonic()
+        with preserved_rng(self.device), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "stopped at the context" is expected on small models
+            for i, prompt in enumerate(t.sample_prompts):
+                ids = generate(self.model, [EOT, *tok.encode(prompt)], t.sample_tokens, temperature=t.sample_temperature,
+                               top_k=t.sample_top_k or None, seed=t.seed + i, stop_ids=(EOT,))
+                self.log.sample(self.step, prompt, tok.decode(list(ids)))
+        self.overhead["sample"] = time.monotonic() - started
+
+    def _checkpoint(self) -> Path:
+        started = time.monotonic()
+        state = {"tokens": self.tokens, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict(),
+                 "skipped_steps": self.skipped, "bad_in_row": self.bad_in_row, "schedule_fitted": self.schedule_fitted,
+                 "max_steps": self.cfg.train.max_steps, "precision": "bf16" if self.amp is torch.bfloat16 else "fp32",
+                 "val_loss": self.last_val}
+        self.last_ckpt = ckpt.save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
+                                              state=state, config=self.cfg, keep=self.cfg.train.keep_checkpoints)
+        self.overhead["checkpoint"] = time.monotonic() - started
+        return self.last_ckpt
+
+    def _fit_schedule(self, step_times: list[float]) -> None:
+        """Shorten the horizon to the steps that fit in the budget, counting eval/sample/save costs."""
+        t = self.cfg.train
+        per_step = sum(step_times) / len(step_times)
+        per_step += self.overhead["eval"] / t.eval_every if t.eval_every else 0.0
+        per_step += self.overhead["sample"] / t.sample_every if t.sample_every else 0.0
+        per_step += 2 * per_step / t.checkpoint_every if t.checkpoint_every else 0.0  # a save costs ~2 steps
+        # Keep back the end-of-run work: a last eval, a checkpoint and the plot.
+        left = self.budget - (time.monotonic() - self.clock) - self.overhead["eval"] - 4 * per_step
+        fitted = self.step + max(0, int(left / per_step))
+        self.schedule_fitted = True
+        if fitted < self.schedule.total_steps:
+            self.schedule.total_steps = fitted
+            self.log.write(f"time budget {t.max_time}: {per_step:.2f} s/step, so the schedule ends at step {fitted}"
+                           f" (of max {t.max_steps})")
+
+    # -- start and end --------------------------------------------------------------------------
+
+    def _announce(self) -> None:
+        m, t = self.cfg.model, self.cfg.train
+        verb = f"resuming at step {self.step}" if self.step else "training"
+        self.log.write(
+            f"{verb}: {self.model.num_params():,} parameters ({self.model.num_params(non_embedding=True):,} "
+            f"non-embedding), {m.n_layer} layers x {m.n_embd} wide, context {self.cfg.context}, on {self.device.type} "
+            f"with {describe_precision(self.amp)}; batch {t.micro_batch} x {t.grad_accum} x {self.cfg.context} = "
+            f"{self.tokens_per_step:,} tokens/step, {self.schedule.total_steps:,} steps"
+            + (f", budget {t.max_time}" if self.budget else "")
+        )
+
+    def _print_progress(self, r: dict) -> None:
+        parts = [f"step {r['step']}"]
+        if "loss" in r:
+            parts.append(f"loss {r['loss']:.4f}")
+        if "val_loss" in r:
+            parts.append(f"val loss {r['val_loss']:.4f}")
+        parts.append(f"lr {r['lr']:.2e}")
+        if "tokens_per_s" in r:
+            parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
+        self.log.write(" | ".join(parts))
+
+    def _finish(self) -> TrainResult:
+        reason = self.stop_reason or "finished"
+        evaluated_now = self.log.history and self.log.history[-1].get("step") == self.step and "val_loss" in self.log.history[-1]
+        if not evaluated_now and self.cfg.train.eval_every:
+            self.log.metrics({"step": self.step, "lr": self.schedule.lr_at(max(0, self.step - 1)), "tokens": self.tokens,
+                              "val_loss": self._val_loss_timed()})
+        if self.cfg.train.sample_every:
+            self._sample()
+        path = self._checkpoint()
+        self.log.plot()
+        self.log.close()
+        return self._result(reason, path)
+
+    def _result(self, reason: str, path: Path | None) -> TrainResult:
+        return TrainResult(self.run_dir, self.step, self.tokens, time.monotonic() - self.clock, self.last_val,
+                           self.floor, reason, path)
+
+
+def _install_sigint(trainer: Trainer):
+    """First Ctrl-C: finish the step, save, stop. Second: the usual KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if trainer.stop_reason == "interrupted":
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        trainer.stop("interrupted")
+        tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again to quit without saving)")
+
+    signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,83 @@
+"""`tinyllm train` as a user runs it: help, presets, config errors, and Ctrl-C then continue."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tinyllm.data.loader import default_builtin_dataset
+
+
+def tinyllm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tinyllm", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return str(default_builtin_dataset(max_tokens=40_000, cache_dir=tmp_path_factory.mktemp("cache")))
+
+
+def test_help_documents_every_flag():
+    r = tinyllm("train", "--help")
+    assert r.returncode == 0
+    for flag in ("--preset", "--config", "--data", "--out", "--max-steps", "--seed", "--resume", "--checkpoint-every",
+                 "--eval-every", "--sample-every", "--max-time", "--set", "--list-presets"):
+        assert flag in r.stdout
+
+
+def test_list_presets():
+    r = tinyllm("train", "--list-presets")
+    names = [line.split()[0] for line in r.stdout.splitlines()]
+    assert r.returncode == 0 and {"seed", "cpu", "tiny", "modern"} <= set(names)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--set", "optim.lrr=1e-3"], "unknown key optim.lrr (did you mean optim.lr?)"),
+    (["--max-steps", "0"], "train.max_steps must be at least 1"),
+    (["--set", "model.n_head=3"], "must be divisible by model.n_head (3)"),
+    (["--data", "/nonexistent/dataset"], "--data /nonexistent/dataset: no such directory"),
+    (["--max-time", "soon"], "cannot read 'soon' as a duration"),
+])
+def test_config_errors_are_one_line_with_the_fix(tmp_path, args, message):
+    r = tinyllm("train", "--preset", "tiny", "--out", str(tmp_path / "run"), *args)
+    assert r.returncode == 2 and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def losses(run) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_ctrl_c_saves_and_running_again_continues_exactly(tmp_path, data):
+    args = ["train", "--preset", "tiny", "--data", data, "--max-steps", "10", "--eval-every", "5",
+            "--sample-every", "0", "--checkpoint-every", "0", "--set", "train.micro_batch=4"]
+    assert tinyllm(*args, "--out", str(tmp_path / "whole")).returncode == 0
+
+    run = tmp_path / "split"
+    proc = subprocess.Popen([sys.executable, "-m", "tinyllm", *args, "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(s >= 3 for s in _steps(run)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "interrupted" in out
+    stopped = max(_steps(run))
+    assert 3 <= stopped < 10 and (run / "checkpoints" / f"step-{stopped:08d}").is_dir()
+
+    again = tinyllm(*args, "--out", str(run))
+    assert again.returncode == 0 and f"resuming at step {stopped}" in again.stdout
+    assert losses(run) == losses(tmp_path / "whole") and len(losses(run)) == 10
+
+
+def _steps(run) -> list[int]:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]

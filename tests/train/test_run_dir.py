@@ -1,0 +1,61 @@
+"""How an invocation relates to a run directory: start afresh, continue, or refuse a change."""
+
+import pytest
+import torch
+
+from tinyllm.config import resolve
+from tinyllm.errors import UserError
+from tinyllm.model.gpt import GPT
+from tinyllm.train.checkpoint import discard_after, list_checkpoints, save_checkpoint
+from tinyllm.train.optim import build_optimizer
+from tinyllm.train.run_dir import plan_run
+
+
+def make_run(run, data, steps=(2,)):
+    cfg = resolve("tiny", overrides=[("data.dir", str(data), "test")])
+    model = GPT(cfg.model)
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    for step in steps:
+        save_checkpoint(run, step, model=model, optimizer=opt, state={}, config=cfg, keep=5)
+    return cfg
+
+
+def test_a_new_directory_starts_afresh_from_the_preset(tmp_path):
+    plan = plan_run(tmp_path / "run", preset="tiny", overrides=[("train.max_steps", "7", "--max-steps")])
+    assert plan.resume_from is None and plan.config.preset == "tiny" and plan.config.train.max_steps == 7
+
+
+def test_a_directory_with_checkpoints_continues_from_its_newest(tmp_path):
+    cfg = make_run(tmp_path / "run", tmp_path, steps=(2, 4))
+    plan = plan_run(tmp_path / "run", overrides=[("train.max_steps", "99", "--max-steps")])
+    assert plan.resume_from.name == "step-00000004"
+    assert plan.config.model == cfg.model and plan.config.train.max_steps == 99  # the rest may change
+
+
+def test_resume_from_a_checkpoint_finds_its_run(tmp_path):
+    make_run(tmp_path / "run", tmp_path, steps=(2, 4))
+    plan = plan_run(None, resume=str(tmp_path / "run" / "checkpoints" / "step-00000002"))
+    assert plan.run_dir == tmp_path / "run" and plan.resume_from.name == "step-00000002"
+
+
+def test_continuing_refuses_a_different_model_or_preset(tmp_path):
+    make_run(tmp_path / "run", tmp_path)
+    with pytest.raises(UserError, match=r"different model config: model.n_layer \(2 -> 3\)"):
+        plan_run(tmp_path / "run", overrides=[("model.n_layer", "3", "--set model.n_layer=3")])
+    with pytest.raises(UserError, match="trained with preset 'tiny', not 'cpu'"):
+        plan_run(tmp_path / "run", preset="cpu")
+    with pytest.raises(UserError, match="different train.micro_batch"):
+        plan_run(tmp_path / "run", overrides=[("train.micro_batch", "3", "--set train.micro_batch=3")])
+
+
+def test_explicit_resume_needs_a_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="has no checkpoint to continue from"):
+        plan_run(tmp_path, resume="auto")
+    with pytest.raises(UserError, match="--resume needs the run to continue"):
+        plan_run(None, resume="auto")
+
+
+def test_discard_after_drops_only_newer_checkpoints(tmp_path):
+    make_run(tmp_path, tmp_path, steps=(2, 4, 6))
+    assert [p.name for p in discard_after(tmp_path, 4)] == ["step-00000006"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000004"]
