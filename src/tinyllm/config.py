@@ -46,6 +46,9 @@ class DataConfig:
     context: int = 0
     # How many tokens of the built-in corpus to prepare when `dir` is "".
     builtin_tokens: int = 5_000_000
+    # Which targets carry the loss: "all" tokens, or only the "assistant" tokens of ChatML
+    # conversations (chat fine-tuning: the chat template's mask).
+    loss_on: Literal["all", "assistant"] = "all"
 
 
 @dataclass
@@ -96,6 +99,18 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # Stop when this many steps in a row have a NaN/Inf loss or gradient.
     max_bad_steps: int = 5
+    # Under torchrun: "ddp" (each process holds the whole model) or "fsdp" (FSDP2 shards weights,
+    # gradients and optimizer state across processes, for models that do not fit one device).
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # Tokens per optimizer step over all processes; grad_accum is then derived from it, so a step
+    # stays the same whatever the number of processes. 0: micro_batch x grad_accum x processes x context.
+    batch_tokens: int = 0
+    # "pretrain" starts from random weights; "sft" (chat fine-tuning) from the weights of `init`.
+    stage: Literal["pretrain", "sft"] = "pretrain"
+    # The checkpoint an sft run starts from (a run directory resolves to its newest checkpoint).
+    init: str = ""
+    # At the end of an sft run: exact-answer accuracy on this many held-out builtin questions; 0 skips it.
+    qa_questions: int = 200
 
 
 @dataclass
@@ -325,8 +340,16 @@ def validate(cfg: Config) -> None:
             "block_size: the model cannot attend further than its block size"
         )
     _positive(t, "micro_batch", "grad_accum", "max_steps", "eval_batches", "keep_checkpoints", "max_bad_steps", "log_every")
-    _non_negative(t, "eval_every", "sample_every", "sample_tokens", "checkpoint_every", "sample_top_k")
+    _non_negative(t, "eval_every", "sample_every", "sample_tokens", "checkpoint_every", "sample_top_k", "qa_questions")
+    if t.stage == "sft" and not t.init:
+        raise UserError("train.stage sft fine-tunes a pretrained model: name it with --init RUN_DIR")
+    if t.stage == "pretrain" and t.init:
+        raise UserError(f"train.init ({t.init}) is only read by chat fine-tuning: add --stage sft, or drop --init")
     _non_negative(o, "warmup_steps", "weight_decay", "grad_clip")
+    _non_negative(t, "batch_tokens")
+    if t.batch_tokens % (t.micro_batch * cfg.context):
+        raise UserError(f"train.batch_tokens ({t.batch_tokens}) must be a multiple of train.micro_batch x context "
+                        f"({t.micro_batch} x {cfg.context}), and of that times the number of processes")
     _non_negative(d, "builtin_tokens")
     if not o.lr > 0 or not math.isfinite(o.lr):
         raise UserError(f"optim.lr must be a positive number, got {o.lr}")

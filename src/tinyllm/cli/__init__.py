@@ -16,7 +16,7 @@ from tinyllm import __version__
 from tinyllm.errors import UserError
 
 # Subcommands in the order `tinyllm --help` lists them. A name is added here only once it works.
-SUBCOMMANDS = ["tokenize", "prepare", "train", "sample", "bench"]
+SUBCOMMANDS = ["tokenize", "prepare", "train", "sample", "chat", "eval", "export", "serve", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

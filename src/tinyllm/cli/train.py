@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 from tinyllm.config import DEFAULT_PRESET, list_presets, parse_set
+from tinyllm.errors import UserError
 
 # Flags every user expects, each a shorthand for one config key.
 _FLAG_KEYS = {
@@ -17,20 +18,30 @@ _FLAG_KEYS = {
     "eval_every": "train.eval_every",
     "sample_every": "train.sample_every",
     "max_time": "train.max_time",
+    "parallel": "train.parallel",
+    "batch_tokens": "train.batch_tokens",
 }
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a model from scratch (default: the cpu preset on the built-in stories)",
+        help="train a model from scratch (default: the cpu preset on the built-in stories), or chat-fine-tune one",
         description="Train a GPT from scratch. The config is resolved as preset -> --config FILE.toml -> "
         "flags and saved to RUN_DIR/config.toml. Running again into a RUN_DIR that has checkpoints "
-        "continues it exactly where it stopped. Ctrl-C saves a checkpoint and stops.",
+        "continues it exactly where it stopped. Ctrl-C saves a checkpoint and stops. "
+        "--stage sft --init RUN_DIR fine-tunes a pretrained run on chat data instead (config: that run's, "
+        "then SFT defaults, then --config and flags).",
     )
     p.add_argument("--preset", help=f"starting recipe (default {DEFAULT_PRESET}); see --list-presets")
     p.add_argument("--list-presets", action="store_true", help="print the shipped presets and exit")
     p.add_argument("--config", metavar="FILE.toml", help="TOML file with [model] [data] [optim] [train] tables applied over the preset")
+    p.add_argument("--stage", choices=("pretrain", "sft"),
+                   help="pretrain (from random weights; the default) or sft: chat fine-tuning of the --init run with the "
+                   "loss on assistant tokens only (default when continuing: the run's own stage)")
+    p.add_argument("--init", metavar="RUN_DIR",
+                   help="with --stage sft: the pretrained run (its newest checkpoint) or checkpoint to start from; its "
+                   "model config is reused, optimizer state starts fresh")
     p.add_argument("--data", metavar="DIR", help="a dataset made by `tinyllm prepare` (default: the built-in corpus, prepared into a cache on first use)")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory for logs and checkpoints (default runs/PRESET-DATE-TIME)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
@@ -41,9 +52,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a checkpoint every N steps, 0 for only at the end (train.checkpoint_every)")
     p.add_argument("--eval-every", type=int, metavar="N", help="val loss every N steps, 0 for never (train.eval_every)")
     p.add_argument("--sample-every", type=int, metavar="N", help="print samples from the fixed prompts every N steps, 0 for never (train.sample_every)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine (one per GPU; CPU processes share the cores): "
+                   "starts torchrun for you. For several machines run torchrun yourself: "
+                   "torchrun --nproc-per-node=N ... -m tinyllm train --out RUN_DIR ...")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"),
+                   help="how torchrun processes share the model: ddp (each holds all of it; the default) or fsdp "
+                   "(FSDP2 shards weights, gradients and optimizer state, for models too big for one device) (train.parallel)")
+    p.add_argument("--batch-tokens", type=int, metavar="N",
+                   help="tokens per optimizer step over all processes; grad_accum follows from it, so the step is the "
+                   "same with any number of processes (train.batch_tokens; 0: micro_batch x grad_accum x processes x context)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set any config key, e.g. --set optim.lr=1e-3 --set model.n_layer=6 (repeatable; values are TOML)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[tuple[str, object, str]]:
@@ -67,14 +88,40 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:8s} {description}")
         return 0
     # Imported here so --help and --list-presets answer at once, without torch.
+    from tinyllm.train import distributed
     from tinyllm.train.run_dir import plan_run
     from tinyllm.train.trainer import Trainer
 
+    if distributed.launched() and args.out is None and args.resume is None:
+        raise UserError("under torchrun every process must write to the same run: add --out RUN_DIR")
     plan = plan_run(args.out, preset=args.preset, config_file=args.config, overrides=overrides_from_args(args),
-                    resume=args.resume)
-    result = Trainer(plan.config, plan.run_dir, resume_from=plan.resume_from).run()
-    print(summary(result))
+                    resume=args.resume, stage=args.stage, init=args.init)
+    if args.nproc is not None:  # checked and planned here, so a mistake is one line, not one per process
+        again = command_line(args.parser, args, out=str(plan.run_dir.resolve()), nproc=None)
+        return distributed.launch(args.nproc, again, plan.run_dir, plan.config)
+    try:
+        result = Trainer(plan.config, plan.run_dir, resume_from=plan.resume_from).run()
+    finally:
+        distributed.teardown()
+    if distributed.env_rank() == 0:
+        print(summary(result))
     return 0
+
+
+def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace, **changes: object) -> list[str]:
+    """The flags `args` holds (with `changes`) as a command line again: what --nproc hands each process."""
+    values = {**vars(args), **changes}
+    out: list[str] = []
+    for action in parser._actions:
+        value = values.get(action.dest)
+        if not action.option_strings or action.dest == "help" or value is None or value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0 or (action.nargs == "?" and value == action.const):
+            out.append(flag)
+        else:
+            out += [f"{flag}={v}" for v in (value if isinstance(value, list) else [value])]
+    return out
 
 
 def summary(result) -> str:
@@ -91,11 +138,15 @@ def summary(result) -> str:
         if result.floor is not None:
             line += f" | corpus floor {result.floor:.4f} | gap {result.val_loss - result.floor:.4f}"
         lines.append(line)
+    if result.qa_accuracy is not None:
+        lines.append(f"held-out QA: {result.qa_accuracy:.1%} exact answers")
     lines += [f"run directory: {result.run_dir} (loss.png, train_output.txt, metrics.jsonl, checkpoints/)", "try next:"]
     lines.append(f"  tinyllm sample --run {run} --prompt 'Once upon a time'")
     for name, usage in (("chat", f"tinyllm chat --run {run}"), ("eval", f"tinyllm eval --run {run}")):
         if importlib.util.find_spec(f"tinyllm.cli.{name}") is not None:
             lines.append(f"  {usage}")
     lines.append(f"  tinyllm train --out {run} --max-steps {result.steps * 2}   # continue training")
+    if result.qa_accuracy is None:
+        lines.append(f"  tinyllm train --stage sft --init {run}   # chat fine-tuning")
     lines.append(f"  tensorboard --logdir {shlex.quote(str(result.run_dir / 'tb'))}")
     return "\n".join(lines)

@@ -7,7 +7,9 @@ Why it is shaped this way:
   an interrupted `prepare` resumes. Skipping is cheap: a `.txt` file is not opened, a `.jsonl`
   line is not parsed, a parquet row group is not read.
 - Bytes that are not UTF-8 are replaced (U+FFFD) and the document is counted in
-  `ReadCounters.replaced_utf8`, so a bad file neither stops the run nor passes unnoticed.
+  `ReadCounters.replaced_utf8`, so a bad file neither stops the run nor passes unnoticed. A
+  `.txt` file that is not text at all (NUL bytes, or over a quarter invalid) is refused instead:
+  replacing most of it would train on noise.
 - A field may hold text or a chat (a list of {"role", "content"} messages), so the same reader
   serves pretraining text and instruction data.
 - Everything a user can get wrong (missing path, bad JSON, missing field) is a `UserError` naming
@@ -78,7 +80,15 @@ def read_documents(files: list[Path], field: str, counters: ReadCounters, start:
 def _txt(path: Path, field: str, counters: ReadCounters, skip: int) -> Generator[Document, None, int]:
     if skip > 0:
         return 1
-    yield Document(text=decode(path.read_bytes(), counters))
+    raw = path.read_bytes()
+    text = decode(raw, counters)
+    # A few stray bytes are replaced and counted; a file that is mostly not UTF-8 is not text at all.
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if b"\0" in raw or bad > len(text) // 4:
+        why = "it holds NUL bytes" if b"\0" in raw else f"{bad:,} of its {len(text):,} characters are not valid UTF-8"
+        raise UserError(f"{path} is not UTF-8 text ({why}: a binary file, or another encoding such as UTF-16): "
+                        "convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8) or leave it out")
+    yield Document(text=text)
     return 0
 
 

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,18 @@ def prepare(sources: list[Source], out: str | Path, options: PrepareOptions = Pr
     tok = get_tokenizer()
     config = _config(sources, options, tok)
     _existing_state(out, config)  # refuse a wrong directory before touching it
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _prepare_locked(sources, out, options, tok, config)
+    except UserError:
+        # Bad input found on a first run: leave no directory whose settings would refuse the fixed input.
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare_locked(sources: list[Source], out: Path, options: PrepareOptions, tok: Tokenizer, config: dict) -> dict:
     with _exclusive(out):
         existing = _existing_state(out, config)  # again: another process may have finished it
         if existing is not None and "format" in existing:  # a finished dataset with equal settings

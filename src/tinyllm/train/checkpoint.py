@@ -11,22 +11,33 @@ Why it is shaped this way: a checkpoint is the sum of the state of everything st
 the format that suits it. It is built in a hidden temporary directory, every file and the
 directory are fsynced, and only then is it renamed into place; a name `step-*` therefore always
 means a complete checkpoint, and a crash mid-write leaves the previous ones untouched. Old
-checkpoints are pruned only after the new one is in place.
+checkpoints are pruned only after the new one is in place, and are renamed out of the `step-*`
+namespace before being deleted, so a kill mid-delete never leaves a half-deleted `step-*`.
+A write that fails (disk full, no permission) removes its temporary and becomes a UserError
+saying the previous checkpoint is intact.
+
+Loading never runs code from a file: weights come from safetensors, the other state from
+`torch.load(weights_only=True)` or JSON, and a file that does not parse (corrupt, truncated, or
+a crafted pickle the restricted unpickler refuses) is a UserError naming it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_file as save_safetensors_file
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
@@ -36,6 +47,8 @@ from tinyllm.model.gpt import GPT
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# A checkpoint set aside while the same step is saved again; complete, so it counts until replaced.
+_SET_ASIDE = re.compile(r"^\.old-(step-\d+)-\d+$")
 _FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.toml")
 
 
@@ -48,8 +61,11 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    found = {p.name: p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()}
+    for p in root.iterdir():  # a crash between the two renames of a re-save left only this one
+        if (m := _SET_ASIDE.match(p.name)) and p.is_dir() and m.group(1) not in found:
+            found[m.group(1)] = p
+    return [found[name] for name in sorted(found, key=lambda name: int(name[len("step-"):]))]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -59,31 +75,48 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def discard_after(run_dir: str | Path, step: int) -> list[Path]:
     """Delete a run's checkpoints newer than `step` (a timeline abandoned by resuming earlier)."""
-    newer = [p for p in list_checkpoints(run_dir) if int(_STEP_DIR.match(p.name).group(1)) > step]
-    for p in newer:
-        shutil.rmtree(p, ignore_errors=True)
+    newer = [p for p in list_checkpoints(run_dir) if _step_of(p) > step]
+    for p in reversed(newer):  # newest first: cut short, what is left is still a run up to some step
+        _delete(p)
     return newer
+
+
+def _step_of(path: Path) -> int:
+    return int((_STEP_DIR.match(path.name) or _SET_ASIDE.match(path.name)).group(1)[len("step-"):])
+
+
+def _delete(path: Path) -> None:
+    """Remove a checkpoint: first out of the `step-*` names (atomic), then from the disk."""
+    doomed = path.with_name(f".del-{path.name}-{os.getpid()}")
+    try:
+        path.rename(doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
     *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: nn.Module | dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | dict,
     state: dict,
     config: Config,
     keep: int,
 ) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep`. Returns its path."""
+    """Write checkpoint `step` atomically, then delete all but the newest `keep`. Returns its path.
+
+    A failed write (disk full, permissions) raises UserError; the checkpoints already there are untouched.
+    """
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(root)
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(root)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         _write_files(tmp, step, model, optimizer, state, config)
         _fsync_dir(tmp)
         if final.exists():  # the same step saved twice (e.g. a periodic and a final save)
@@ -94,21 +127,35 @@ def save_checkpoint(
         else:
             tmp.rename(final)
         _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            previous = latest_checkpoint(run_dir)
+        except OSError:  # the directory cannot even be listed
+            previous = None
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        raise UserError(
+            f"could not write checkpoint {final} ({e.strerror or e}); {kept}: free disk space or make {root} "
+            f"writable, then run the same command again{' with --resume' if previous else ''}"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
     return final
 
 
 def _write_files(
-    tmp: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, config: Config
+    tmp: Path, step: int, model: nn.Module | dict, optimizer: torch.optim.Optimizer | dict, state: dict, config: Config
 ) -> None:
-    # save_model drops the second name of a tied tensor; load_model restores the tie.
-    save_safetensors_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    if isinstance(model, dict):  # full weights gathered from a sharded model: one name per tensor
+        save_safetensors_file({k: v.contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"),
+                              metadata={"step": str(step)})
+    else:  # save_model drops the second name of a tied tensor; load_model restores the tie.
+        save_safetensors_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
     _fsync_file(tmp / "model.safetensors")
-    _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+    _save_torch(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
     _save_torch(_torch_rng_state(), tmp / "rng.pt")
     record = {"step": step, **state, "python_rng": _python_rng_state(), "numpy_rng": _numpy_rng_state()}
     _write_text(tmp / "state.json", json.dumps(record, indent=1))
@@ -117,7 +164,14 @@ def _write_files(
 
 def _save_torch(obj: Any, path: Path) -> None:
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            # A failed write (disk full) surfaces from torch's zip writer as a RuntimeError raised
+            # while handling the OSError; report the OSError, which says what went wrong.
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
         f.flush()
         os.fsync(f.fileno())
 
@@ -145,9 +199,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _remove_stale_temporaries(root: Path) -> None:
-    """Drop half-written directories a crashed process left behind."""
+    """Drop what a crashed process left behind: half-written or half-deleted directories, and
+    restore a checkpoint that was set aside for a re-save that never completed."""
     for p in root.iterdir():
-        if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
+        m = _SET_ASIDE.match(p.name)
+        if m and p.is_dir() and not (root / m.group(1)).exists():
+            p.rename(root / m.group(1))
+        elif p.name.startswith((".tmp-", ".old-", ".del-")) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -172,7 +230,7 @@ def _numpy_rng_state() -> list:
 
 
 def _restore_rng(ckpt: Path, state: dict) -> None:
-    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    rng = _load_torch(ckpt / "rng.pt")
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -185,15 +243,61 @@ def _restore_rng(ckpt: Path, state: dict) -> None:
 # -- loading ------------------------------------------------------------------------------------
 
 
-def load_training_state(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore weights, optimizer and RNG streams in place; returns state.json (step, loader, ...)."""
+def load_training_state(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                        place: Callable[[dict[str, torch.Tensor], dict], None] | None = None) -> dict:
+    """Restore weights, optimizer and RNG streams in place; returns state.json (step, loader, ...).
+
+    `place(weights, optimizer_state)`, when given, loads the full state dicts instead (a model
+    sharded across processes puts only its own part of them in place).
+    """
     ckpt = Path(ckpt)
     _check_complete(ckpt)
-    _load_weights(model, ckpt)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
-    state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    if place is not None:
+        place(_read_weights(ckpt), _load_torch(ckpt / "optimizer.pt"))
+    else:
+        _load_weights(model, ckpt)
+        optimizer_state = _load_torch(ckpt / "optimizer.pt")
+        try:
+            optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError, TypeError) as e:
+            raise _unreadable(ckpt / "optimizer.pt", f"it does not fit this model's optimizer: {e}") from None
+    state = _read_state(ckpt / "state.json")
     _restore_rng(ckpt, state)
     return state
+
+
+def _load_torch(path: Path) -> Any:
+    """A torch.save file, unpickled with torch's restricted (tensors and containers only) unpickler."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weightsunpickler" in str(e).lower():
+            raise _unreadable(path, "it holds Python objects other than tensors, which could run code when "
+                              "loaded, so it was refused unopened; tinyllm never writes such files") from None
+        raise _unreadable(path, f"not a torch file: {_brief(e)}") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... for damaged files
+        raise _unreadable(path, f"{type(e).__name__}: {_brief(e)}") from None
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _unreadable(path, f"not JSON: {_brief(e)}") from None
+    if not isinstance(state, dict) or not {"step", "python_rng", "numpy_rng"} <= state.keys():
+        raise _unreadable(path, "not the state.json tinyllm writes")
+    return state
+
+
+def _unreadable(path: Path, why: str) -> UserError:
+    return UserError(f"checkpoint file {path} cannot be loaded ({why}): resume from another checkpoint "
+                     f"with --resume {path.parent.parent}/step-N, or start the run afresh")
+
+
+def _brief(e: BaseException) -> str:
+    """An exception's message on one line (the CLI prints errors as one line), cut to a sane length."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def read_config(ckpt: str | Path) -> Config:
@@ -231,7 +335,17 @@ def _load_weights(model: nn.Module, ckpt: Path) -> None:
     try:
         load_safetensors_model(model, str(ckpt / "model.safetensors"), strict=True)
     except (RuntimeError, KeyError) as e:
-        raise UserError(f"{ckpt}/model.safetensors does not fit this model's shape (was the config changed?): {e}") from None
+        raise UserError(f"{ckpt}/model.safetensors does not fit this model's shape (was the config changed?): "
+                        f"{_brief(e)}") from None
+    except Exception as e:  # safetensors' own error for a damaged file, or an OSError reading it
+        raise _unreadable(ckpt / "model.safetensors", f"not a complete safetensors file: {_brief(e)}") from None
+
+
+def _read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_safetensors_file(str(ckpt / "model.safetensors"))
+    except Exception as e:  # safetensors' own error for a damaged file, or an OSError reading it
+        raise _unreadable(ckpt / "model.safetensors", f"not a complete safetensors file: {_brief(e)}") from None
 
 
 def _check_complete(ckpt: Path, need_optimizer: bool = True) -> None:

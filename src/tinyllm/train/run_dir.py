@@ -18,6 +18,7 @@ from typing import Any
 from tinyllm.config import DEFAULT_PRESET, Config, read_toml, resolve
 from tinyllm.errors import UserError
 from tinyllm.train.checkpoint import find_checkpoint, latest_checkpoint
+from tinyllm.train.sft import sft_config
 
 CONFIG_FILE = "config.toml"
 
@@ -40,22 +41,28 @@ def plan_run(
     config_file: str | Path | None = None,
     overrides: list[tuple[str, Any, str]] | None = None,
     resume: str | None = None,
+    stage: str | None = None,
+    init: str | None = None,
 ) -> RunPlan:
     """Decide the config and the starting point of a run.
 
     `resume`: None continues from the newest checkpoint when `run_dir` has one; "auto" (plain
     `--resume`) insists on one; any other value is a checkpoint or run directory to continue from.
+    `stage` "sft" with `init` (a pretrained run or checkpoint) starts chat fine-tuning from those
+    weights (`train.sft`); None keeps the stage of the run being continued, else pretrains.
     """
     overrides = overrides or []
+    if init is not None and stage != "sft":
+        raise UserError(f"--init {init} names the pretrained run to fine-tune: add --stage sft")
     if run_dir is None:
         if resume == "auto":
             raise UserError("--resume needs the run to continue: add --out RUN_DIR")
         # Continuing a given checkpoint writes into the run it belongs to.
-        run_dir = find_checkpoint(resume).parent.parent if resume else default_run_dir(preset)
+        run_dir = find_checkpoint(resume).parent.parent if resume else default_run_dir("sft" if stage == "sft" else preset)
     run_dir = Path(run_dir)
     source = _resume_point(run_dir, resume)
     if source is None:
-        cfg = resolve(preset, config_file, overrides)
+        cfg = _new_config(stage, init, preset, config_file, overrides)
     else:
         base = read_toml(source / CONFIG_FILE)
         if preset is not None and preset != base.get("preset"):
@@ -65,8 +72,21 @@ def plan_run(
             )
         cfg = resolve(config_file=config_file, overrides=overrides, base=base)
         _check_compatible(resolve(base=base), cfg, source)
+        _check_same_stage(resolve(base=base), cfg, source, stage, init)
     _check_data_dir(cfg)
     return RunPlan(cfg, run_dir, source)
+
+
+def _new_config(stage: str | None, init: str | None, preset: str | None, config_file: str | Path | None,
+                overrides: list[tuple[str, Any, str]]) -> Config:
+    if stage != "sft":
+        return resolve(preset, config_file, overrides)
+    if init is None:
+        raise UserError("--stage sft fine-tunes a pretrained model: add --init RUN_DIR (a run of tinyllm train)")
+    if preset is not None:
+        raise UserError(f"--preset does not apply to --stage sft: the model and its recipe come from --init {init}; "
+                        "change settings with --config or --set")
+    return sft_config(init, config_file=config_file, overrides=overrides)
 
 
 def _resume_point(run_dir: Path, resume: str | None) -> Path | None:
@@ -95,6 +115,18 @@ def _check_compatible(saved: Config, new: Config, source: Path) -> None:
                 f"cannot continue {source} with a different train.{key} (the data position depends on it): "
                 "drop that setting, or pick a new --out"
             )
+
+
+def _check_same_stage(saved: Config, new: Config, source: Path, stage: str | None, init: str | None) -> None:
+    """A run continues as what it is: the same stage, fine-tuning the same weights."""
+    was, now = saved.train, new.train
+    if stage is not None and stage != was.stage or now.stage != was.stage:
+        raise UserError(f"{source} is a {was.stage} run, not {stage or now.stage}: drop --stage to continue it, "
+                        "or pick a new --out to start another run")
+    asked = str(find_checkpoint(init).resolve()) if init is not None else now.init
+    if asked != was.init:
+        raise UserError(f"{source} was fine-tuned from {was.init}, not {asked}: drop --init to continue it, "
+                        "or pick a new --out to start another run")
 
 
 def _check_data_dir(cfg: Config) -> None:

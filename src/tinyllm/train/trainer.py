@@ -15,11 +15,13 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import math
+import re
 import signal
 import threading
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,10 +30,12 @@ from tqdm import tqdm
 from tinyllm.config import Config, save_toml, time_budget
 from tinyllm.data.loader import TokenLoader, default_builtin_dataset
 from tinyllm.errors import UserError
+from tinyllm.eval.loss import LossSum, score_batches
 from tinyllm.inference.sampling import generate
-from tinyllm.model.gpt import GPT
+from tinyllm.model.gpt import GPT, GPTConfig
 from tinyllm.tokenizer import EOT, get_tokenizer
 from tinyllm.train import checkpoint as ckpt
+from tinyllm.train import distributed
 from tinyllm.train.device import (
     autocast,
     autocast_dtype,
@@ -43,6 +47,7 @@ from tinyllm.train.device import (
 )
 from tinyllm.train.logs import RunLog
 from tinyllm.train.optim import LRSchedule, build_optimizer
+from tinyllm.train.sft import held_out_qa, load_init_weights
 
 # Steps timed before the schedule is fitted to a time budget; the first two touch cold memory
 # and run several times slower (PERF_NOTES.md), so they are not counted.
@@ -59,6 +64,7 @@ class TrainResult:
     floor: float | None
     stopped: str  # "finished", "time budget", "interrupted"
     checkpoint: Path | None
+    qa_accuracy: float | None = None  # sft: exact-answer accuracy on held-out questions
 
 
 class Trainer:
@@ -68,44 +74,67 @@ class Trainer:
         self.cfg, self.run_dir, self.echo = cfg, Path(run_dir), echo
         t = cfg.train
         self.budget = time_budget(t)
-        self.device = pick_device(t.device)
+        self.dist, self.device = distributed.setup(pick_device(t.device), t.parallel)
+        self.echo = echo and self.dist.is_main  # only rank 0 prints
         configure_backends(self.device)
         self.amp = autocast_dtype(self.device, t.dtype)
         torch.manual_seed(t.seed)
-        self.model = GPT(cfg.model).to(self.device)
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.model = _new_model(cfg.model, self.device)
+        if t.stage == "sft" and resume_from is None:  # resuming restores the run's own weights instead
+            load_init_weights(self.model, t.init)
+        self.wrapped = distributed.wrap(self.model, self.dist, self.device)  # the model itself when alone
+        self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.schedule = LRSchedule(cfg.optim, t.max_steps)
         data_dir = Path(cfg.data.dir) if cfg.data.dir else default_builtin_dataset(max_tokens=cfg.data.builtin_tokens)
+        self.data_dir = data_dir
         self.loader = self._loader(data_dir, "train", sequential=False)
         self.val_batches = self._val_batches(data_dir)
-        self.floor = self.loader.manifest.get("floor")
-        self.tokens_per_step = t.micro_batch * t.grad_accum * cfg.context
+        # Rows with ignored targets (pads, non-assistant tokens) make micro-batches unequal: weight by targets.
+        self.token_weighted = cfg.data.mode == "padded" or cfg.data.loss_on == "assistant"
+        self.qa_accuracy: float | None = None
+        # The corpus floor is per token over all tokens: no bound for a loss on assistant tokens only.
+        self.floor = self.loader.manifest.get("floor") if cfg.data.loss_on == "all" else None
+        self.grad_accum = distributed.accumulation_steps(t, cfg.context, self.dist.world_size)
+        self.tokens_per_step = t.micro_batch * self.grad_accum * self.dist.world_size * cfg.context
         self.step, self.tokens, self.skipped, self.bad_in_row = 0, 0, 0, 0
         self.schedule_fitted = False
         self.last_val: float | None = None
         self.last_ckpt: Path | None = resume_from
+        distributed.check_same_start(resume_from, self.dist)
         if resume_from is not None:
             self._restore(resume_from)
-        self.log = RunLog(self.run_dir, resume_step=self.step if resume_from else None, floor=self.floor, echo=echo)
-        for path in ckpt.discard_after(self.run_dir, self.step) if resume_from else ():
+        self.log = (RunLog(self.run_dir, resume_step=self.step if resume_from else None, floor=self.floor, echo=echo)
+                    if self.dist.is_main else distributed.QuietLog())
+        for path in ckpt.discard_after(self.run_dir, self.step) if resume_from and self.dist.is_main else ():
             self.log.write(f"removed {path}: it came after the checkpoint this run continues from")
-        save_toml(cfg, self.run_dir / "config.toml")
+        if self.dist.is_main:
+            save_toml(cfg, self.run_dir / "config.toml")
         self.stop_reason: str | None = None
         self.overhead = {"eval": 0.0, "sample": 0.0, "checkpoint": 0.0}
 
     def _loader(self, data_dir: Path, split: str, *, sequential: bool) -> TokenLoader:
         t, d = self.cfg.train, self.cfg.data
-        return TokenLoader(data_dir, split, t.micro_batch, self.cfg.context, mode=d.mode, seed=t.seed, sequential=sequential)
+        # Ranks read disjoint rows of each training batch; every rank holds the whole validation set.
+        rank, world = (self.dist.rank, self.dist.world_size) if split == "train" else (0, 1)
+        return TokenLoader(data_dir, split, t.micro_batch, self.cfg.context, mode=d.mode, seed=t.seed, sequential=sequential,
+                           loss_on=d.loss_on, rank=rank, world_size=world)
 
     def _val_batches(self, data_dir: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The fixed validation set: the first `eval_batches` batches of the val split, in order."""
+        """The fixed validation set: the first `eval_batches` batches of the val split, in order.
+
+        A small val split ends there instead of wrapping around, so no row counts twice and the
+        loss is the one `tinyllm eval` gives for the same rows.
+        """
         val = self._loader(data_dir, "val", sequential=True)
-        batches = [val.next_batch() for _ in range(self.cfg.train.eval_batches)]
-        return [(b.inputs.to(self.device), b.targets.to(self.device)) for b in batches]
+        rows = min(val.epoch_rows, self.cfg.train.eval_batches * val.batch_size)
+        batches = [val.next_batch() for _ in range(0, rows, val.batch_size)]
+        return [(b.inputs[: rows - i * val.batch_size].to(self.device), b.targets[: rows - i * val.batch_size].to(self.device))
+                for i, b in enumerate(batches)]
 
     def _restore(self, path: Path) -> None:
-        state = ckpt.load_training_state(path, self.model, self.optimizer)
+        place = partial(distributed.load_sharded, self.model, self.optimizer) if self.dist.sharded else None
+        state = ckpt.load_training_state(path, self.model, self.optimizer, place=place)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.skipped, self.bad_in_row = int(state["skipped_steps"]), int(state["bad_in_row"])
         # The saved horizon holds unless the user has since changed --max-steps (to go on, say).
@@ -145,7 +174,9 @@ class Trainer:
                 if t.fit_steps_to_time and not self.schedule_fitted and len(timed) == _COLD_STEPS + _TIMED_STEPS:
                     self._fit_schedule(timed[_COLD_STEPS:])
                 # Decided before the bookkeeping, so the last step's record carries the final val loss.
-                last = self.step >= self.schedule.total_steps or self._out_of_time(timed)
+                self._out_of_time(timed)
+                self.stop_reason = distributed.agree_on_stop(self.stop_reason, self.dist)
+                last = self.step >= self.schedule.total_steps or self.stop_reason is not None
                 self._after_step(loss, lr, grad_norm, timed[-1], last)
                 if loss is not None:
                     smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
@@ -162,20 +193,31 @@ class Trainer:
 
     def _train_step(self) -> tuple[float | None, float, float]:
         """One optimizer step over `grad_accum` micro-batches; a NaN/Inf step is skipped."""
-        t, o = self.cfg.train, self.cfg.optim
+        o = self.cfg.optim
         lr = self.schedule.apply(self.optimizer, self.step)
         total = torch.zeros((), device=self.device)
-        for _ in range(t.grad_accum):
-            batch = self.loader.next_batch()
+        batches = [self.loader.next_batch() for _ in range(self.grad_accum)]
+        # The step's loss is the mean over its targets: each micro-batch's mean counts by its share
+        # of them. In packed pretraining every target counts, so shares are equal: 1/grad_accum.
+        counts = [int((b.targets != -1).sum()) for b in batches] if self.token_weighted else []
+        if self.token_weighted:  # shares of all ranks' targets; x world size, as ranks' gradients are averaged
+            n_targets = max(distributed.sum_across([sum(counts)], self.dist)[0], 1) / self.dist.world_size
+        for i, batch in enumerate(batches):
             x = batch.inputs.to(self.device, non_blocking=True)  # [B, T]
             y = batch.targets.to(self.device, non_blocking=True)  # [B, T], -1 = no loss
-            with autocast(self.device, self.amp):
-                loss = self.forward(x, y)
-            (loss / t.grad_accum).backward()
+            with distributed.grad_sync(self.wrapped, self.dist, enabled=i == len(batches) - 1):
+                with autocast(self.device, self.amp):
+                    loss = self.forward(x, y)
+                if self.token_weighted:
+                    loss = loss * (counts[i] / n_targets)
+                    loss.backward()
+                else:
+                    (loss / self.grad_accum).backward()
             total += loss.detach()
-        loss_value = total.item() / t.grad_accum
+        total = distributed.mean_across(total, self.dist)  # every rank logs, and judges NaN by, the same loss
+        loss_value = total.item() if self.token_weighted else total.item() / self.grad_accum
         max_norm = o.grad_clip if o.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = distributed.clip_grad_norm(self.model, max_norm, self.dist)
         self.step += 1
         self.tokens += self.tokens_per_step
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
@@ -235,17 +277,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            losses = []
-            for x, y in self.val_batches:
-                with autocast(self.device, self.amp):
-                    losses.append(self.forward(x, y).float())
-            return float(torch.stack(losses).mean())
-        finally:
-            self.model.train(was_training)
+        """Loss over the fixed validation batches: the exact mean over their targets, as `tinyllm eval` gives."""
+        d = self.dist
+        if not d.active:
+            return score_batches(self.forward, self.val_batches, device=self.device, autocast_dtype=self.amp).mean
+        # DDP ranks score a share each on their own replica; FSDP ranks must run the same forwards, so all score all.
+        mine = self.val_batches if d.sharded else self.val_batches[d.rank :: d.world_size]
+        total = score_batches(self.model, mine, device=self.device, autocast_dtype=self.amp)
+        nats, tokens = (total.nats, total.tokens) if d.sharded else distributed.sum_across([total.nats, total.tokens], d)
+        return LossSum(nats, int(tokens)).mean
 
     def _val_loss_timed(self) -> float:
         started = time.monotonic()
@@ -263,10 +303,13 @@ class Trainer:
         t = self.cfg.train
         tok = get_tokenizer()
         started = time.monotonic()
+        model = distributed.full_model(self.model, self.dist)  # rank 0 samples; FSDP ranks all help gather it
+        if model is None:
+            return
         with preserved_rng(self.device), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "stopped at the context" is expected on small models
             for i, prompt in enumerate(t.sample_prompts):
-                ids = generate(self.model, [EOT, *tok.encode(prompt)], t.sample_tokens, temperature=t.sample_temperature,
+                ids = generate(model, [EOT, *tok.encode(prompt)], t.sample_tokens, temperature=t.sample_temperature,
                                top_k=t.sample_top_k or None, seed=t.seed + i, stop_ids=(EOT,))
                 self.log.sample(self.step, prompt, tok.decode(list(ids)))
         self.overhead["sample"] = time.monotonic() - started
@@ -277,8 +320,12 @@ class Trainer:
                  "skipped_steps": self.skipped, "bad_in_row": self.bad_in_row, "schedule_fitted": self.schedule_fitted,
                  "max_steps": self.cfg.train.max_steps, "precision": "bf16" if self.amp is torch.bfloat16 else "fp32",
                  "val_loss": self.last_val}
-        self.last_ckpt = ckpt.save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
-                                              state=state, config=self.cfg, keep=self.cfg.train.keep_checkpoints)
+        model, optimizer = distributed.checkpoint_states(self.model, self.optimizer, self.dist)  # FSDP: gathered
+        path = None
+        if self.dist.is_main:  # the loader's position is global: rank 0's is every rank's
+            path = ckpt.save_checkpoint(self.run_dir, self.step, model=model, optimizer=optimizer,
+                                        state=state, config=self.cfg, keep=self.cfg.train.keep_checkpoints)
+        self.last_ckpt = distributed.from_main(path, self.dist)
         self.overhead["checkpoint"] = time.monotonic() - started
         return self.last_ckpt
 
@@ -291,7 +338,7 @@ class Trainer:
         per_step += 2 * per_step / t.checkpoint_every if t.checkpoint_every else 0.0  # a save costs ~2 steps
         # Keep back the end-of-run work: a last eval, a checkpoint and the plot.
         left = self.budget - (time.monotonic() - self.clock) - self.overhead["eval"] - 4 * per_step
-        fitted = self.step + max(0, int(left / per_step))
+        fitted = distributed.from_main(self.step + max(0, int(left / per_step)), self.dist)  # ranks' clocks differ
         self.schedule_fitted = True
         if fitted < self.schedule.total_steps:
             self.schedule.total_steps = fitted
@@ -303,10 +350,13 @@ class Trainer:
     def _announce(self) -> None:
         m, t = self.cfg.model, self.cfg.train
         verb = f"resuming at step {self.step}" if self.step else "training"
+        if t.stage == "sft":
+            verb += f" (chat fine-tuning from {t.init}, loss on {self.cfg.data.loss_on} tokens)"
         self.log.write(
             f"{verb}: {self.model.num_params():,} parameters ({self.model.num_params(non_embedding=True):,} "
             f"non-embedding), {m.n_layer} layers x {m.n_embd} wide, context {self.cfg.context}, on {self.device.type} "
-            f"with {describe_precision(self.amp)}; batch {t.micro_batch} x {t.grad_accum} x {self.cfg.context} = "
+            f"with {describe_precision(self.amp)}{self.dist.describe()}; batch {t.micro_batch} x {self.grad_accum} x "
+            f"{self.dist.describe(short=True)}{self.cfg.context} = "
             f"{self.tokens_per_step:,} tokens/step, {self.schedule.total_steps:,} steps"
             + (f", budget {t.max_time}" if self.budget else "")
         )
@@ -331,14 +381,51 @@ class Trainer:
         if self.cfg.train.sample_every:
             self._sample()
         path = self._checkpoint()
+        if self.cfg.train.stage == "sft":
+            self._held_out_qa()
         self.log.plot()
         self.log.close()
         return self._result(reason, path)
 
+    def _held_out_qa(self) -> None:
+        """SFT's end-of-run figure, after the checkpoint is safe: exact answers to held-out questions."""
+        started = time.monotonic()
+        model = distributed.full_model(self.model, self.dist)  # rank 0 answers; FSDP ranks all help gather it
+        if model is None:
+            return
+        try:
+            qa = held_out_qa(model, self.data_dir, self.cfg.train.qa_questions)
+        except UserError as e:
+            self.log.write(f"held-out QA skipped: {e}")
+            return
+        if qa is None:
+            return
+        self.qa_accuracy = qa.accuracy
+        for e in qa.examples[:3]:
+            self.log.write(f"  Q: {e.question} A: {e.answer.strip()!r} (reference {e.reference!r})")
+        val = f", val loss {self.last_val:.4f}" if self.last_val is not None else ""
+        self.log.write(f"held-out QA: {qa.correct}/{qa.total} exact answers ({qa.accuracy:.1%}){val}, "
+                       f"{time.monotonic() - started:.0f}s")
+        self.log.metrics({"step": self.step, "tokens": self.tokens, "qa_accuracy": qa.accuracy, "qa_questions": qa.total})
+
     def _result(self, reason: str, path: Path | None) -> TrainResult:
         return TrainResult(self.run_dir, self.step, self.tokens, time.monotonic() - self.clock, self.last_val,
-                           self.floor, reason, path)
+                           self.floor, reason, path, self.qa_accuracy)
 
+
+
+def _new_model(cfg: GPTConfig, device: torch.device) -> GPT:
+    """The model on `device`; a size the device cannot hold is the user's to fix, not a traceback."""
+    try:
+        return GPT(cfg).to(device)
+    except (RuntimeError, MemoryError) as e:  # CPU: RuntimeError "can't allocate"; CUDA: OutOfMemoryError
+        if not isinstance(e, MemoryError) and not re.search(r"allocate|out of memory", str(e), re.IGNORECASE):
+            raise
+        raise UserError(
+            f"the model ({cfg.n_layer} layers x {cfg.n_embd} wide, block_size {cfg.block_size}, vocab_size "
+            f"{cfg.vocab_size}) does not fit in {device.type} memory ({' '.join(str(e).split())[:160]}): "
+            "make it smaller (model.n_layer, model.n_embd, model.block_size)"
+        ) from None
 
 def _install_sigint(trainer: Trainer):
     """First Ctrl-C: finish the step, save, stop. Second: the usual KeyboardInterrupt."""
@@ -351,7 +438,8 @@ def _install_sigint(trainer: Trainer):
             signal.signal(signal.SIGINT, previous)
             raise KeyboardInterrupt
         trainer.stop("interrupted")
-        tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again to quit without saving)")
+        if trainer.echo:
+            tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again to quit without saving)")
 
     signal.signal(signal.SIGINT, handler)
     return lambda: signal.signal(signal.SIGINT, previous)

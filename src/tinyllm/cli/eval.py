@@ -1,0 +1,105 @@
+"""`tinyllm eval`: held-out loss, perplexity and bits per byte of a trained run (and, with --qa,
+exact-answer accuracy on the built-in corpus's held-out questions).
+
+Why it is shaped this way: the figures are `tinyllm.eval` (`evaluate_loss`, `qa_accuracy`); this
+module only finds the data and prints. By default it reads the data the run was trained on, found
+the way the trainer finds it (the config's data.dir, else the built-in corpus prepared into the
+cache with the run's data.builtin_tokens), and cuts and scores rows as the run did (its context,
+data.mode, data.loss_on and train.micro_batch), so `--max-batches train.eval_batches` scores the
+very batches of the trainer's periodic val loss. The model runs in fp32 whatever precision it
+trained in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tinyllm.cli.run_args import add_run_arguments, load_run
+from tinyllm.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss, perplexity and bits per byte of a trained run",
+        description="Score RUN_DIR's newest checkpoint (or --checkpoint) on a prepared split: loss in nats per "
+        "token, perplexity, bits per byte and tokens scored; on the built-in corpus also its entropy floor and "
+        "the gap to it. Rows are cut as in training (the run's context, data mode and micro-batch).",
+    )
+    add_run_arguments(p)
+    p.add_argument("--data", metavar="DIR", help="a dataset made by `tinyllm prepare` (default: the data the run was "
+                   "trained on: its data.dir, or the built-in corpus, prepared again if the cache is gone)")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="which split to score (default val)")
+    p.add_argument("--max-batches", type=int, metavar="N", help="score only the first N batches (default: one whole "
+                   "pass); the trainer's logged val loss is the first train.eval_batches batches")
+    p.add_argument("--batch-size", type=int, metavar="B", help="rows per batch (default: the run's train.micro_batch)")
+    p.add_argument("--loss-on", choices=["all", "assistant"],
+                   help="score every token, or only the assistant's tokens of chat data (default: as the run trained)")
+    p.add_argument("--qa", type=int, default=0, metavar="N", help="also ask N held-out questions of the built-in "
+                   "corpus, answered greedily, and report the share answered exactly (default 0: none)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    for flag in ("max_batches", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.qa < 0:
+        raise UserError(f"--qa must be >= 0, got {args.qa}")
+    from tinyllm.eval import evaluate_loss, qa_accuracy  # torch: after --help
+
+    model, cfg, ckpt = load_run(args, "evaluate")
+    data_dir = Path(args.data) if args.data else run_data_dir(cfg)
+    batch_size = args.batch_size or cfg.train.micro_batch
+    loss_on = args.loss_on or cfg.data.loss_on
+    result = evaluate_loss(model, data_dir, split=args.split, batch_size=batch_size, context=cfg.context,
+                           max_batches=args.max_batches, mode=cfg.data.mode, loss_on=loss_on)
+    report = {"checkpoint": str(ckpt), "data": str(data_dir), "split": args.split, "batch_size": batch_size,
+              "context": cfg.context, "max_batches": args.max_batches, "loss_on": loss_on,
+              "loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
+              "tokens": result.tokens, "bytes": result.bytes, "floor": result.floor, "gap": result.gap}
+    if args.qa:
+        qa = qa_accuracy(model, data_dir, max_questions=args.qa, split=args.split)
+        report["qa"] = {"correct": qa.correct, "total": qa.total, "accuracy": qa.accuracy, "skipped": qa.skipped}
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def run_data_dir(cfg) -> Path:
+    """The dataset a run trained on, found as the trainer finds it."""
+    from tinyllm.data.manifest import MANIFEST
+    from tinyllm.data.prepare import default_builtin_dataset
+
+    if not cfg.data.dir:
+        return default_builtin_dataset(max_tokens=cfg.data.builtin_tokens)
+    path = Path(cfg.data.dir)
+    if not (path / MANIFEST).is_file():
+        raise UserError(f"the run's data {path} (data.dir in its config.toml) is gone: pass --data DIR, "
+                        "a dataset made by `tinyllm prepare`")
+    return path
+
+
+def format_report(r: dict) -> str:
+    rows = "one whole pass" if r["max_batches"] is None else f"the first {r['max_batches']} batches"
+    lines = [
+        f"checkpoint:    {r['checkpoint']}",
+        f"data:          {r['data']} ({r['split']} split, {rows} of {r['batch_size']} x {r['context']} tokens"
+        + (", assistant tokens only)" if r["loss_on"] == "assistant" else ")"),
+        f"{r['split']} loss:{' ' * (9 - len(r['split']))}{r['loss']:.4f} nats/token",
+        f"perplexity:    {r['perplexity']:.2f}",
+        f"bits per byte: {r['bits_per_byte']:.4f}" if r["bits_per_byte"] is not None else "bits per byte: n/a (no bytes)",
+        f"tokens:        {r['tokens']:,}",
+    ]
+    if r["floor"] is not None:
+        lines.append(f"corpus floor:  {r['floor']:.4f} nats/token (gap {r['gap']:.4f})")
+    if "qa" in r:
+        qa = r["qa"]
+        line = f"qa accuracy:   {qa['correct']}/{qa['total']} exact answers ({100 * qa['accuracy']:.1f}%)"
+        if qa["skipped"]:
+            line += f"; {qa['skipped']} questions skipped (too long for the context)"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,373 @@
+"""Data-parallel training across the processes torchrun starts: DDP, or FSDP2 for big models.
+
+Why it is shaped this way:
+- One `Dist` value says how this process takes part: alone (no torchrun environment: no process
+  group, and every helper here is a no-op, so a single process trains exactly as it always
+  did), as a DDP replica, or as an FSDP2 shard holder. The trainer asks it questions (`is_main`,
+  `sharded`) instead of reading the environment itself.
+- The data is split by the loader (rank r reads its own rows of each global batch) and the
+  gradient is averaged by DDP/FSDP, so with equal-sized packed micro-batches N processes compute
+  the very step one process computes on the same global batch. Gradient accumulation skips the
+  all-reduce on all but the last micro-step (`grad_sync`).
+- Every decision that ends or shapes the loop is taken once for all ranks: the step's loss is
+  all-reduced (so a NaN on one rank is a NaN on all, and they skip the step together), stopping
+  (time budget, Ctrl-C) is an all-reduced max, a fitted schedule comes from rank 0. A rank that
+  decided alone would leave the others waiting in a collective forever.
+- Checkpoints keep the one-file format of single-process runs: DDP's rank 0 holds the whole model;
+  FSDP2 gathers full state dicts to rank 0's CPU (`get_model_state_dict(full_state_dict=True,
+  cpu_offload=True)`), and its optimizer state is renamed from parameter names back to the
+  index-keyed layout `torch.optim` writes. So `sample`, `export` and a resume with any number of
+  processes (the loader's position counts rows globally) read every checkpoint alike. Every rank
+  reads a checkpoint itself, so multi-node runs need the run directory on a shared filesystem.
+- All ranks start from the same seed, so they build the same initial weights; the same RNG also
+  means dropout masks repeat across ranks, the price of a checkpoint's one RNG state resuming
+  every rank exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tinyllm.config import Config, TrainConfig
+from tinyllm.errors import UserError
+from tinyllm.model.gpt import GPT
+from tinyllm.train.device import pick_device
+
+MODES = ("ddp", "fsdp")
+# Why a loop stops, by precedence: the all-reduced max of these codes is what every rank does.
+_STOP_REASONS = (None, "time budget", "interrupted")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    mode: str = "single"  # "single" (no torchrun), "ddp" or "fsdp"
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "single"
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that logs, samples and writes non-sharded files."""
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.mode == "fsdp"
+
+    def describe(self, short: bool = False) -> str:
+        """For the run's first line: ', DDP over 2 processes' (short: the batch factor '2 processes x '); '' alone."""
+        if not self.active:
+            return ""
+        n = self.world_size
+        return f"{n} processes x " if short else f", {'FSDP2' if self.sharded else 'DDP'} over {n} processes"
+
+
+def launched() -> bool:
+    """True in a process started by torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE)."""
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup(device: torch.device, mode: str) -> tuple[Dist, torch.device]:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU); alone without torchrun."""
+    if not launched():
+        return Dist(), device
+    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if mode not in MODES:
+        raise UserError(f"train.parallel {mode!r} is unknown: use {' or '.join(MODES)}")
+    if device.type == "mps":
+        raise UserError("torchrun training does not run on MPS: use --set train.device=cpu")
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise UserError(f"local rank {local} has no GPU of its own (this node has {torch.cuda.device_count()}): "
+                            "start at most one process per GPU (--nproc-per-node / --nproc)")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return Dist(rank, local, world, mode), device
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def accumulation_steps(train: TrainConfig, context: int, world_size: int) -> int:
+    """Micro-steps per optimizer step: train.grad_accum, or what makes train.batch_tokens with this world size."""
+    if not train.batch_tokens:
+        return train.grad_accum
+    per = train.micro_batch * context * world_size
+    if train.batch_tokens % per:
+        fit = max(1, round(train.batch_tokens / per)) * per
+        raise UserError(f"train.batch_tokens ({train.batch_tokens:,}) is not a multiple of micro_batch x context x "
+                        f"processes ({train.micro_batch} x {context} x {world_size} = {per:,}): set it to {fit}, "
+                        "or change train.micro_batch or the number of processes")
+    return train.batch_tokens // per
+
+
+# -- the model ----------------------------------------------------------------------------------
+
+
+def wrap(model: GPT, d: Dist, device: torch.device) -> nn.Module:
+    """The module to run forward/backward through: `model` itself, DDP around it, or it FSDP2-sharded in place."""
+    if not d.active:
+        return model
+    if d.mode == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (d.world_size,))
+    # One unit per block: only one block's full weights are ever gathered at a time; the root
+    # unit holds the embeddings, final norm and head.
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+@contextlib.contextmanager
+def grad_sync(wrapped: nn.Module, d: Dist, enabled: bool) -> Iterator[None]:
+    """Forward+backward of one micro-step; `enabled=False` keeps its gradient local (not the last micro-step)."""
+    if not d.active or enabled:
+        yield
+    elif d.mode == "ddp":
+        with wrapped.no_sync():
+            yield
+    else:
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, d: Dist) -> float:
+    """The global gradient norm (clipped to max_norm); equal on every rank."""
+    if not d.sharded:  # DDP gradients are already identical on every rank
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if isinstance(norm, DTensor):  # the norm of sharded gradients: reduce it to one value
+        norm = norm.full_tensor()
+    if math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+
+# -- agreeing -----------------------------------------------------------------------------------
+
+
+def _device(d: Dist) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def mean_across(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The mean of a scalar over ranks (itself when alone)."""
+    if not d.active:
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out)
+    return out / d.world_size
+
+
+def sum_across(values: list[float], d: Dist) -> list[float]:
+    """Element-wise sums over ranks, in float64."""
+    if not d.active:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_device(d))
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def agree_on_stop(reason: str | None, d: Dist) -> str | None:
+    """The stop reason all ranks act on: any rank's, Ctrl-C over the time budget over none."""
+    if not d.active:
+        return reason
+    code = _STOP_REASONS.index(reason) if reason in _STOP_REASONS else len(_STOP_REASONS) - 1
+    t = torch.tensor([code], device=_device(d))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return _STOP_REASONS[int(t.item())]
+
+
+def from_main(value: Any, d: Dist) -> Any:
+    """Rank 0's value (any picklable object) on every rank."""
+    if not d.active:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_same_start(resume_from: Path | None, d: Dist) -> None:
+    """Every rank must continue the same checkpoint (or none); else they do not share the run directory."""
+    mine = str(resume_from) if resume_from is not None else None
+    main = from_main(mine, d)
+    if main != mine:
+        raise UserError(f"rank {d.rank} continues from {mine or 'no checkpoint'} but rank 0 from {main or 'none'}: "
+                        "with several machines, put --out RUN_DIR on a filesystem they all share")
+
+
+# -- full weights and checkpoints ---------------------------------------------------------------
+
+
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model(model: nn.Module, d: Dist) -> nn.Module | None:
+    """A model rank 0 can run alone (for samples); None on other ranks. FSDP: all ranks must call it."""
+    if not d.sharded:
+        return model if d.is_main else None
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_full_options())  # collective; full tensors on rank 0's CPU
+    if not d.is_main:
+        return None
+    copy = GPT(model.config)
+    copy.load_state_dict(state)
+    return copy
+
+
+def checkpoint_states(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> tuple[Any, Any]:
+    """What rank 0 saves: the model and optimizer themselves, or (FSDP) their gathered full state dicts."""
+    if not d.sharded:
+        return model, optimizer
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    weights = get_model_state_dict(model, options=_full_options())
+    optim = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    return weights, _by_index(optim, _param_names(model, optimizer)) if d.is_main else None
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optim_state: dict) -> None:
+    """Load full (single-file) weights and optimizer state into an FSDP2-sharded model and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    set_model_state_dict(model, weights, options=_full_options())
+    by_name = _by_name(optim_state, _param_names(model, optimizer))
+    set_optimizer_state_dict(model, optimizer, by_name, options=_full_options())
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order: index i of `optimizer.state_dict()` is names[i]."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _by_index(state: dict, names: list[str]) -> dict:
+    """Name-keyed optimizer state (torch.distributed.checkpoint) -> index-keyed (torch.optim)."""
+    index = {n: i for i, n in enumerate(names)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+    return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
+
+
+def _by_name(state: dict, names: list[str]) -> dict:
+    """Index-keyed optimizer state (torch.optim) -> name-keyed (torch.distributed.checkpoint)."""
+    try:
+        groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+        return {"state": {names[int(i)]: s for i, s in state["state"].items()}, "param_groups": groups}
+    except (IndexError, KeyError, TypeError) as e:
+        raise UserError(f"the saved optimizer state does not fit this model's parameters ({e}): resume from "
+                        "a checkpoint of this model") from None
+
+
+class QuietLog:
+    """The run log of ranks other than 0: remembers the metrics (the loop reads them), writes nothing."""
+
+    def __init__(self) -> None:
+        self.history: list[dict] = []
+
+    def write(self, text: str) -> None:
+        pass
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+
+    def sample(self, step: int, prompt: str, text: str) -> None:
+        pass
+
+    def plot(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# -- the launcher -------------------------------------------------------------------------------
+
+
+def launch(nproc: int, train_args: list[str], run_dir: Path, cfg: Config) -> int:
+    """`tinyllm train --nproc N`: run `torchrun --standalone --nproc-per-node N -m tinyllm train ARGS` here.
+
+    Returns the exit status to give. Ctrl-C reaches torchrun (the workers run in sessions of their
+    own), which passes it on once; the workers then finish the step and save, as one process would.
+    """
+    if launched():
+        raise UserError("--nproc starts torchrun itself: drop it when running under torchrun")
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    accumulation_steps(cfg.train, cfg.context, nproc)  # its mistake as one line here, not one per process
+    device = pick_device(cfg.train.device)
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise UserError(f"--nproc {nproc} needs one GPU per process, this machine has {torch.cuda.device_count()}: "
+                        f"use --nproc {torch.cuda.device_count()}")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
+    from tinyllm.train.checkpoint import latest_checkpoint
+
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # torchrun would give each process one thread; on a CPU the processes share its cores.
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # the outcome is reported below
+    before = latest_checkpoint(run_dir)
+    try:
+        torchrun(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "tinyllm", "train", *train_args]))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode > 0:  # it printed its own error
+            return failure.exitcode
+        print(f"tinyllm train: error: the process of rank {rank} died ({failure.signal_name() or failure.exitcode}); "
+              f"rerun the same command to continue from the last checkpoint in {run_dir}", file=sys.stderr)
+        return 1
+    except SignalException:
+        saved = latest_checkpoint(run_dir)
+        if saved is not None and saved != before:
+            return 0  # the workers stopped cleanly and rank 0 printed the summary
+        return 130
+    return 0

@@ -1,0 +1,90 @@
+"""Chat fine-tuning (SFT): its config, layered over the pretrained run's, its starting weights, its QA score.
+
+Why it is shaped this way:
+- An SFT run continues a pretrained model, so its config starts from that run's saved config
+  (the model section above all: the user need not repeat it, and it cannot drift from the
+  weights), then the SFT defaults below, then `--config` and flags as in any run. The data
+  section is inherited too, so with no `--data` SFT reads the very builtin cache pretraining
+  used, whose shards carry the assistant masks; the loss goes only on assistant tokens.
+- Only the weights come from the init checkpoint: optimizer, schedule, data position and step
+  count start afresh. The checkpoint is recorded as `train.init` (resolved, so a run directory
+  that later grows newer checkpoints still names the weights used). Resuming an SFT run restores
+  its own checkpoint and never reads `init` again, which is what keeps resuming exact.
+- The defaults are a layer here rather than a preset: a preset stands alone (`--preset`), these
+  only mean something over a pretrained run. The learning rate is a fraction of the pretrained
+  run's peak, so it suits whichever recipe the model came from.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from pathlib import Path
+
+from torch import nn
+
+from tinyllm.config import Config, read_toml, resolve
+from tinyllm.data.manifest import load_manifest
+from tinyllm.errors import UserError
+from tinyllm.eval.qa import QAResult, qa_accuracy
+from tinyllm.train.checkpoint import find_checkpoint, load_model
+
+# SFT's peak learning rate as a fraction of the pretrained run's peak: enough to learn the answer
+# format and where to look in the story within a few hundred steps, low enough to keep what
+# pretraining learned.
+LR_SCALE = 0.3
+# Applied over the pretrained run's config. Padded rows keep each story with its questions (a
+# packed window may start after the story it asks about). The budget suits CPU; max_steps caps
+# it on faster machines.
+SFT_DEFAULTS: dict[str, dict[str, typing.Any]] = {
+    "data": {"loss_on": "assistant", "mode": "padded"},
+    "optim": {"schedule": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1},
+    "train": {"max_steps": 600, "max_time": "3m", "fit_steps_to_time": True, "eval_every": 50,
+              "eval_batches": 16, "sample_every": 0, "checkpoint_every": 100, "qa_questions": 200},
+}
+# Model settings that do not change the weights' shapes or meaning, so fine-tuning may change them.
+_FREE_MODEL_KEYS = ("dropout",)
+
+
+def sft_config(init: str | Path, *, config_file: str | Path | None = None,
+               overrides: typing.Sequence[tuple[str, typing.Any, str]] = ()) -> Config:
+    """The config of a new SFT run from `init` (a pretrained run directory or checkpoint)."""
+    ckpt = find_checkpoint(init).resolve()
+    pretrained = read_toml(ckpt / "config.toml")
+    base = copy.deepcopy(pretrained)
+    for section, values in SFT_DEFAULTS.items():
+        base.setdefault(section, {}).update(values)
+    base["optim"]["lr"] = float(pretrained.get("optim", {}).get("lr", 3e-4)) * LR_SCALE
+    base["train"].update(stage="sft", init=str(ckpt))
+    cfg = resolve(config_file=config_file, overrides=overrides, base=base)
+    _check_same_model(resolve(base=pretrained).model, cfg.model, ckpt)
+    return cfg
+
+
+def _check_same_model(pretrained: typing.Any, new: typing.Any, ckpt: Path) -> None:
+    old, now = dataclasses.asdict(pretrained), dataclasses.asdict(new)
+    changed = [k for k in old if old[k] != now[k] and k not in _FREE_MODEL_KEYS]
+    if changed:
+        keys = ", ".join(f"model.{k} ({old[k]!r} -> {now[k]!r})" for k in changed)
+        raise UserError(f"fine-tuning keeps the shape of the model in {ckpt}: drop {keys}")
+
+
+def load_init_weights(model: nn.Module, init: str | Path) -> Path:
+    """Copy the weights of checkpoint `init` into `model` (in place); returns the checkpoint."""
+    pretrained, _, ckpt = load_model(init)
+    try:
+        model.load_state_dict(pretrained.state_dict())
+    except RuntimeError as e:
+        raise UserError(f"the weights in {ckpt} do not fit this model (was model.* changed?): {e}") from None
+    return ckpt
+
+
+def held_out_qa(model: nn.Module, data_dir: Path, questions: int) -> QAResult | None:
+    """Exact-answer accuracy on held-out builtin questions; None when the data has no builtin source.
+
+    Raises UserError when no question fits the model's context.
+    """
+    if questions < 1 or "builtin" not in load_manifest(data_dir)["sources"]:
+        return None
+    return qa_accuracy(model, data_dir, max_questions=questions)

@@ -1,0 +1,52 @@
+"""`tinyllm bench decode` reports decoding rates with and without the KV cache, and its batched
+greedy loop decodes what `generate` decodes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tinyllm.bench.decode import greedy_decode
+from tinyllm.cli import main
+from tinyllm.config import resolve
+from tinyllm.inference.sampling import generate
+from tinyllm.model.gpt import GPT, GPTConfig
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_decode_json(capsys, restore_threads):
+    assert main(["bench", "decode", "--preset", "tiny", "--new-tokens", "6", "--threads", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["parameters"] == GPT(resolve("tiny").model).num_params()
+    assert (result["prompt_tokens"], result["new_tokens"], result["threads"]) == (16, 6, 1)
+    for mode in ("kv_cache", "no_cache"):
+        assert set(result["tokens_per_s"][mode]) == {"1", "8"}
+        assert all(rate > 0 for rate in result["tokens_per_s"][mode].values())
+    rates = result["tokens_per_s"]
+    assert result["speedup_kv_cache"] == pytest.approx(rates["kv_cache"]["1"] / rates["no_cache"]["1"], rel=0.01)
+
+
+def test_more_tokens_than_the_context_is_a_clear_error(capsys):
+    assert main(["bench", "decode", "--preset", "tiny", "--new-tokens", "20"]) == 2
+    assert "exceed preset tiny's context of 32 tokens" in capsys.readouterr().err
+
+
+def test_batched_greedy_decoding_matches_generate():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
+    with torch.no_grad():
+        model.wte.weight.mul_(20)  # sharpen: greedy choices are not decided by float noise
+    prompts = torch.randint(0, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(1))
+    cached = greedy_decode(model, prompts, 12, use_cache=True)
+    assert cached.shape == (3, 12)
+    assert torch.equal(cached, greedy_decode(model, prompts, 12, use_cache=False))
+    for row, out in zip(prompts.tolist(), cached.tolist(), strict=True):
+        assert list(generate(model, row, 12, temperature=0)) == out

@@ -1,0 +1,55 @@
+"""`tinyllm eval` finds the run's own data, agrees with the val loss training logged, and reports
+the figures a user compares runs by."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from tinyllm.eval import qa_accuracy
+from tinyllm.train.checkpoint import load_model, read_config
+
+
+def last_logged_val_loss(run) -> float:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "val_loss" in r][-1]["val_loss"]
+
+
+def test_eval_gives_the_val_loss_training_logged(tiny_run):
+    eval_batches = read_config(tiny_run.path).train.eval_batches
+    r = tiny_run.tinyllm("eval", "--run", str(tiny_run.path), "--max-batches", str(eval_batches), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert abs(report["loss"] - last_logged_val_loss(tiny_run.path)) < 1e-4
+    # It read the built-in corpus the run trained on, from the cache the run used.
+    assert report["data"].startswith(tiny_run.env["TINYLLM_CACHE"])
+    assert report["tokens"] == eval_batches * 8 * 32  # tiny: micro-batch 8, context 32, packed rows
+    assert math.isclose(report["perplexity"], math.exp(report["loss"]))
+    assert 0 < report["bits_per_byte"] < report["loss"] / math.log(2)  # > 1 byte per token
+    assert 0 < report["floor"] < report["loss"] and math.isclose(report["gap"], report["loss"] - report["floor"])
+
+
+def test_whole_split_report_for_a_person(tiny_run):
+    r = tiny_run.tinyllm("eval", "--run", str(tiny_run.path))
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(":", 1) for line in r.stdout.splitlines())
+    assert set(lines) == {"checkpoint", "data", "val loss", "perplexity", "bits per byte", "tokens", "corpus floor"}
+    assert "one whole pass" in lines["data"] and "nats/token" in lines["val loss"]
+    assert int(lines["tokens"].replace(",", "")) > 4 * 8 * 32
+
+
+def test_qa_accuracy_on_held_out_questions(tiny_run):
+    r = tiny_run.tinyllm("eval", "--run", str(tiny_run.path), "--max-batches", "1", "--qa", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    qa = json.loads(r.stdout)["qa"]
+    expected = qa_accuracy(load_model(tiny_run.path)[0], json.loads(r.stdout)["data"], max_questions=3)
+    assert qa == {"correct": expected.correct, "total": 3, "accuracy": expected.accuracy, "skipped": expected.skipped}
+
+
+def test_mistakes_are_one_line_errors(tiny_run, tmp_path):
+    r = tiny_run.tinyllm("eval", "--run", str(tiny_run.path), "--data", str(tmp_path), "--max-batches", "1")
+    assert r.returncode == 2 and "tinyllm prepare" in r.stderr and "Traceback" not in r.stderr
+    r = tiny_run.tinyllm("eval", "--run", str(tiny_run.path), "--max-batches", "0")
+    assert r.returncode == 2 and "--max-batches must be at least 1" in r.stderr
+    r = tiny_run.tinyllm("eval")
+    assert r.returncode == 2 and "give --run RUN_DIR" in r.stderr

@@ -1,0 +1,48 @@
+"""`tinyllm export` writes a folder that transformers loads offline and that computes the run's logits."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub reads it at import
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from tinyllm.tokenizer import EOT, get_tokenizer
+from tinyllm.train.checkpoint import list_checkpoints, load_model
+
+
+def test_exported_model_gives_the_runs_logits(tiny_run, tmp_path):
+    out = tmp_path / "hf"
+    r = tiny_run.tinyllm("export", "--run", str(tiny_run.path), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert str(out) in r.stdout and "from_pretrained" in r.stdout
+    ours, _, _ = load_model(tiny_run.path)
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[EOT, *get_tokenizer().encode("Once upon a time, Tom had a red kite.")]])
+    with torch.no_grad():
+        diff = (ours(ids) - theirs(ids).logits).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_an_older_checkpoint_in_bf16(tiny_run, tmp_path):
+    older = list_checkpoints(tiny_run.path)[0]
+    out = tmp_path / "hf-bf16"
+    r = tiny_run.tinyllm("export", "--checkpoint", str(older), "--out", str(out), "--dtype", "bf16")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    model, _, _ = load_model(older)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        embed = f.get_tensor("model.embed_tokens.weight")
+    assert embed.dtype == torch.bfloat16
+    assert torch.equal(embed, model.wte.weight[: model.config.vocab_size].bfloat16())
+
+
+def test_a_folder_in_use_is_refused(tiny_run, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    r = tiny_run.tinyllm("export", "--run", str(tiny_run.path), "--out", str(tmp_path))
+    assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "notes.txt").read_text() == "keep me"

@@ -1,0 +1,88 @@
+"""`tinyllm serve` serves the run's model to an OpenAI client and stops cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import inspect
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+
+from tinyllm.cli import serve as serve_cli
+from tinyllm.inference.sampling import generate
+from tinyllm.serve import app as serve_app
+from tinyllm.tokenizer import EOT, IM_END, get_tokenizer
+from tinyllm.train.checkpoint import load_model
+
+
+class Lines:
+    """The process's output lines as they come, read on a thread so waiting can time out."""
+
+    def __init__(self, stream) -> None:
+        self.seen: list[str] = []
+        self._q: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [self._q.put(line) for line in stream], daemon=True).start()
+
+    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if m := re.search(pattern, line):
+                return m
+        raise AssertionError(f"no line matching {pattern!r} in {timeout}s; output:\n{''.join(self.seen)}")
+
+
+def test_serve_answers_an_openai_client_and_stops_on_ctrl_c(tiny_run):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tinyllm", "serve", "--run", str(tiny_run.path), "--port", "0", "--model-name", "tiny-run"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=tiny_run.env)
+    try:
+        out = Lines(proc.stdout)
+        url = out.wait_for(r"Uvicorn running on (http://127\.0\.0\.1:\d+)").group(1)
+        health = httpx.get(url + "/health", timeout=10).json()
+        assert health["status"] == "ok" and health["model"] == "tiny-run"
+
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        messages = [{"role": "user", "content": "Who has the kite?"}]
+        reply = client.chat.completions.create(model="tiny-run", messages=messages, max_tokens=6, temperature=0)
+
+        # The same greedy tokens the run's model gives in-process, for the same ChatML prompt.
+        tok = get_tokenizer()
+        model, _, _ = load_model(tiny_run.path)
+        ids = generate(model, tok.render_chat(messages, add_generation_prompt=True).ids, 6, temperature=0,
+                       stop_ids=(IM_END, EOT))
+        assert reply.choices[0].message.content == tok.decode(list(ids))
+        assert reply.model == "tiny-run" and 0 < reply.usage.completion_tokens <= 6
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        out.wait_for(r"Finished server process", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_bad_flags_are_one_line_errors(tiny_run):
+    for flags, message in ((["--port", "70000"], "is not a TCP port"),
+                           (["--max-active", "0"], "--max-active must be at least 1"),
+                           (["--threads", "0"], "--threads must be at least 1")):
+        r = tiny_run.tinyllm("serve", "--run", str(tiny_run.path), *flags)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_shows_the_servers_own_defaults():
+    defaults = inspect.signature(serve_app.create_app).parameters
+    for name, value in serve_cli._DEFAULTS.items():
+        assert defaults[name].default == value
+    assert serve_cli.DEFAULT_MODEL_NAME == serve_app.DEFAULT_MODEL_NAME

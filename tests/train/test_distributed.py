@@ -1,0 +1,202 @@
+"""Training under torchrun (2 CPU processes, gloo): the loss curve of one process, FSDP2, resuming
+across process counts, Ctrl-C, and the checks that keep a mistake to one line.
+
+The reference curves are computed in the test, by one process on the same global batch: micro
+batch 2 with `batch_tokens` 128 gives grad_accum 2 alone and 1 with two processes, so both take
+the same rows and average the same gradients; they agree to float32 rounding (~1e-6).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tinyllm.cli import build_parser, main
+from tinyllm.cli.train import command_line
+from tinyllm.config import resolve
+from tinyllm.data.loader import default_builtin_dataset
+from tinyllm.errors import UserError
+from tinyllm.train import distributed
+from tinyllm.train.checkpoint import latest_checkpoint, load_model
+from tinyllm.train.trainer import Trainer
+
+TOLERANCE = 1e-4
+BATCH = {"train.micro_batch": 2, "train.batch_tokens": 128, "train.eval_every": 4, "train.sample_every": 0,
+         "train.checkpoint_every": 0}
+# A constant rate after warmup: a run cut at step 4 and continued to 8 follows the 8-step run.
+CONSTANT = {"optim.schedule": "constant", "optim.warmup_steps": 2}
+TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return str(default_builtin_dataset(max_tokens=60_000, cache_dir=tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(autouse=True)
+def no_torchrun(monkeypatch):
+    """The tests themselves run as one plain process."""
+    for key in TORCHRUN_ENV:
+        monkeypatch.delenv(key, raising=False)
+
+
+def settings(data: str, steps: int, **extra) -> dict:
+    return {"data.dir": data, "train.max_steps": steps, **BATCH, **extra}
+
+
+def train_here(run, values: dict, resume: bool = False):
+    """One process, in this one."""
+    cfg = resolve("tiny", overrides=[(k, v, "test") for k, v in values.items()])
+    return Trainer(cfg, run, resume_from=latest_checkpoint(run) if resume else None, echo=False).run()
+
+
+def cli_flags(run, values: dict) -> list[str]:
+    return ["--preset", "tiny", "--out", str(run), *(f"--set={k}={v}" for k, v in values.items())]
+
+
+def torchrun(run, values: dict, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "tinyllm",
+           "train", *cli_flags(run, values), *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def curve(run) -> dict[int, tuple]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r.get("loss"), r.get("val_loss"), r["tokens"]) for r in records}
+
+
+def assert_same_curve(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for step, (loss, val, tokens) in want.items():
+        g_loss, g_val, g_tokens = got[step]
+        assert g_tokens == tokens, step
+        for a, b in ((g_loss, loss), (g_val, val)):
+            assert (a is None) == (b is None) and (a is None or abs(a - b) <= TOLERANCE), (step, a, b)
+
+
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("one") / "run"
+    train_here(run, settings(data, 8))
+    return curve(run)
+
+
+# -- one process ------------------------------------------------------------------------------
+
+
+def test_without_torchrun_there_is_no_process_group():
+    d, device = distributed.setup(torch.device("cpu"), "ddp")
+    assert not d.active and d.is_main and d.world_size == 1 and device.type == "cpu"
+    assert not dist.is_initialized()
+
+
+def test_batch_tokens_keeps_the_step_the_same_for_any_process_count(data):
+    t = resolve("tiny", overrides=[("train.micro_batch", 2, "test"), ("train.batch_tokens", 256, "test")]).train
+    assert [distributed.accumulation_steps(t, 32, n) for n in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(UserError, match=r"train.batch_tokens \(256\) is not a multiple of .* = 384.*set it to 384"):
+        distributed.accumulation_steps(t, 32, 6)
+    with pytest.raises(UserError, match="must be a multiple of train.micro_batch x context"):
+        resolve("tiny", overrides=[("train.batch_tokens", 100, "test")])
+
+
+def test_nproc_hands_every_flag_on_to_the_processes():
+    parser = build_parser()
+    argv = ["train", "--preset", "tiny", "--data", "d", "--max-steps", "5", "--resume", "--set", "optim.lr=1e-3",
+            "--set", "model.n_layer=1", "--parallel", "fsdp", "--batch-tokens", "512", "--nproc", "2"]
+    args = parser.parse_args(argv)
+    again = parser.parse_args(["train", *command_line(args.parser, args, nproc=None, out="/runs/x")])
+    want = {**vars(args), "nproc": None, "out": "/runs/x", "parser": None, "func": None}
+    assert {**vars(again), "parser": None, "func": None} == want
+    assert all(flag in args.parser.format_help() for flag in ("--nproc N", "--parallel {ddp,fsdp}", "--batch-tokens N"))
+
+
+def test_mistakes_are_one_line_before_any_process_starts(tmp_path, data, monkeypatch, capsys):
+    base = ["train", "--preset", "tiny", "--data", data]
+    assert main([*base, "--out", str(tmp_path / "a"), "--nproc", "0"]) == 2
+    assert main([*base, "--out", str(tmp_path / "b"), "--nproc", "3", "--batch-tokens", "128",
+                 "--set", "train.micro_batch=2"]) == 2
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    assert main(base) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and "Traceback" not in "".join(err)
+    assert "--nproc must be at least 1" in err[0]
+    assert "not a multiple of micro_batch x context x processes (2 x 32 x 3 = 192)" in err[1]
+    assert "under torchrun every process must write to the same run: add --out RUN_DIR" in err[2]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# -- two processes ----------------------------------------------------------------------------
+
+
+def test_two_ddp_processes_give_the_one_process_loss_curve(tmp_path, data, one_process):
+    run = tmp_path / "ddp"
+    r = torchrun(run, settings(data, 8))
+    assert_same_curve(curve(run), one_process)
+    log = (run / "train_output.txt").read_text()
+    # Only rank 0 writes: one announcement, one summary.
+    assert log.count("DDP over 2 processes; batch 2 x 1 x 2 processes x 32 = 128 tokens/step") == 1
+    assert r.stdout.count("finished: 8 steps, 1,024 tokens") == 1
+
+
+def test_fsdp_trains_and_its_checkpoint_is_one_ordinary_file(tmp_path, data, one_process):
+    run = tmp_path / "fsdp"
+    torchrun(run, settings(data, 8, **{"train.sample_every": 4}), "--parallel", "fsdp")
+    got = curve(run)
+    assert got[8][1] < got[0][1] - 0.5  # val loss falls
+    assert_same_curve(got, one_process)
+    assert (run / "train_output.txt").read_text().count("--- sample at step 4 ---") == 1  # rank 0 samples
+    model, _, ckpt = load_model(run)  # what sample, eval and export read
+    assert ckpt.name == "step-00000008" and model.num_params() > 0
+
+
+def test_checkpoints_resume_with_another_number_of_processes(tmp_path, data):
+    values = settings(data, 8, **CONSTANT)
+    whole = tmp_path / "whole"
+    train_here(whole, values)
+
+    two_then_one = tmp_path / "two_then_one"
+    torchrun(two_then_one, {**values, "train.max_steps": 4}, "--parallel", "fsdp")
+    assert train_here(two_then_one, values, resume=True).steps == 8
+    assert_same_curve(curve(two_then_one), curve(whole))
+
+    one_then_two = tmp_path / "one_then_two"
+    train_here(one_then_two, {**values, "train.max_steps": 4})
+    r = subprocess.run([sys.executable, "-m", "tinyllm", "train", *cli_flags(one_then_two, values), "--nproc", "2",
+                        "--parallel", "fsdp"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming at step 4" in r.stdout
+    assert_same_curve(curve(one_then_two), curve(whole))
+
+
+def test_ctrl_c_stops_every_process_at_the_same_step_with_a_checkpoint(tmp_path, data):
+    run = tmp_path / "run"
+    values = settings(data, 100_000, **{"train.eval_every": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "tinyllm", "train", *cli_flags(run, values), "--nproc", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and max(_steps(run), default=0) < 2:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = max(_steps(run))
+    assert out.count(f"interrupted: {stopped} steps") == 1
+    # Had the ranks disagreed on the step, the save would wait on a collective that never comes.
+    assert latest_checkpoint(run).name == f"step-{stopped:08d}" and stopped < 100_000
+
+
+def _steps(run) -> list[int]:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
