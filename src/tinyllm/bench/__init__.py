@@ -12,6 +12,8 @@ from types import ModuleType
 
 BENCHMARKS = {
     "data": "tinyllm.bench.data",
+    "decode": "tinyllm.bench.decode",
+    "serve": "tinyllm.bench.serve",
 }
 
 
