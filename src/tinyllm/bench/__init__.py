@@ -14,6 +14,7 @@ BENCHMARKS = {
     "data": "tinyllm.bench.data",
     "decode": "tinyllm.bench.decode",
     "serve": "tinyllm.bench.serve",
+    "train": "tinyllm.bench.train",
 }
 
 
