@@ -1,23 +1,28 @@
 """Chat fine-tuning: starts from a pretrained run, puts the loss on assistant tokens only, learns to
 answer, and resumes exactly.
 
-One tiny model is pretrained once for the module (the `tiny` preset at context 64, where most
-builtin stories with questions fit whole) and every test fine-tunes it.
+One tiny model is pretrained once for the module (the `tiny` preset at context 64) and the fast
+tests fine-tune it for a few steps. Learning to answer takes longer, so that test trains its own
+model on the builtin grammar with a small lexicon (20 s of the file's 30 s on 2 idle cores).
 """
 
 import copy
 import json
+import re
 
 import pytest
 import torch
 
 from tinyllm.config import resolve
+from tinyllm.data.builtin import BuiltinCorpus
+from tinyllm.data.builtin_lexicon import Lexicon
 from tinyllm.data.prepare import PrepareOptions, prepare
-from tinyllm.data.sources import resolve_sources
+from tinyllm.data.sources import BuiltinSource, resolve_sources
 from tinyllm.errors import UserError
 from tinyllm.eval.loss import evaluate_loss
+from tinyllm.eval.qa import qa_accuracy
 from tinyllm.tokenizer import IM_END, IM_START, PAD, get_tokenizer
-from tinyllm.train.checkpoint import latest_checkpoint, read_config
+from tinyllm.train.checkpoint import latest_checkpoint, load_model, read_config
 from tinyllm.train.run_dir import plan_run
 from tinyllm.train.trainer import Trainer
 
@@ -85,7 +90,9 @@ def test_only_assistant_tokens_reach_the_loss(tmp_path, pretrained):
     loss is the mean over the step's targets, however they fall across micro-batches."""
     cfg = sft_plan(tmp_path, pretrained, **QUIET, **{"train.max_steps": 2, "train.grad_accum": 2}).config
     trainer = Trainer(cfg, tmp_path, echo=False)
-    untrained = copy.deepcopy(trainer.model)
+    initial = copy.deepcopy(trainer.model)
+    weights = load_model(pretrained)[0].state_dict()
+    assert all(torch.equal(p, weights[n]) for n, p in initial.state_dict().items())  # starts from --init
     seen, forward = [], trainer.forward
     trainer.forward = lambda x, y: seen.append((x, y)) or forward(x, y)
     trainer.run()
@@ -109,7 +116,7 @@ def test_only_assistant_tokens_reach_the_loss(tmp_path, pretrained):
     first = next(r for r in metrics(tmp_path) if r.get("step") == 1)
     counts = [int((y != -1).sum()) for _, y in seen[:2]]
     with torch.no_grad():
-        token_mean = sum(untrained(x, y).item() * n for (x, y), n in zip(seen[:2], counts, strict=True)) / sum(counts)
+        token_mean = sum(initial(x, y).item() * n for (x, y), n in zip(seen[:2], counts, strict=True)) / sum(counts)
     assert first["loss"] == pytest.approx(token_mean, rel=1e-5)
 
 
@@ -142,8 +149,8 @@ def test_periodic_val_loss_agrees_with_tinyllm_eval(tmp_path, pretrained):
     assert trainer.evaluate() == pytest.approx(full.loss, rel=1e-6)
 
 
-def test_sft_resumes_exactly(tmp_path, pretrained):
-    settings = {**QUIET, "train.max_steps": 6, "train.eval_every": 3}
+def test_sft_val_loss_falls_and_resumes_exactly(tmp_path, pretrained):
+    settings = {**QUIET, "train.max_steps": 6, "train.eval_every": 3, "optim.warmup_steps": 1}
     whole = tmp_path / "whole"
     plan = sft_plan(whole, pretrained, **settings)
     Trainer(plan.config, whole, echo=False).run()
@@ -166,5 +173,55 @@ def test_sft_resumes_exactly(tmp_path, pretrained):
     assert {r["step"]: r["loss"] for r in metrics(split) if "loss" in r} == losses and len(losses) == 6
     val = {r["step"]: r["val_loss"] for r in metrics(whole) if "val_loss" in r}
     assert {r["step"]: r["val_loss"] for r in metrics(split) if "val_loss" in r and r["step"] in val} == val
+    assert val[6] < val[3] < val[0] - 0.3  # held-out answers' loss falls (measured: 5.65, 5.25, 5.13)
     with pytest.raises(UserError, match="is a sft run, not pretrain"):
         plan_run(split, stage="pretrain")
+
+
+# -- learning to answer -------------------------------------------------------------------------
+# The builtin grammar with a small lexicon (three words a slot, short stories, questions after
+# every story), so a tiny model learns the answers in seconds rather than the hours the full
+# lexicon needs on a CPU. `tinyllm.eval.qa` reads the held-out stories back from the shards, so
+# it scores them as it scores the full corpus.
+SMALL = Lexicon(
+    openings=("Once upon a time,", "One day,"), traits=("little", "happy", "brave"),
+    kinds=(("girl", "she"), ("boy", "he"), ("dog", None)),
+    names=(("Mia", "she"), ("Lily", "she"), ("Tom", "he"), ("Ben", "he")),
+    colours=("red", "blue", "green"), nouns=("kite", "ball", "hat"),
+    places=(("in", "park"), ("at", "beach"), ("by", "lake")), feelings=("happy", "sad", "tired"),
+    weathers=("sunny", "rainy"), utterances=("Let us play!", "Thank you!"), min_sentences=3, max_sentences=5,
+    stop_prob=0.3, max_characters=2, max_objects=2, qa_share=1.0, more_question_prob=0.7, max_questions=3)
+# Measured on the run below (2 layers x 128, 40 pretraining + 60 SFT steps; 2026-11-25, 2 CPU
+# cores): 5 of 100 held-out questions answered exactly, and every answer in the answer form. The
+# pretrained model answers none: it has not learned to stop at <|im_end|>. At this length the
+# model has the form and the likeliest answers (it leans to colours after "What colour", but
+# "A" still wins); reading the story takes longer runs (the cpu preset's figure in the README).
+QA_FLOOR = 0.02
+
+
+class SmallBuiltin(BuiltinSource):
+    def identity(self) -> dict:
+        return {**super().identity(), "corpus": BuiltinCorpus(seed=self.seed, lexicon=SMALL).identity}
+
+    def documents(self, start: int = 0):
+        return BuiltinCorpus(seed=self.seed, lexicon=SMALL).documents(start)
+
+
+def test_sft_learns_to_answer_held_out_questions(tmp_path):
+    data = tmp_path / "data"
+    prepare([SmallBuiltin("builtin", 1.0, 0)], data, PrepareOptions(max_tokens=40_000, val_fraction=0.2, progress=False))
+    model = {"model.block_size": 96, "data.context": 96, "model.n_embd": 128}
+    pre = {**model, "data.dir": str(data), "train.max_steps": 40, "train.grad_accum": 1, "train.eval_every": 0,
+           "train.sample_every": 0, "train.checkpoint_every": 0, "optim.lr": 3e-3}
+    Trainer(resolve("tiny", overrides=[(k, v, "test") for k, v in pre.items()]), tmp_path / "pre", echo=False).run()
+    pretrained, _, _ = load_model(tmp_path / "pre")
+    assert qa_accuracy(pretrained, data, max_questions=30).correct == 0
+
+    settings = {**QUIET, "train.max_steps": 60, "train.eval_every": 30, "train.qa_questions": 100}
+    trainer = Trainer(sft_plan(tmp_path / "sft", tmp_path / "pre", **settings).config, tmp_path / "sft", echo=False)
+    result = trainer.run()
+    vals = [r["val_loss"] for r in metrics(tmp_path / "sft") if "val_loss" in r]
+    assert vals[-1] < vals[0] - 1.0  # assistant tokens only
+    answers = [e.answer.strip() for e in trainer.qa.examples]
+    assert sum(bool(re.fullmatch(r"[A-Z][a-z ]*\.", a)) for a in answers) >= 0.9 * len(answers)  # the answer form
+    assert result.qa_accuracy >= QA_FLOOR

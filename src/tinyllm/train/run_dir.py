@@ -5,7 +5,9 @@ Why it is shaped this way: "continue" must mean the same thing whether the user 
 In every case the config comes from the checkpoint being continued (not from the preset), flags
 and `--config` may change how the rest of the run goes (steps, budget, intervals, learning
 rate), and changes that would make the saved weights or data position meaningless (the model
-shape, the data) are refused with the fix spelled out.
+shape, the data) are refused with the fix spelled out. A chat fine-tuning run (`--stage sft
+--init RUN`) starts from another run's weights and config (`train.sft`); continued, it stays an
+SFT run of those same weights.
 """
 
 from __future__ import annotations

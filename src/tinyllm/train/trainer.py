@@ -31,6 +31,7 @@ from tinyllm.config import Config, save_toml, time_budget
 from tinyllm.data.loader import TokenLoader, default_builtin_dataset
 from tinyllm.errors import UserError
 from tinyllm.eval.loss import LossSum, score_batches
+from tinyllm.eval.qa import QAResult
 from tinyllm.inference.sampling import generate
 from tinyllm.model.gpt import GPT, GPTConfig
 from tinyllm.tokenizer import EOT, get_tokenizer
@@ -92,7 +93,7 @@ class Trainer:
         self.val_batches = self._val_batches(data_dir)
         # Rows with ignored targets (pads, non-assistant tokens) make micro-batches unequal: weight by targets.
         self.token_weighted = cfg.data.mode == "padded" or cfg.data.loss_on == "assistant"
-        self.qa_accuracy: float | None = None
+        self.qa: QAResult | None = None  # sft: the end-of-run held-out questions, answered
         # The corpus floor is per token over all tokens: no bound for a loss on assistant tokens only.
         self.floor = self.loader.manifest.get("floor") if cfg.data.loss_on == "all" else None
         self.grad_accum = distributed.accumulation_steps(t, cfg.context, self.dist.world_size)
@@ -400,7 +401,7 @@ class Trainer:
             return
         if qa is None:
             return
-        self.qa_accuracy = qa.accuracy
+        self.qa = qa
         for e in qa.examples[:3]:
             self.log.write(f"  Q: {e.question} A: {e.answer.strip()!r} (reference {e.reference!r})")
         val = f", val loss {self.last_val:.4f}" if self.last_val is not None else ""
@@ -410,7 +411,7 @@ class Trainer:
 
     def _result(self, reason: str, path: Path | None) -> TrainResult:
         return TrainResult(self.run_dir, self.step, self.tokens, time.monotonic() - self.clock, self.last_val,
-                           self.floor, reason, path, self.qa_accuracy)
+                           self.floor, reason, path, self.qa.accuracy if self.qa else None)
 
 
 
