@@ -7,7 +7,8 @@ Why it is shaped this way:
 - Layers are merged as plain nested dicts, and every key is checked (name, type) as its layer is
   merged, so an error names where the bad value came from (`--set`, the TOML file, the preset)
   and suggests the key that was probably meant. The dataclasses are built once, at the end, and
-  checks that involve two fields (width vs heads, context vs block size) run then.
+  checks that involve two fields (width vs heads, context vs block size) run then. What a single
+  value may be (its type, command-line text, durations) is `config_values`, which knows no keys.
 - The resolved config is written back as TOML (`tomlio`) into the run directory and every
   checkpoint, and `resolve(base=...)` reads it back to an equal config.
 """
@@ -16,9 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
-import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tinyllm import tomlio
+from tinyllm.config_values import coerce, parse_duration
 from tinyllm.errors import UserError
 from tinyllm.model.gpt import GPTConfig
 from tinyllm.tokenizer import VOCAB_SIZE
@@ -53,8 +53,12 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule."""
+    """The optimizer (AdamW, or Muon for the hidden matrices) and its learning-rate schedule."""
 
+    # "adamw" for every weight, or "muon": Muon (orthogonalised momentum) for the 2-D weights inside
+    # the blocks, AdamW for embeddings, head, norms and biases. Muon's updates are scaled to
+    # AdamW's RMS, so one `lr` and schedule drive both.
+    optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 3e-4
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = 100
@@ -221,7 +225,7 @@ def _merge(into: dict, layer: dict, source: str) -> None:
     for key, value in layer.items():
         if key in TOP_LEVEL:
             if key == "preset":
-                into["preset"] = _coerce(value, str, "preset", source)
+                into["preset"] = coerce(value, str, "preset", source)
             continue
         if key not in SECTIONS:
             hint = _did_you_mean(key, list(SECTIONS)) or _did_you_mean_key(key)
@@ -232,7 +236,7 @@ def _merge(into: dict, layer: dict, source: str) -> None:
         for name, v in value.items():
             if name not in hints:
                 raise UserError(f"{source}: unknown key {key}.{name}{_did_you_mean_key(f'{key}.{name}')}")
-            into[key][name] = _coerce(v, hints[name], f"{key}.{name}", source)
+            into[key][name] = coerce(v, hints[name], f"{key}.{name}", source)
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -250,64 +254,6 @@ def _did_you_mean_key(word: str) -> str:
         names = difflib.get_close_matches(bare, list(by_name), n=1, cutoff=0.75)
         hit = [by_name[names[0]]] if names else []
     return f" (did you mean {hit[0]}?)" if hit else ""
-
-
-# -- types --------------------------------------------------------------------------------------
-
-
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    """Check `value` against a field's type hint; a command-line string is parsed first."""
-    if isinstance(value, str) and source.startswith("--"):
-        parsed = _parse_cli_value(value)
-        # A string field takes the text as typed, unless it was quoted TOML ("" for empty).
-        value = parsed if isinstance(parsed, str) or not (hint is str or _accepts_str(hint)) else value
-    ok, out = _check(value, hint)
-    if not ok:
-        raise UserError(f"{source}: {key} must be {_describe(hint)}, got {value!r}")
-    return out
-
-
-def _parse_cli_value(raw: str) -> Any:
-    try:
-        return tomlio.loads(f"v = {raw}")["v"]
-    except tomlio.TOMLDecodeError:
-        return raw
-
-
-def _accepts_str(hint: Any) -> bool:
-    if typing.get_origin(hint) is Literal:
-        return all(isinstance(a, str) for a in typing.get_args(hint))
-    return False
-
-
-def _check(value: Any, hint: Any) -> tuple[bool, Any]:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if hint is str:
-        return isinstance(value, str), value
-    if origin is Literal:
-        return value in args and type(value) in {type(a) for a in args}, value
-    if origin is list:
-        if not isinstance(value, list):
-            return False, value
-        checked = [_check(v, args[0]) for v in value]
-        return all(ok for ok, _ in checked), [v for _, v in checked]
-    raise AssertionError(f"config type {hint!r} is not supported")
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(json.dumps(a) for a in args)
-    if origin is list:
-        return f"a list of {_describe(args[0])}s"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
 # -- building and validating --------------------------------------------------------------------
@@ -385,22 +331,6 @@ def time_budget(train: TrainConfig) -> float | None:
     """`train.max_time` in seconds, or None when there is no budget."""
     text = train.max_time.strip().lower()
     return None if text in ("", "none") else parse_duration(text, "train.max_time")
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str, what: str = "duration") -> float:
-    """'90s', '10m', '2h', '1h30m', '1.5h' or plain seconds -> seconds."""
-    s = text.strip().lower().replace(" ", "")
-    parts = list(_DURATION.finditer(s))
-    if not s or not parts or "".join(p.group(0) for p in parts) != s:
-        raise UserError(f"{what}: cannot read {text!r} as a duration: use e.g. 90s, 10m, 2h or 1h30m")
-    seconds = sum(float(p.group(1)) * _UNIT_SECONDS[p.group(2)] for p in parts)
-    if seconds <= 0:
-        raise UserError(f"{what}: the duration {text!r} must be positive")
-    return seconds
 
 
 # -- TOML out -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Which device to train on, and at what precision.
+"""Which device to train on, at what precision, and whether the model fits on it.
 
 Why it is shaped this way: the choices differ per device and each has a reason.
 - bf16 autocast: on CUDA when the GPU supports bf16. On a CPU, having bf16 instructions is not
@@ -10,6 +10,8 @@ Why it is shaped this way: the choices differ per device and each has a reason.
 - TF32 matmuls on CUDA: free speed for training at this scale, and loss curves are unaffected.
 - `torch.backends.cpu.get_cpu_capability()` reports only "AVX512", not the bf16 extension, so the
   CPU check reads the kernel's feature flags.
+- A model too big for the device is a size the user chose, so `build_model` turns the allocator's
+  error into one that names the knobs to turn, rather than a traceback.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import contextlib
 import functools
 import math
 import platform
+import re
 import time
 from collections.abc import Iterator
 
 import torch
 
 from tinyllm.errors import UserError
+from tinyllm.model.gpt import GPT, GPTConfig
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -124,3 +128,17 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         yield
+
+
+def build_model(cfg: GPTConfig, device: torch.device) -> GPT:
+    """The model on `device`; a size the device cannot hold is the user's to fix, not a traceback."""
+    try:
+        return GPT(cfg).to(device)
+    except (RuntimeError, MemoryError) as e:  # CPU: RuntimeError "can't allocate"; CUDA: OutOfMemoryError
+        if not isinstance(e, MemoryError) and not re.search(r"allocate|out of memory", str(e), re.IGNORECASE):
+            raise
+        raise UserError(
+            f"the model ({cfg.n_layer} layers x {cfg.n_embd} wide, block_size {cfg.block_size}, vocab_size "
+            f"{cfg.vocab_size}) does not fit in {device.type} memory ({' '.join(str(e).split())[:160]}): "
+            "make it smaller (model.n_layer, model.n_embd, model.block_size)"
+        ) from None

@@ -9,46 +9,39 @@ Why it is shaped this way:
 - Stopping is cooperative: Ctrl-C, the time budget and the step limit are all checked between
   optimizer steps, so the state saved is always that of a whole step. A second Ctrl-C quits at once.
 - Long-run bookkeeping (when to log, evaluate, sample, save) lives in `_after_step`, the step
-  itself in `_train_step`, so each reads in one screen.
+  itself in `_train_step`, so each reads in one screen. What the run says to the person watching
+  it (and how it hears their Ctrl-C) is in `report`: the loop decides when, `report` what.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import signal
-import threading
 import time
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from tinyllm.config import Config, save_toml, time_budget
 from tinyllm.data.loader import TokenLoader, default_builtin_dataset
 from tinyllm.errors import UserError
 from tinyllm.eval.loss import LossSum, score_batches
 from tinyllm.eval.qa import QAResult
-from tinyllm.inference.sampling import generate
-from tinyllm.model.gpt import GPT, GPTConfig
-from tinyllm.tokenizer import EOT, get_tokenizer
+from tinyllm.tokenizer import get_tokenizer
 from tinyllm.train import checkpoint as ckpt
-from tinyllm.train import distributed
+from tinyllm.train import distributed, report
 from tinyllm.train.device import (
     autocast,
     autocast_dtype,
+    build_model,
     configure_backends,
-    describe_precision,
     pick_device,
-    preserved_rng,
     synchronize,
 )
 from tinyllm.train.logs import RunLog
 from tinyllm.train.optim import LRSchedule, build_optimizer
-from tinyllm.train.sft import held_out_qa, load_init_weights
+from tinyllm.train.sft import load_init_weights
 
 # Steps timed before the schedule is fitted to a time budget; the first two touch cold memory
 # and run several times slower (PERF_NOTES.md), so they are not counted.
@@ -80,7 +73,7 @@ class Trainer:
         configure_backends(self.device)
         self.amp = autocast_dtype(self.device, t.dtype)
         torch.manual_seed(t.seed)
-        self.model = _new_model(cfg.model, self.device)
+        self.model = build_model(cfg.model, self.device)
         if t.stage == "sft" and resume_from is None:  # resuming restores the run's own weights instead
             load_init_weights(self.model, t.init)
         self.wrapped = distributed.wrap(self.model, self.dist, self.device)  # the model itself when alone
@@ -157,16 +150,15 @@ class Trainer:
                            "pass a larger --max-steps to train it further")
             self.log.close()
             return self._result("already finished", self.last_ckpt)
-        self._announce()
-        restore_sigint = _install_sigint(self)
-        bar = tqdm(total=self.schedule.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not self.echo, leave=False)
+        report.announce(self)
+        restore_sigint = report.install_sigint(self)
+        bar = report.ProgressBar(self.schedule.total_steps, self.step, enabled=self.echo)
         try:
             if self.step == 0 and t.eval_every:
                 self._evaluate()
             if self.step == 0 and t.sample_every:
                 self._sample()
-            smooth, timed = None, []
+            timed: list[float] = []
             while self.stop_reason is None:
                 started = time.monotonic()
                 loss, lr, grad_norm = self._train_step()
@@ -179,12 +171,7 @@ class Trainer:
                 self.stop_reason = distributed.agree_on_stop(self.stop_reason, self.dist)
                 last = self.step >= self.schedule.total_steps or self.stop_reason is not None
                 self._after_step(loss, lr, grad_norm, timed[-1], last)
-                if loss is not None:
-                    smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
-                bar.total = self.schedule.total_steps
-                bar.update(1)
-                bar.set_postfix(loss=f"{smooth:.3f}" if smooth is not None else "nan", lr=f"{lr:.2e}",
-                                tok_s=f"{self.tokens_per_step / timed[-1]:,.0f}", refresh=False)
+                bar.update(loss, lr, self.tokens_per_step / timed[-1], self.schedule.total_steps)
                 if last:
                     break
         finally:
@@ -254,7 +241,7 @@ class Trainer:
             record = {"step": step, "lr": lr, "tokens": self.tokens, **record, "val_loss": self._val_loss_timed()}
         if record:
             self.log.metrics(record)
-            self._print_progress(record)
+            self.log.write(report.progress_line(record))
             if "val_loss" in record:
                 self.log.plot()
         if t.sample_every and step % t.sample_every == 0 and not last:
@@ -301,18 +288,12 @@ class Trainer:
         self.log.write(f"step {self.step}: val loss {val:.4f}")
 
     def _sample(self) -> None:
-        t = self.cfg.train
-        tok = get_tokenizer()
+        tok = get_tokenizer()  # before the clock starts: its one-off build is no sampling cost
         started = time.monotonic()
         model = distributed.full_model(self.model, self.dist)  # rank 0 samples; FSDP ranks all help gather it
         if model is None:
             return
-        with preserved_rng(self.device), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "stopped at the context" is expected on small models
-            for i, prompt in enumerate(t.sample_prompts):
-                ids = generate(model, [EOT, *tok.encode(prompt)], t.sample_tokens, temperature=t.sample_temperature,
-                               top_k=t.sample_top_k or None, seed=t.seed + i, stop_ids=(EOT,))
-                self.log.sample(self.step, prompt, tok.decode(list(ids)))
+        report.write_samples(self.log, model, tok, self.cfg.train, self.step, self.device)
         self.overhead["sample"] = time.monotonic() - started
 
     def _checkpoint(self) -> Path:
@@ -346,32 +327,7 @@ class Trainer:
             self.log.write(f"time budget {t.max_time}: {per_step:.2f} s/step, so the schedule ends at step {fitted}"
                            f" (of max {t.max_steps})")
 
-    # -- start and end --------------------------------------------------------------------------
-
-    def _announce(self) -> None:
-        m, t = self.cfg.model, self.cfg.train
-        verb = f"resuming at step {self.step}" if self.step else "training"
-        if t.stage == "sft":
-            verb += f" (chat fine-tuning from {t.init}, loss on {self.cfg.data.loss_on} tokens)"
-        self.log.write(
-            f"{verb}: {self.model.num_params():,} parameters ({self.model.num_params(non_embedding=True):,} "
-            f"non-embedding), {m.n_layer} layers x {m.n_embd} wide, context {self.cfg.context}, on {self.device.type} "
-            f"with {describe_precision(self.amp)}{self.dist.describe()}; batch {t.micro_batch} x {self.grad_accum} x "
-            f"{self.dist.describe(short=True)}{self.cfg.context} = "
-            f"{self.tokens_per_step:,} tokens/step, {self.schedule.total_steps:,} steps"
-            + (f", budget {t.max_time}" if self.budget else "")
-        )
-
-    def _print_progress(self, r: dict) -> None:
-        parts = [f"step {r['step']}"]
-        if "loss" in r:
-            parts.append(f"loss {r['loss']:.4f}")
-        if "val_loss" in r:
-            parts.append(f"val loss {r['val_loss']:.4f}")
-        parts.append(f"lr {r['lr']:.2e}")
-        if "tokens_per_s" in r:
-            parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
-        self.log.write(" | ".join(parts))
+    # -- the end of the run ---------------------------------------------------------------------
 
     def _finish(self) -> TrainResult:
         reason = self.stop_reason or "finished"
@@ -383,64 +339,11 @@ class Trainer:
             self._sample()
         path = self._checkpoint()
         if self.cfg.train.stage == "sft":
-            self._held_out_qa()
+            self.qa = report.held_out_qa(self)
         self.log.plot()
         self.log.close()
         return self._result(reason, path)
 
-    def _held_out_qa(self) -> None:
-        """SFT's end-of-run figure, after the checkpoint is safe: exact answers to held-out questions."""
-        started = time.monotonic()
-        model = distributed.full_model(self.model, self.dist)  # rank 0 answers; FSDP ranks all help gather it
-        if model is None:
-            return
-        try:
-            qa = held_out_qa(model, self.data_dir, self.cfg.train.qa_questions)
-        except UserError as e:
-            self.log.write(f"held-out QA skipped: {e}")
-            return
-        if qa is None:
-            return
-        self.qa = qa
-        for e in qa.examples[:3]:
-            self.log.write(f"  Q: {e.question} A: {e.answer.strip()!r} (reference {e.reference!r})")
-        val = f", val loss {self.last_val:.4f}" if self.last_val is not None else ""
-        self.log.write(f"held-out QA: {qa.correct}/{qa.total} exact answers ({qa.accuracy:.1%}){val}, "
-                       f"{time.monotonic() - started:.0f}s")
-        self.log.metrics({"step": self.step, "tokens": self.tokens, "qa_accuracy": qa.accuracy, "qa_questions": qa.total})
-
     def _result(self, reason: str, path: Path | None) -> TrainResult:
         return TrainResult(self.run_dir, self.step, self.tokens, time.monotonic() - self.clock, self.last_val,
                            self.floor, reason, path, self.qa.accuracy if self.qa else None)
-
-
-
-def _new_model(cfg: GPTConfig, device: torch.device) -> GPT:
-    """The model on `device`; a size the device cannot hold is the user's to fix, not a traceback."""
-    try:
-        return GPT(cfg).to(device)
-    except (RuntimeError, MemoryError) as e:  # CPU: RuntimeError "can't allocate"; CUDA: OutOfMemoryError
-        if not isinstance(e, MemoryError) and not re.search(r"allocate|out of memory", str(e), re.IGNORECASE):
-            raise
-        raise UserError(
-            f"the model ({cfg.n_layer} layers x {cfg.n_embd} wide, block_size {cfg.block_size}, vocab_size "
-            f"{cfg.vocab_size}) does not fit in {device.type} memory ({' '.join(str(e).split())[:160]}): "
-            "make it smaller (model.n_layer, model.n_embd, model.block_size)"
-        ) from None
-
-def _install_sigint(trainer: Trainer):
-    """First Ctrl-C: finish the step, save, stop. Second: the usual KeyboardInterrupt."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum, frame):
-        if trainer.stop_reason == "interrupted":
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
-        trainer.stop("interrupted")
-        if trainer.echo:
-            tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again to quit without saving)")
-
-    signal.signal(signal.SIGINT, handler)
-    return lambda: signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,144 @@
+"""What a training run tells the person watching it, and how it answers their Ctrl-C.
+
+Why it is shaped this way:
+- The loop in `trainer` decides when to speak; this module decides what is said: the opening
+  line, the progress bar and progress lines, the samples, SFT's held-out answers. Rewording any
+  of them never touches the loop.
+- Lines go through the run's log, so rank 0 alone speaks and the console and `train_output.txt`
+  agree; the bar and the Ctrl-C notice are console-only, and shown only when the trainer echoes.
+- `announce`, `held_out_qa` and `install_sigint` take the trainer itself: they describe or stop
+  the whole run, and would otherwise take a dozen of its fields. The rest take only their values.
+- Ctrl-C lives here because it is a conversation with the same person: the first asks the loop
+  to stop after the current step and save, the second quits at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tinyllm.config import TrainConfig
+from tinyllm.errors import UserError
+from tinyllm.eval.qa import QAResult
+from tinyllm.inference.sampling import generate
+from tinyllm.tokenizer import EOT, Tokenizer
+from tinyllm.train.device import describe_precision, preserved_rng
+from tinyllm.train.distributed import QuietLog, full_model
+from tinyllm.train.logs import RunLog
+from tinyllm.train.sft import held_out_qa as score_held_out_qa
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from tinyllm.train.trainer import Trainer
+
+
+def announce(tr: Trainer) -> None:
+    """The run's first line: what is trained, how big, where, in what batches, for how long."""
+    cfg, m, t = tr.cfg, tr.cfg.model, tr.cfg.train
+    verb = f"resuming at step {tr.step}" if tr.step else "training"
+    if t.stage == "sft":
+        verb += f" (chat fine-tuning from {t.init}, loss on {cfg.data.loss_on} tokens)"
+    tr.log.write(
+        f"{verb}: {tr.model.num_params():,} parameters ({tr.model.num_params(non_embedding=True):,} "
+        f"non-embedding), {m.n_layer} layers x {m.n_embd} wide, context {cfg.context}, on {tr.device.type} "
+        f"with {describe_precision(tr.amp)}{tr.dist.describe()}; batch {t.micro_batch} x {tr.grad_accum} x "
+        f"{tr.dist.describe(short=True)}{cfg.context} = "
+        f"{tr.tokens_per_step:,} tokens/step, {tr.schedule.total_steps:,} steps"
+        + (f", budget {t.max_time}" if tr.budget else "")
+    )
+
+
+def progress_line(record: dict) -> str:
+    """One logged step as the console shows it: step | loss | val loss | lr | tok/s."""
+    parts = [f"step {record['step']}"]
+    if "loss" in record:
+        parts.append(f"loss {record['loss']:.4f}")
+    if "val_loss" in record:
+        parts.append(f"val loss {record['val_loss']:.4f}")
+    parts.append(f"lr {record['lr']:.2e}")
+    if "tokens_per_s" in record:
+        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    return " | ".join(parts)
+
+
+class ProgressBar:
+    """The live bar under the log lines: steps done, a smoothed loss, lr and throughput."""
+
+    def __init__(self, total: int, initial: int, *, enabled: bool) -> None:
+        self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not enabled,
+                         leave=False)
+        self._smooth: float | None = None
+
+    def update(self, loss: float | None, lr: float, tokens_per_s: float, total: int) -> None:
+        """One step done; `loss` None (a skipped step) leaves the smoothed loss as it was."""
+        if loss is not None:
+            self._smooth = loss if self._smooth is None else 0.9 * self._smooth + 0.1 * loss
+        self._bar.total = total  # fitting the schedule to a time budget can shorten the run
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{self._smooth:.3f}" if self._smooth is not None else "nan", lr=f"{lr:.2e}",
+                              tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def write_samples(log: RunLog | QuietLog, model: nn.Module, tok: Tokenizer, train: TrainConfig, step: int,
+                  device: torch.device) -> None:
+    """A continuation of each of `train.sample_prompts`, seeded per prompt so runs compare."""
+    # Sampling draws random numbers; the training streams must not see it, or resuming drifts.
+    with preserved_rng(device), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "stopped at the context" is expected on small models
+        for i, prompt in enumerate(train.sample_prompts):
+            ids = generate(model, [EOT, *tok.encode(prompt)], train.sample_tokens, temperature=train.sample_temperature,
+                           top_k=train.sample_top_k or None, seed=train.seed + i, stop_ids=(EOT,))
+            log.sample(step, prompt, tok.decode(list(ids)))
+
+
+def held_out_qa(tr: Trainer) -> QAResult | None:
+    """SFT's end-of-run figure, after the checkpoint is safe: exact answers to held-out questions."""
+    started = time.monotonic()
+    model = full_model(tr.model, tr.dist)  # rank 0 answers; FSDP ranks all help gather it
+    if model is None:
+        return None
+    try:
+        qa = score_held_out_qa(model, tr.data_dir, tr.cfg.train.qa_questions)
+    except UserError as e:
+        tr.log.write(f"held-out QA skipped: {e}")
+        return None
+    if qa is None:
+        return None
+    for e in qa.examples[:3]:
+        tr.log.write(f"  Q: {e.question} A: {e.answer.strip()!r} (reference {e.reference!r})")
+    val = f", val loss {tr.last_val:.4f}" if tr.last_val is not None else ""
+    tr.log.write(f"held-out QA: {qa.correct}/{qa.total} exact answers ({qa.accuracy:.1%}){val}, "
+                 f"{time.monotonic() - started:.0f}s")
+    tr.log.metrics({"step": tr.step, "tokens": tr.tokens, "qa_accuracy": qa.accuracy, "qa_questions": qa.total})
+    return qa
+
+
+def install_sigint(trainer: Trainer) -> Callable[[], None]:
+    """First Ctrl-C: finish the step, save, stop. Second: the usual KeyboardInterrupt.
+
+    Returns the function that puts the previous handler back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if trainer.stop_reason == "interrupted":
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        trainer.stop("interrupted")
+        if trainer.echo:
+            tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again to quit without saving)")
+
+    signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, previous)
