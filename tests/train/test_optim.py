@@ -1,5 +1,6 @@
 """Parameter groups and the learning-rate schedule."""
 
+import copy
 import math
 
 import pytest
@@ -73,3 +74,57 @@ def test_apply_sets_every_group():
     opt = build_optimizer(model, OptimConfig(lr=1.0, warmup_steps=4), torch.device("cpu"))
     lr = LRSchedule(OptimConfig(lr=1.0, warmup_steps=4), 10).apply(opt, 1)
     assert lr == 0.5 and all(g["lr"] == 0.5 for g in opt.param_groups)
+
+
+def test_muon_takes_block_matrices_and_adamw_the_rest():
+    model = tiny_gpt(tie_embeddings=False)
+    opt = build_optimizer(model, OptimConfig(optimizer="muon"), torch.device("cpu"))
+    muon = {n for g in opt.muon.param_groups for n, p in model.named_parameters() if any(p is q for q in g["params"])}
+    adamw = {n for g in opt.adamw.param_groups for n, p in model.named_parameters() if any(p is q for q in g["params"])}
+    assert muon and not muon & adamw
+    assert muon | adamw == {n for n, _ in model.named_parameters()}
+    assert all(n.startswith("blocks.") and n.endswith("weight") and "ln" not in n for n in muon)
+    assert {"wte.weight", "wpe.weight", "lm_head.weight"} <= adamw  # input/output layers stay on AdamW
+    opt.param_groups[0]["lr"] = 0.123  # the schedule sets lr through the shared groups
+    assert opt.muon.param_groups[0]["lr"] == 0.123
+
+
+def _fit(model, opt, steps: int, x, y) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_muon_learns_and_resumes_exactly():
+    torch.manual_seed(0)
+    x = torch.randint(0, 50, (4, 8))
+    y = torch.roll(x, -1, dims=1)
+    cfg = OptimConfig(optimizer="muon", lr=3e-3)
+    model = tiny_gpt()
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    losses = _fit(model, opt, 20, x, y)
+    assert losses[-1] < losses[0] - 1.0
+
+    # Stop after 10 steps, load model and optimizer state into fresh objects, go on: same path.
+    torch.manual_seed(1)
+    a = tiny_gpt()
+    opt_a = build_optimizer(a, cfg, torch.device("cpu"))
+    _fit(a, opt_a, 10, x, y)
+    b = tiny_gpt()
+    b.load_state_dict(a.state_dict())
+    opt_b = build_optimizer(b, cfg, torch.device("cpu"))
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as from disk: no tensors shared with a
+    assert _fit(a, opt_a, 5, x, y) == _fit(b, opt_b, 5, x, y)
+
+
+def test_adamw_state_does_not_load_into_muon():
+    model = tiny_gpt()
+    adamw = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+    muon = build_optimizer(model, OptimConfig(optimizer="muon"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="optim.optimizer"):
+        muon.load_state_dict(adamw.state_dict())

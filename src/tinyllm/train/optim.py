@@ -5,6 +5,11 @@ Why it is shaped this way:
   embedding tables are left undecayed: decaying an embedding row pulls rarely seen tokens toward
   zero between their updates. A tied output head shares the embedding tensor, so it is counted
   once and goes undecayed with it.
+- Muon (`optim.optimizer = "muon"`) orthogonalises the momentum of each hidden weight matrix, so
+  every direction of the matrix moves at the same rate. It is defined for 2-D weights that map
+  activations to activations, so it takes the block matrices; embeddings, the head, norms and
+  biases stay on AdamW. PyTorch's own `torch.optim.Muon` (2.9+) does the work, with its updates
+  rescaled to AdamW's RMS ("match_rms_adamw"), so one lr and one schedule drive both halves.
 - The schedule is a pure function of the step plus one piece of state, its horizon. The horizon
   can be shortened once to fit a wall-clock budget, so it is saved in checkpoints with the rest.
 """
@@ -17,6 +22,7 @@ import torch
 from torch import nn
 
 from tinyllm.config import OptimConfig
+from tinyllm.errors import UserError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -36,9 +42,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `param_groups`, with the fused kernel when `cfg.fused` and the device has one."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer | MuonAdamW:
+    """AdamW over `param_groups`, or (`cfg.optimizer == "muon"`) Muon for block matrices + AdamW for the rest."""
     groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "muon":
+        return _muon_hybrid(groups, model, cfg, device)
+    return _adamw(groups, cfg, device)
+
+
+def _adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
     if cfg.fused:
         try:
@@ -47,6 +59,58 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
             pass
     # foreach=None lets torch pick its multi-tensor path where it can.
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def _muon_hybrid(groups: list[dict], model: nn.Module, cfg: OptimConfig, device: torch.device) -> MuonAdamW:
+    muon_cls = getattr(torch.optim, "Muon", None)
+    if muon_cls is None:
+        raise UserError(f"optim.optimizer = \"muon\" needs torch.optim.Muon (PyTorch 2.9 or newer; this is "
+                        f"{torch.__version__}): upgrade torch or use optim.optimizer = \"adamw\"")
+    head = getattr(model, "head_weight", None)  # the vocabulary projection is an output layer: AdamW's
+    decay = groups[0]["params"]
+    if any(type(p).__name__ == "DTensor" for p in decay):
+        raise UserError("optim.optimizer = \"muon\" needs whole weight matrices; FSDP shards them: use "
+                        "--parallel ddp, or optim.optimizer = \"adamw\" with FSDP")
+    matrices = [p for p in decay if p.dim() == 2 and p is not head]
+    rest = [p for p in decay if p.dim() != 2 or p is head]
+    adamw_groups = [{"params": rest, "weight_decay": cfg.weight_decay}, groups[1]]
+    muon = muon_cls(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True,
+                    adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW(muon, _adamw([g for g in adamw_groups if g["params"]], cfg, device))
+
+
+class MuonAdamW:
+    """Two optimizers stepped as one: Muon for the block matrices, AdamW for everything else.
+
+    Its `param_groups` are both optimizers' groups (Muon's first), so the schedule sets every lr,
+    gradient clipping sees every parameter, and the state dict keeps the two halves apart.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # The halves' own group dicts (load_state_dict replaces them), so an lr set here is the one they use.
+        return [*self.muon.param_groups, *self.adamw.param_groups]
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"muon", "adamw"}:
+            raise ValueError("the saved optimizer state is AdamW's alone, not Muon + AdamW: resume with "
+                             "the optimizer the run was started with (optim.optimizer)")
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 class LRSchedule:
