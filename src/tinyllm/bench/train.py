@@ -347,7 +347,11 @@ def allocator() -> str:
     for name in ("jemalloc", "tcmalloc", "mimalloc"):
         if f"lib{name}" in maps:
             return name
-    return "glibc" if "libc.so" in maps or "libc-" in maps else "system (unknown)"
+    if "libc.so" not in maps and "libc-" not in maps:
+        return "system (unknown)"
+    from tinyllm.train.device import keep_freed_memory
+
+    return "glibc, freed memory kept" if keep_freed_memory.cache_info().currsize and keep_freed_memory() else "glibc"
 
 
 # -- for a person -----------------------------------------------------------------------------------
