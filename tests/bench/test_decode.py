@@ -34,6 +34,14 @@ def test_bench_decode_json(capsys, restore_threads):
     assert result["speedup_kv_cache"] == pytest.approx(rates["kv_cache"]["1"] / rates["no_cache"]["1"], rel=0.01)
 
 
+@pytest.mark.parametrize("options", [["--preset", "tiny"], ["--preset", "modern", "--batch-sizes", "1"]])
+def test_bench_decode_in_bf16(capsys, restore_threads, options):
+    """bf16 weights and cache (learned positions and RoPE alike) decode and are reported as such."""
+    assert main(["bench", "decode", *options, "--new-tokens", "3", "--threads", "1", "--dtype", "bf16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dtype"] == "bf16" and result["tokens_per_s"]["kv_cache"]["1"] > 0
+
+
 def test_more_tokens_than_the_context_is_a_clear_error(capsys):
     assert main(["bench", "decode", "--preset", "tiny", "--new-tokens", "20"]) == 2
     assert "exceed preset tiny's context of 32 tokens" in capsys.readouterr().err

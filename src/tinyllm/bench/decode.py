@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default="1,8", metavar="LIST", help="comma-separated batch sizes (default 1,8)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to run the model (default auto)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="weights and KV cache precision (default fp32, what sample/chat/serve use)")
     p.add_argument("--threads", type=int, metavar="N", help="PyTorch CPU threads (default: PyTorch's, one per core); "
                    "on a machine shared with other jobs 1 can be many times faster than all cores")
 
@@ -57,7 +59,8 @@ def run(args: argparse.Namespace) -> dict:
                         f"{args.preset}'s context of {cfg.block_size} tokens: ask for fewer")
     device = pick_device(args.device)
     torch.manual_seed(0)
-    model = GPT(cfg).to(device).eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = GPT(cfg).to(device=device, dtype=dtype).eval()
     greedy_decode(model, _prompts(cfg.vocab_size, 1, args.prompt_tokens, device), 2, use_cache=True)  # warm-up
     rates: dict[str, dict[str, float]] = {"kv_cache": {}, "no_cache": {}}
     for b in batches:
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> dict:
         "parameters": model.num_params(),
         "device": device.type,
         "threads": torch.get_num_threads(),
-        "dtype": "fp32",
+        "dtype": args.dtype,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "tokens_per_s": rates,

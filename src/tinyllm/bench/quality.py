@@ -1,0 +1,118 @@
+"""`tinyllm bench quality`: val loss reached in equal wall-clock time, per architecture and optimizer.
+
+Why it is shaped this way:
+- Speed per token is half of training speed; what a token buys is the other half. So each variant
+  trains the way `tinyllm train` does (the `cpu` preset, the trainer itself, the schedule fitted to
+  the same time budget) on the same prepared built-in corpus, and the figure is its final val loss
+  against the corpus's exact entropy floor. Only the variant's own `--set` keys differ.
+- Variants run one after another in this process, never side by side: they would share the cores.
+  Each run's log goes to its own run directory (kept with --keep), so a curve can be looked at.
+- Data preparation is done once before the first variant and counts against none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tinyllm.errors import UserError
+
+HELP = "final val loss vs the corpus floor in equal wall-clock time: GPT-2 recipe, modern blocks, Muon"
+
+# name -> (what it is, --set overrides on the preset)
+_MODERN = {"model.pos_emb": "rope", "model.norm": "rmsnorm", "model.qk_norm": True, "model.mlp": "relu2",
+           "model.bias": False}
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "gpt2": ("the classic GPT-2 recipe: learned positions, LayerNorm, GELU, AdamW", {"optim.optimizer": "adamw"}),
+    "modern": ("RoPE, RMSNorm, QK-norm, ReLU^2, no biases; AdamW", {**_MODERN, "optim.optimizer": "adamw"}),
+    "muon": ("the GPT-2 blocks; Muon for block matrices, AdamW for the rest", {"optim.optimizer": "muon"}),
+    "modern-muon": ("modern blocks and Muon", {**_MODERN, "optim.optimizer": "muon"}),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="cpu", help="the base recipe every variant starts from (default cpu)")
+    p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget per variant (default 10)")
+    p.add_argument("--variants", default=",".join(VARIANTS), metavar="A,B",
+                   help=f"which variants, comma-separated, from: {', '.join(VARIANTS)} (default: all)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="an override applied to every variant (e.g. train.dtype=fp32); repeatable")
+    p.add_argument("--keep", metavar="DIR", help="keep each variant's run directory under DIR (default: discarded)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from tinyllm.config import parse_set, resolve
+    from tinyllm.data.loader import default_builtin_dataset
+
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise UserError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+    if not args.minutes > 0:
+        raise UserError(f"--minutes must be positive, got {args.minutes}")
+    common = [(k, v, "--set") for k, v in map(parse_set, args.set)]
+    budget = f"{args.minutes * 60:.0f}s"
+    configs = {}
+    for name in names:  # resolve all first: a bad --set fails before any minutes are spent
+        variant = [(k, v, f"variant {name}") for k, v in VARIANTS[name][1].items()]
+        configs[name] = resolve(args.preset, overrides=[*variant, *common, ("train.max_time", budget, "--minutes"),
+                                                        ("train.fit_steps_to_time", True, "--minutes"),
+                                                        ("train.sample_every", 0, "bench quality")])
+    first = configs[names[0]]
+    if first.data.dir:
+        data_dir = Path(first.data.dir)
+    else:
+        _say("preparing the built-in corpus (cached after the first run) ...")
+        data_dir = default_builtin_dataset(max_tokens=first.data.builtin_tokens)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="tinyllm-bench-quality-") as tmp:
+        root = Path(args.keep) if args.keep else Path(tmp)
+        for name in names:
+            configs[name].data.dir = str(data_dir)
+            results[name] = _train(name, configs[name], root / name)
+    return {"preset": args.preset, "minutes": args.minutes, "threads": _threads(), "variants": results,
+            "best": min(results, key=lambda n: results[n]["val_loss"]), "load_avg_end": round(os.getloadavg()[0], 2)}
+
+
+def _train(name: str, cfg, run_dir: Path) -> dict:
+    from tinyllm.train.trainer import Trainer
+
+    _say(f"{name}: {VARIANTS[name][0]}; {cfg.train.max_time} ...")
+    load = os.getloadavg()[0]
+    started = time.monotonic()
+    trainer = Trainer(cfg, run_dir, echo=False)
+    result = trainer.run()
+    params = trainer.model.num_params()
+    out = {"description": VARIANTS[name][0], "parameters": params, "steps": result.steps, "tokens": result.tokens,
+           "seconds": round(time.monotonic() - started, 1), "val_loss": round(result.val_loss, 4),
+           "floor": result.floor, "gap": round(result.val_loss - result.floor, 4) if result.floor else None,
+           "precision": "bf16" if trainer.amp is not None else "fp32", "load_avg_start": round(load, 2)}
+    _say(f"{name}: val loss {out['val_loss']:.4f} after {out['steps']} steps ({out['tokens']:,} tokens)")
+    return out
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _say(text: str) -> None:
+    print(f"bench quality: {text}", file=sys.stderr, flush=True)
+
+
+def format(r: dict) -> str:
+    lines = [f"preset {r['preset']}, {r['minutes']:g} minutes per variant, {r['threads']} threads", "",
+             f"{'variant':<13}{'steps':>7}{'tokens':>11}{'val loss':>10}{'floor':>8}{'gap':>8}{'precision':>10}"
+             f"{'load':>6}  what"]
+    for name, v in r["variants"].items():
+        floor = f"{v['floor']:.4f}" if v["floor"] is not None else "-"
+        gap = f"{v['gap']:.4f}" if v["gap"] is not None else "-"
+        lines.append(f"{name:<13}{v['steps']:>7}{v['tokens']:>11,}{v['val_loss']:>10.4f}{floor:>8}{gap:>8}"
+                     f"{v['precision']:>10}{v['load_avg_start']:>6.1f}  {v['description']}")
+    lines += ["", f"best: {r['best']}"]
+    return "\n".join(lines)

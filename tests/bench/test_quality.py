@@ -1,0 +1,37 @@
+"""`tinyllm bench quality` trains each variant under the same budget on the same corpus and reports
+its final val loss against the floor (values checked for sense, never timed)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from tinyllm.cli import main
+
+
+def test_each_variant_trains_and_is_compared_to_the_floor(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TINYLLM_CACHE", str(tmp_path / "cache"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["bench", "quality", "--preset", "tiny", "--minutes", "0.5", "--variants", "gpt2,modern-muon",
+                     "--set", "train.max_steps=20",
+                     "--keep", str(tmp_path / "runs"), "--json"]) == 0
+    r = json.loads(out.getvalue())
+    assert list(r["variants"]) == ["gpt2", "modern-muon"]
+    for name, v in r["variants"].items():
+        assert 6 <= v["steps"] <= 20, name  # max_steps, unless the 30 s budget (fitted after 6 steps) ends it first
+        assert 0 < v["floor"] < v["val_loss"] < 9.0, name  # untrained: ln(50,260) = 10.8
+        assert v["gap"] == pytest.approx(v["val_loss"] - v["floor"], abs=1e-3)
+        assert (tmp_path / "runs" / name / "metrics.jsonl").is_file()
+    assert r["best"] == min(r["variants"], key=lambda n: r["variants"][n]["val_loss"])
+    # The modern variant really ran modern blocks with Muon: its saved config says so.
+    saved = (tmp_path / "runs" / "modern-muon" / "config.toml").read_text()
+    assert 'optimizer = "muon"' in saved and 'pos_emb = "rope"' in saved
+
+
+def test_unknown_variant_is_refused_before_training(capsys):
+    assert main(["bench", "quality", "--variants", "gpt2,gpt5"]) == 2
+    assert "gpt5" in capsys.readouterr().err
