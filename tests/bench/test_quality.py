@@ -35,3 +35,9 @@ def test_each_variant_trains_and_is_compared_to_the_floor(tmp_path, monkeypatch,
 def test_unknown_variant_is_refused_before_training(capsys):
     assert main(["bench", "quality", "--variants", "gpt2,gpt5"]) == 2
     assert "gpt5" in capsys.readouterr().err
+
+
+def test_an_earlier_kept_run_is_never_overwritten(tmp_path, capsys):
+    (tmp_path / "muon").mkdir()
+    assert main(["bench", "quality", "--variants", "gpt2,muon", "--keep", str(tmp_path)]) == 2
+    assert "muon already exist" in capsys.readouterr().err

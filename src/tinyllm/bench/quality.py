@@ -62,6 +62,10 @@ def run(args: argparse.Namespace) -> dict:
         configs[name] = resolve(args.preset, overrides=[*variant, *common, ("train.max_time", budget, "--minutes"),
                                                         ("train.fit_steps_to_time", True, "--minutes"),
                                                         ("train.sample_every", 0, "bench quality")])
+    if args.keep:
+        taken = [str(Path(args.keep) / n) for n in names if (Path(args.keep) / n).exists()]
+        if taken:
+            raise UserError(f"--keep: {', '.join(taken)} already exist; name an empty directory")
     first = configs[names[0]]
     if first.data.dir:
         data_dir = Path(first.data.dir)

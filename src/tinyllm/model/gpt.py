@@ -94,7 +94,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # The gain in the input's dtype: a bf16 input (QK-norm under autocast) with an fp32 gain misses
+        # the fused kernel. The kernel still accumulates in fp32.
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
@@ -269,9 +271,10 @@ class GPT(nn.Module):
                 )
             h, y = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
             keep = y != IGNORE_INDEX
-            if not bool(keep.all()):
-                # Chat fine-tuning scores assistant tokens only (~5% of positions on the builtin
-                # corpus): the vocabulary projection, most of the step, runs on those rows alone.
+            # Chat fine-tuning scores assistant tokens only (~5% of positions on the builtin
+            # corpus): the vocabulary projection, most of the step, runs on those rows alone.
+            # (Not under torch.compile: a data-dependent shape would split the graph.)
+            if not torch.compiler.is_compiling() and not bool(keep.all()):
                 h, y = h[keep], y[keep]
             return fused_linear_cross_entropy(
                 h, self.head_weight, y, vocab_size=self.config.vocab_size
@@ -318,7 +321,10 @@ class GPT(nn.Module):
                     f"input is batch {B} for a {cfg.n_layer}-layer model"
                 )
             kv_cache.check_room(T)
-        # Ids in the padding rows would silently embed as untrained vectors.
+        # Ids in the padding rows would silently embed as untrained vectors. Skipped under
+        # torch.compile, where reading the ids back would split the graph.
+        if torch.compiler.is_compiling():
+            return
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); got {lo}..{hi}")
