@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import sys
 
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A crash inside native code (torch, glibc) then prints where Python was, not nothing.
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
