@@ -82,8 +82,8 @@ def _muon_hybrid(groups: list[dict], model: nn.Module, cfg: OptimConfig, device:
 class MuonAdamW:
     """Two optimizers stepped as one: Muon for the block matrices, AdamW for everything else.
 
-    Its `param_groups` are both optimizers' groups (Muon's first), so the schedule sets every lr,
-    gradient clipping sees every parameter, and the state dict keeps the two halves apart.
+    Its `param_groups` are both optimizers' groups (Muon's first), so the schedule sets every lr;
+    its state dict keeps the two halves apart, so a checkpoint restores each into its own.
     """
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
