@@ -159,9 +159,9 @@ def test_sft_val_loss_falls_and_resumes_exactly(tmp_path, pretrained):
     first = Trainer(sft_plan(split, pretrained, **settings).config, split, echo=False)
     original = first._after_step
 
-    def stop_at_2(*args):
+    def stop_at_2(*args):  # asked for after step 1, taken at the end of step 2
         original(*args)
-        if first.step == 2:
+        if first.step == 1:
             first.stop()
 
     first._after_step = stop_at_2

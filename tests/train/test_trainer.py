@@ -51,9 +51,9 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, data):
     first = Trainer(cfg, split, echo=False)
     original = first._after_step
 
-    def stop_at_5(*args):
+    def stop_at_5(*args):  # asked for after step 4, taken at the end of the step under way: 5
         original(*args)
-        if first.step == 5:
+        if first.step == 4:
             first.stop()
 
     first._after_step = stop_at_5
@@ -65,6 +65,31 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, data):
     assert result.steps == 12
     assert losses(split) == losses(whole)  # every step, bit for bit
     assert len(losses(whole)) == 12
+
+
+def test_ctrl_c_during_the_ranks_agreement_is_not_lost(tmp_path, data, monkeypatch):
+    """A signal handler runs between bytecodes, so it can fire inside the all-reduce that agrees on
+    the stop; the request it makes must survive that call's return value."""
+    trainer = Trainer(config(data, max_steps=100, eval_every=0, sample_every=0), tmp_path, echo=False)
+    agree = trainer_module.distributed.agree_on_stop
+
+    def interrupted_midway(reason, d):
+        agreed = agree(reason, d)
+        if trainer.step == 3:
+            trainer.stop()  # what report.install_sigint's handler does
+        return agreed
+
+    monkeypatch.setattr(trainer_module.distributed, "agree_on_stop", interrupted_midway)
+    result = trainer.run()
+    assert result.stopped == "interrupted" and result.steps == 4
+    assert latest_checkpoint(tmp_path).name == "step-00000004"
+
+
+def test_a_time_budget_does_not_turn_ctrl_c_into_a_budget_stop(tmp_path, data):
+    trainer = Trainer(config(data, max_steps=10, eval_every=0, sample_every=0), tmp_path, echo=False)
+    trainer.stop()
+    trainer.stop("time budget")
+    assert trainer.run().stopped == "interrupted"
 
 
 def test_max_time_stops_with_a_checkpoint(tmp_path, data):

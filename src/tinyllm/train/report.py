@@ -133,7 +133,7 @@ def install_sigint(trainer: Trainer) -> Callable[[], None]:
     previous = signal.getsignal(signal.SIGINT)
 
     def handler(signum, frame):
-        if trainer.stop_reason == "interrupted":
+        if trainer.stop_requested == "interrupted":
             signal.signal(signal.SIGINT, previous)
             raise KeyboardInterrupt
         trainer.stop("interrupted")

@@ -104,7 +104,8 @@ class Trainer:
             self.log.write(f"removed {path}: it came after the checkpoint this run continues from")
         if self.dist.is_main:
             save_toml(cfg, self.run_dir / "config.toml")
-        self.stop_reason: str | None = None
+        self.stop_reason: str | None = None  # what all ranks agreed on; ends the loop
+        self.stop_requested: str | None = None  # this process's wish; a signal handler writes it
         self.overhead = {"eval": 0.0, "sample": 0.0, "checkpoint": 0.0}
 
     def _loader(self, data_dir: Path, split: str, *, sequential: bool) -> TokenLoader:
@@ -168,7 +169,9 @@ class Trainer:
                     self._fit_schedule(timed[_COLD_STEPS:])
                 # Decided before the bookkeeping, so the last step's record carries the final val loss.
                 self._out_of_time(timed)
-                self.stop_reason = distributed.agree_on_stop(self.stop_reason, self.dist)
+                # Read from a field nothing else assigns: a Ctrl-C handled during this call's
+                # all-reduce lands in `stop_requested` and is agreed on next step, not overwritten.
+                self.stop_reason = distributed.agree_on_stop(self.stop_requested, self.dist)
                 last = self.step >= self.schedule.total_steps or self.stop_reason is not None
                 self._after_step(loss, lr, grad_norm, timed[-1], last)
                 bar.update(loss, lr, self.tokens_per_step / timed[-1], self.schedule.total_steps)
@@ -251,15 +254,19 @@ class Trainer:
 
     def _out_of_time(self, timed: list[float]) -> bool:
         """True (and the run stops) when the next step would overrun the budget, or Ctrl-C came."""
-        if self.budget is not None and self.stop_reason is None:
+        if self.budget is not None and self.stop_requested is None:
             recent = timed[-5:]
             if time.monotonic() - self.clock + sum(recent) / len(recent) > self.budget:
                 self.stop("time budget")
-        return self.stop_reason is not None
+        return self.stop_requested is not None
 
     def stop(self, reason: str = "interrupted") -> None:
-        """Ask the loop to stop after the current step (it then evaluates, saves and returns)."""
-        self.stop_reason = reason
+        """Ask the loop to stop after the current step (it then evaluates, saves and returns).
+
+        A Ctrl-C is never downgraded to a time-budget stop: the run says it was interrupted.
+        """
+        if self.stop_requested != "interrupted":
+            self.stop_requested = reason
 
     # -- evaluation, samples, checkpoints -------------------------------------------------------
 
