@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tinyllm.bench.decode import greedy_decode
+from tinyllm.bench.decode import greedy_decode, weight_bytes_per_token
 from tinyllm.cli import main
 from tinyllm.config import resolve
 from tinyllm.inference.sampling import generate
@@ -32,6 +32,21 @@ def test_bench_decode_json(capsys, restore_threads):
         assert all(rate > 0 for rate in result["tokens_per_s"][mode].values())
     rates = result["tokens_per_s"]
     assert result["speedup_kv_cache"] == pytest.approx(rates["kv_cache"]["1"] / rates["no_cache"]["1"], rel=0.01)
+    # Batch 1's memory bound: the weights' bytes at the measured GEMV bandwidth.
+    limit = result["gemv_bandwidth_gb_s"] * 1e9 / result["weight_bytes_per_token"]
+    assert result["limit_tokens_per_s"] == pytest.approx(limit, rel=0.01)
+    assert result["mbu"] == pytest.approx(rates["kv_cache"]["1"] / limit, rel=0.01)
+    assert result["speedup_kv_cache_limit"] == pytest.approx(limit / rates["no_cache"]["1"], rel=0.01)
+
+
+def test_a_decoding_step_reads_every_weight_but_the_embedding_tables_once():
+    cfg = resolve("tiny").model
+    model = GPT(cfg)
+    assert model.lm_head is None  # tied: the head is the token table's real rows
+    tables = model.wte.weight.numel() + model.wpe.weight.numel()
+    matrices = model.num_params() - tables + cfg.vocab_size * cfg.n_embd
+    assert weight_bytes_per_token(model) == 4 * matrices
+    assert weight_bytes_per_token(model.to(torch.bfloat16)) == 2 * matrices
 
 
 @pytest.mark.parametrize("options", [["--preset", "tiny"], ["--preset", "modern", "--batch-sizes", "1"]])

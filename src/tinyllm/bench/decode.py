@@ -10,6 +10,11 @@ Why it is shaped this way:
   it to that), so the batch-1 figure is what `sample` and `chat` get.
 - Without the cache each step runs the whole sequence so far and only its last position through
   the head, as `generate(use_cache=False)` does: the cost the cache saves.
+- At batch 1 a cached step reads every weight once for 2 FLOPs each: memory bandwidth bounds it.
+  `limit_tokens_per_s` is the GEMV bandwidth (limits.gemv_bandwidth, on as many bytes as the
+  weights) over the weights' bytes; `mbu` is the cached rate over it, and
+  `speedup_kv_cache_limit` is that limit over the rate without the cache: the most the cache
+  can give at batch 1 on this machine, whatever the code does.
 - One short untimed decode first (first-call allocations, kernel selection); then each setting
   runs once. tokens/s counts the new tokens of every row: batch * new_tokens / seconds.
 - The prompt and the new tokens must fit the context: learned positions end there, and the
@@ -42,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch  # imported when the benchmark runs, not for --help
 
+    from tinyllm.bench.limits import gemv_bandwidth
     from tinyllm.config import resolve
     from tinyllm.model.gpt import GPT
     from tinyllm.train.device import pick_device
@@ -82,7 +88,21 @@ def run(args: argparse.Namespace) -> dict:
     }
     if "1" in rates["kv_cache"]:
         result["speedup_kv_cache"] = result["speedup_kv_cache_by_batch"]["1"]
+        nbytes = weight_bytes_per_token(model)
+        bandwidth = gemv_bandwidth(nbytes, dtype, device)
+        limit = bandwidth / nbytes
+        result.update(weight_bytes_per_token=nbytes, gemv_bandwidth_gb_s=round(bandwidth / 1e9, 1),
+                      limit_tokens_per_s=round(limit, 1), mbu=round(rates["kv_cache"]["1"] / limit, 3),
+                      speedup_kv_cache_limit=round(limit / rates["no_cache"]["1"], 2))
     return result
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decoding step reads: all of the blocks', the final norm's and the
+    head's real rows. (The embedding lookups read one row each: nothing beside these.)"""
+    head = model.head_weight[: model.config.vocab_size]
+    rest = [*model.blocks.parameters(), *model.ln_f.parameters()]
+    return head.numel() * head.element_size() + sum(p.numel() * p.element_size() for p in rest)
 
 
 def greedy_decode(model, prompts, new_tokens: int, *, use_cache: bool):
@@ -135,4 +155,9 @@ def format(result: dict) -> str:
         without = result["tokens_per_s"]["no_cache"][b]
         lines.append(f"  batch {b:>3}: {with_cache:>9,.1f} tokens/s with the KV cache, {without:>9,.1f} without "
                      f"({result['speedup_kv_cache_by_batch'][b]}x)")
+    if "mbu" in result:
+        lines.append(f"batch 1 is bound by memory: a token reads {result['weight_bytes_per_token'] / 1e6:,.0f} MB of "
+                     f"weights, a GEMV reads {result['gemv_bandwidth_gb_s']} GB/s -> at most "
+                     f"{result['limit_tokens_per_s']:,.1f} tokens/s; the cache reaches {result['mbu']:.0%} of it "
+                     f"(mbu), and no cache could beat recomputation by more than {result['speedup_kv_cache_limit']}x")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""The machine's matmul limits: on large square GEMMs, and at a model's own GEMM shapes.
+"""The machine's limits: matmul FLOP/s on large square GEMMs and at a model's own GEMM shapes
+(training), and the memory bandwidth a matrix-vector product reaches (decoding).
 
 Why it is shaped this way:
 - MFU divides a model's FLOP rate by a limit. Over the square limit (what the matmul library
@@ -16,6 +17,11 @@ Why it is shaped this way:
   Attention counts QK^T and AV forward and four products backward, as batched matmuls over
   batch x heads; the list's FLOPs add up to `GPT.flops_per_token()` per token (the tests hold it
   to that).
+- Decoding one token at batch 1 multiplies a vector by every weight matrix: it reads each weight
+  once and does 2 FLOPs per weight, so memory bandwidth, not FLOP/s, bounds it. Its limit is
+  the rate a GEMV reads one matrix as large as all those weights together, in the decoding
+  dtype: the same bytes per token, and the same luck with the caches (this machine's shared L3
+  holds part of a 200 MB working set; 64 MB streamed ~1.8x faster than 256 MB here).
 - Each rate is the best of a few timed windows: other processes on a shared machine only ever
   slow a window down, so the fastest window is the closest to what the machine can do.
 """
@@ -186,3 +192,27 @@ def _harmonic(rates: list[tuple[Gemm, float]]) -> ShapeLimit:
     flops = sum(g.step_flops for g, _ in rates)
     seconds = sum(g.step_flops / rate for g, rate in rates)
     return ShapeLimit(flops / seconds, rates)
+
+
+def gemv_bandwidth(nbytes: int, dtype: torch.dtype, device: torch.device, *, window_s: float = 0.3,
+                   windows: int = 3) -> float:
+    """Bytes/s a matrix-vector product reads from an `nbytes` matrix: the best of `windows` windows of >= window_s."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    cols = 1024
+    matrix = torch.randn(max(nbytes // itemsize // cols, 1), cols, device=device).to(dtype)
+    vector = torch.randn(cols, device=device).to(dtype)
+    out = torch.empty(matrix.shape[0], dtype=dtype, device=device)
+    torch.mv(matrix, vector, out=out)
+    synchronize(device)
+    best = 0.0
+    for _ in range(windows):
+        calls, started = 0, time.perf_counter()
+        while True:
+            torch.mv(matrix, vector, out=out)
+            calls += 1
+            synchronize(device)
+            elapsed = time.perf_counter() - started
+            if elapsed >= window_s:
+                break
+        best = max(best, calls * matrix.numel() * itemsize / elapsed)
+    return best
