@@ -174,6 +174,10 @@ def _accumulate_chunk_grads(
         grad_w.add_(torch.mm(g.t(), h_c, out=gw_low))
 
 
+# Runs eagerly under torch.compile: it is already a hand-scheduled loop of large kernels, and
+# tracing it would unroll hundreds of row blocks into one graph (minutes of C++ compilation) and
+# break the graph at its data-dependent checks anyway.
+@torch.compiler.disable
 def fused_linear_cross_entropy(
     h: Tensor,
     weight: Tensor,
