@@ -23,8 +23,10 @@ import contextlib
 import ctypes
 import functools
 import math
+import os
 import platform
 import re
+import shutil
 import time
 from collections.abc import Iterator
 
@@ -149,6 +151,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def compile_blocker(device: torch.device) -> str | None:
+    """Why torch.compile cannot run on `device` here, or None: such a run trains without it."""
+    if device.type == "mps":
+        return "torch.compile does not support MPS well enough yet"
+    if device.type == "cpu":  # inductor builds C++ kernels
+        compilers = [os.environ.get("CXX") or "", "g++", "c++", "clang++"]
+        if not any(c and shutil.which(c) for c in compilers):
+            return "it needs a C++ compiler on a CPU (g++ or clang++; none found)"
+    return None
 
 
 def describe_precision(dtype: torch.dtype | None) -> str:

@@ -52,7 +52,10 @@ def announce(tr: Trainer) -> None:
         f"{tr.dist.describe(short=True)}{cfg.context} = "
         f"{tr.tokens_per_step:,} tokens/step, {tr.schedule.total_steps:,} steps"
         + (f", budget {t.max_time}" if tr.budget else "")
+        + (", torch.compile (the first steps include compiling)" if tr.compiled else "")
     )
+    if tr.compile_blocker:
+        tr.log.write(f"train.compile is on, but {tr.compile_blocker}: training without it")
 
 
 def progress_line(record: dict) -> str:

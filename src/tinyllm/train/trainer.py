@@ -35,6 +35,7 @@ from tinyllm.train.device import (
     autocast,
     autocast_dtype,
     build_model,
+    compile_blocker,
     configure_backends,
     pick_device,
     synchronize,
@@ -77,7 +78,9 @@ class Trainer:
         if t.stage == "sft" and resume_from is None:  # resuming restores the run's own weights instead
             load_init_weights(self.model, t.init)
         self.wrapped = distributed.wrap(self.model, self.dist, self.device)  # the model itself when alone
-        self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
+        self.compile_blocker = compile_blocker(self.device) if t.compile else None
+        self.compiled = t.compile and self.compile_blocker is None
+        self.forward = torch.compile(self.wrapped) if self.compiled else self.wrapped
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.schedule = LRSchedule(cfg.optim, t.max_steps)
         data_dir = Path(cfg.data.dir) if cfg.data.dir else default_builtin_dataset(max_tokens=cfg.data.builtin_tokens)
