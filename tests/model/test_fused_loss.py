@@ -129,3 +129,23 @@ def test_model_loss_and_grads_equal_a_plain_head_through_the_whole_model():
     ref = torch.autograd.grad(ref_loss, list(model.parameters()))
     for a, b in zip(fused, ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_only_rows_with_a_target_reach_the_head(monkeypatch):
+    """Chat fine-tuning scores ~5% of positions: the vocabulary projection must skip the rest."""
+    from tinyllm.model import loss
+
+    seen = []
+    original = loss._loss_and_grads
+
+    def spy(h, *args, **kwargs):
+        seen.append(h.shape[0])
+        return original(h, *args, **kwargs)
+
+    monkeypatch.setattr(loss, "_loss_and_grads", spy)
+    h, w, y = make()
+    fused = fused_linear_cross_entropy(h, w, y, vocab_size=V)
+    assert seen == [int((y != -1).sum())] and seen[0] < N
+    ref = plain(h, w, y)
+    for a, b in zip(grads(fused, h, w), grads(ref, h, w), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyllm.model.kv_cache import KVCache
-from tinyllm.model.loss import IGNORE_INDEX, fused_linear_cross_entropy
+from tinyllm.model.loss import fused_linear_cross_entropy
 
 POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -269,15 +269,11 @@ class GPT(nn.Module):
                 raise ValueError(
                     f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}"
                 )
-            h, y = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-            keep = y != IGNORE_INDEX
-            # Chat fine-tuning scores assistant tokens only (~5% of positions on the builtin
-            # corpus): the vocabulary projection, most of the step, runs on those rows alone.
-            # (Not under torch.compile: a data-dependent shape would split the graph.)
-            if not torch.compiler.is_compiling() and not bool(keep.all()):
-                h, y = h[keep], y[keep]
             return fused_linear_cross_entropy(
-                h, self.head_weight, y, vocab_size=self.config.vocab_size
+                x.reshape(-1, x.shape[-1]),
+                self.head_weight,
+                targets.reshape(-1),
+                vocab_size=self.config.vocab_size,
             )
         if last_only:
             x = x[:, -1:, :]
