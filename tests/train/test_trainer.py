@@ -85,6 +85,27 @@ def test_ctrl_c_during_the_ranks_agreement_is_not_lost(tmp_path, data, monkeypat
     assert latest_checkpoint(tmp_path).name == "step-00000004"
 
 
+def test_ctrl_c_saves_before_the_last_evaluation(tmp_path, data):
+    """The save comes first: the last eval can outlast the time a launcher gives before it kills."""
+    trainer = Trainer(config(data, max_steps=100, eval_every=50, sample_every=0), tmp_path, echo=False)
+    original, seen = trainer._train_step, []
+
+    def stop_at_3():
+        out = original()
+        if trainer.step == 3:
+            trainer.stop()
+        return out
+
+    def evaluate():
+        seen.append(latest_checkpoint(tmp_path))
+        return 1.0
+
+    trainer._train_step = stop_at_3
+    trainer.evaluate = evaluate
+    result = trainer.run()
+    assert result.stopped == "interrupted" and seen[-1].name == f"step-{result.steps:08d}"
+
+
 def test_a_time_budget_does_not_turn_ctrl_c_into_a_budget_stop(tmp_path, data):
     trainer = Trainer(config(data, max_steps=10, eval_every=0, sample_every=0), tmp_path, echo=False)
     trainer.stop()

@@ -97,6 +97,7 @@ class Trainer:
         self.step, self.tokens, self.skipped, self.bad_in_row = 0, 0, 0, 0
         self.schedule_fitted = False
         self.last_val: float | None = None
+        self.saved_step = -1  # the step of the last checkpoint this process wrote
         self.last_ckpt: Path | None = resume_from
         distributed.check_same_start(resume_from, self.dist)
         if resume_from is not None:
@@ -176,6 +177,10 @@ class Trainer:
                 # all-reduce lands in `stop_requested` and is agreed on next step, not overwritten.
                 self.stop_reason = distributed.agree_on_stop(self.stop_requested, self.dist)
                 last = self.step >= self.schedule.total_steps or self.stop_reason is not None
+                if self.stop_reason == "interrupted":
+                    # Save before anything slow: the user wants out, and under torchrun the workers
+                    # are killed 30 s after the signal is passed on; a last eval can take that long.
+                    self._checkpoint()
                 self._after_step(loss, lr, grad_norm, timed[-1], last)
                 bar.update(loss, lr, self.tokens_per_step / timed[-1], self.schedule.total_steps)
                 if last:
@@ -318,6 +323,7 @@ class Trainer:
             path = ckpt.save_checkpoint(self.run_dir, self.step, model=model, optimizer=optimizer,
                                         state=state, config=self.cfg, keep=self.cfg.train.keep_checkpoints)
         self.last_ckpt = distributed.from_main(path, self.dist)
+        self.saved_step = self.step
         self.overhead["checkpoint"] = time.monotonic() - started
         return self.last_ckpt
 
@@ -347,7 +353,7 @@ class Trainer:
                               "val_loss": self._val_loss_timed()})
         if self.cfg.train.sample_every:
             self._sample()
-        path = self._checkpoint()
+        path = self.last_ckpt if self.saved_step == self.step else self._checkpoint()
         if self.cfg.train.stage == "sft":
             self.qa = report.held_out_qa(self)
         self.log.plot()
