@@ -37,6 +37,17 @@ def test_temperature_zero_is_argmax():
     assert torch.equal(sample_next(logits, temperature=0, top_k=3, top_p=0.1), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("temperature", [1.6e-74, 5e-324, 1e-30])
+def test_a_vanishing_temperature_is_greedy_not_nan(temperature):
+    logits = torch.randn(5, 40) * 10
+    for top in ({}, {"top_k": 3}, {"top_p": 0.9}):
+        assert torch.equal(sample_next(logits, temperature=temperature, **top), logits.argmax(-1))
+
+
+def test_a_huge_temperature_samples_every_token():
+    assert draws(LOGITS, temperature=1e300, top_k=None) == {0, 1, 2, 3}
+
+
 def test_unrestricted_sampling_reaches_every_token():
     assert draws(LOGITS, temperature=1.0) == {0, 1, 2, 3}
 

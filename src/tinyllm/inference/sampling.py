@@ -58,7 +58,11 @@ def sample_next(
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature  # [B, V]
+    # Relative to each row's maximum and in float64: any positive temperature, however small,
+    # then gives the most likely token probability 1 instead of inf / inf = NaN (an API client
+    # sent 1.6e-74), and a huge one gives the uniform distribution.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)).double() / temperature  # [B, V], <= 0
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
