@@ -167,6 +167,8 @@ def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, data):
         trainer.run()
     assert trainer.skipped == 4 and trainer.step == 8
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # never stepped on a NaN
+    assert "step 8: loss nan" in (tmp_path / "train_output.txt").read_text()  # the log is closed whole
+    assert trainer.log._metrics.closed
 
 
 def test_finished_run_says_so_instead_of_training(tmp_path, data):

@@ -185,6 +185,10 @@ class Trainer:
                 bar.update(loss, lr, self.tokens_per_step / timed[-1], self.schedule.total_steps)
                 if last:
                     break
+        except BaseException:
+            # Leave the logs whole: a torchrun worker exits without finalizers (see __main__).
+            self.log.close()
+            raise
         finally:
             bar.close()
             restore_sigint()
