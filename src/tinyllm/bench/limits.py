@@ -128,7 +128,11 @@ def _product(g: Gemm, dtype: torch.dtype, device: torch.device) -> Callable[[], 
 
 def gemm_rate(g: Gemm, dtype: torch.dtype, device: torch.device, *, window_s: float = 0.05, windows: int = 3) -> float:
     """FLOP/s of g: after one untimed call, the best of `windows` windows of >= window_s each."""
-    run = _product(g, dtype, device)
+    return _best_rate(_product(g, dtype, device), g.flops, device, window_s, windows)
+
+
+def _best_rate(run: Callable[[], None], work: float, device: torch.device, window_s: float, windows: int) -> float:
+    """`work` per call of `run`, per second: after one untimed call, the best of `windows` windows."""
     run()
     synchronize(device)
     best = 0.0
@@ -141,7 +145,7 @@ def gemm_rate(g: Gemm, dtype: torch.dtype, device: torch.device, *, window_s: fl
             elapsed = time.perf_counter() - started
             if elapsed >= window_s:
                 break
-        best = max(best, calls * g.flops / elapsed)
+        best = max(best, calls * work / elapsed)
     return best
 
 
@@ -202,17 +206,4 @@ def gemv_bandwidth(nbytes: int, dtype: torch.dtype, device: torch.device, *, win
     matrix = torch.randn(max(nbytes // itemsize // cols, 1), cols, device=device).to(dtype)
     vector = torch.randn(cols, device=device).to(dtype)
     out = torch.empty(matrix.shape[0], dtype=dtype, device=device)
-    torch.mv(matrix, vector, out=out)
-    synchronize(device)
-    best = 0.0
-    for _ in range(windows):
-        calls, started = 0, time.perf_counter()
-        while True:
-            torch.mv(matrix, vector, out=out)
-            calls += 1
-            synchronize(device)
-            elapsed = time.perf_counter() - started
-            if elapsed >= window_s:
-                break
-        best = max(best, calls * matrix.numel() * itemsize / elapsed)
-    return best
+    return _best_rate(lambda: torch.mv(matrix, vector, out=out), matrix.numel() * itemsize, device, window_s, windows)
