@@ -53,3 +53,25 @@ def test_mistakes_are_one_line_errors(tiny_run, tmp_path):
     assert r.returncode == 2 and "--max-batches must be at least 1" in r.stderr
     r = tiny_run.tinyllm("eval")
     assert r.returncode == 2 and "give --run RUN_DIR" in r.stderr
+
+
+def test_a_mix_is_reported_per_source_and_in_total(tiny_run, tmp_path):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("".join(json.dumps({"text": f"Note {i}: the cat sat on the mat by the door."}) + "\n"
+                             for i in range(40)))
+    data = tmp_path / "mix"
+    r = tiny_run.tinyllm("prepare", "--source", "builtin", "--source", f"{notes}:3", "--max-tokens", "8000",
+                         "--out", str(data), "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = tiny_run.tinyllm("eval", "--run", str(tiny_run.path), "--data", str(data), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    sources = report["sources"]
+    assert list(sources) == ["builtin", "local-notes"]
+    assert report["tokens"] == sum(s["tokens"] for s in sources.values())
+    by_tokens = sum(s["loss"] * s["tokens"] for s in sources.values()) / report["tokens"]
+    assert math.isclose(report["loss"], by_tokens, rel_tol=1e-9)
+    assert sources["builtin"]["floor"] is not None and sources["local-notes"]["floor"] is None
+    text = tiny_run.tinyllm("eval", "--run", str(tiny_run.path), "--data", str(data)).stdout
+    assert "its 2 sources together" in text
+    assert f"  local-notes: {sources['local-notes']['loss']:.4f} nats/token" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -115,3 +116,39 @@ def test_bits_per_byte_formula():
 def test_bad_max_batches_is_a_user_error(builtin_data, tiny_model):
     with pytest.raises(UserError, match="max_batches"):
         evaluate_loss(tiny_model, builtin_data[0], batch_size=2, context=T, max_batches=0)
+
+
+def source_val_docs(out, manifest, name) -> list[np.ndarray]:
+    docs = []
+    for entry in manifest["sources"][name]["splits"]["val"]["shards"]:
+        shard = Shard(out / entry["file"], VOCAB_SIZE, expect=entry)
+        docs += [shard.document(i).astype(np.int64) for i in range(shard.n_docs)]
+    return docs
+
+
+def test_a_mix_is_scored_row_by_row_once_per_source_and_totalled_by_tokens(tmp_path, tiny_model):
+    """Sizes and weights far apart: a pass drawn by weight would score the small source's rows
+    many times over and never reach most of the big one's."""
+    from tinyllm.data.prepare import PrepareOptions, prepare
+    from tinyllm.data.sources import resolve_sources
+
+    words = "the cat sat on a mat and ran to see a red dog under old trees".split()
+    for name, n in (("small", 12), ("big", 160)):
+        lines = [json.dumps({"text": f"{i}. " + " ".join(words[(i + k) % len(words)] for k in range(6 + i % 9))})
+                 for i in range(n)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    sources = resolve_sources([f"{tmp_path / 'small.jsonl'}:3", f"{tmp_path / 'big.jsonl'}:1"])
+    out = tmp_path / "ds"
+    m = prepare(sources, out, PrepareOptions(val_fraction=0.5, progress=False))
+    r = evaluate_loss(tiny_model, out, batch_size=4, context=T, mode="padded")
+    by_source = {}
+    for name in ("local-small", "local-big"):
+        docs = source_val_docs(out, m, name)
+        by_source[name] = LossSum(*by_hand(tiny_model, [(d[: T + 1][:-1], d[: T + 1][1:]) for d in docs]))
+    total = sum(by_source.values(), LossSum())
+    assert 5 * by_source["local-small"].tokens < by_source["local-big"].tokens
+    assert r.tokens == total.tokens and r.bytes == total.bytes
+    assert r.loss == pytest.approx(total.mean, rel=1e-5)  # by tokens, not by the 3:1 weights
+    for name, want in by_source.items():
+        s = r.sources[name]
+        assert s.tokens == want.tokens and s.bytes == want.bytes and s.loss == pytest.approx(want.mean, rel=1e-5)

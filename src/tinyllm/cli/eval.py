@@ -6,8 +6,9 @@ module only finds the data and prints. By default it reads the data the run was 
 the way the trainer finds it (the config's data.dir, else the built-in corpus prepared into the
 cache with the run's data.builtin_tokens), and cuts and scores rows as the run did (its context,
 data.mode, data.loss_on and train.micro_batch), so `--max-batches train.eval_batches` scores the
-very batches of the trainer's periodic val loss. The model runs in fp32 whatever precision it
-trained in.
+very rows of the trainer's periodic val loss. Each source of a mix is scored on its own rows, each
+once, and reported on its own line; the total is over all their tokens (`tinyllm.eval.loss`). The
+model runs in fp32 whatever precision it trained in.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="DIR", help="a dataset made by `tinyllm prepare` (default: the data the run was "
                    "trained on: its data.dir, or the built-in corpus, prepared again if the cache is gone)")
     p.add_argument("--split", default="val", choices=["train", "val"], help="which split to score (default val)")
-    p.add_argument("--max-batches", type=int, metavar="N", help="score only the first N batches (default: one whole "
-                   "pass); the trainer's logged val loss is the first train.eval_batches batches")
+    p.add_argument("--max-batches", type=int, metavar="N", help="score only N batches' worth of rows, shared among "
+                   "the sources by size, each its first rows (default: every row once); the trainer's logged val "
+                   "loss is N = train.eval_batches")
     p.add_argument("--batch-size", type=int, metavar="B", help="rows per batch (default: the run's train.micro_batch)")
     p.add_argument("--loss-on", choices=["all", "assistant"],
                    help="score every token, or only the assistant's tokens of chat data (default: as the run trained)")
@@ -61,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     report = {"checkpoint": str(ckpt), "data": str(data_dir), "split": args.split, "batch_size": batch_size,
               "context": cfg.context, "max_batches": args.max_batches, "loss_on": loss_on,
               "loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
-              "tokens": result.tokens, "bytes": result.bytes, "floor": result.floor, "gap": result.gap}
+              "tokens": result.tokens, "bytes": result.bytes, "floor": result.floor, "gap": result.gap,
+              "sources": {name: figures(r) for name, r in result.sources.items()}}
     if args.qa:
         qa = qa_accuracy(model, data_dir, max_questions=args.qa, split=args.split)
         report["qa"] = {"correct": qa.correct, "total": qa.total, "accuracy": qa.accuracy, "skipped": qa.skipped}
@@ -83,19 +86,31 @@ def run_data_dir(cfg) -> Path:
     return path
 
 
+def figures(r) -> dict:
+    """One source's figures, as the report's JSON gives them."""
+    return {"loss": r.loss, "perplexity": r.perplexity, "bits_per_byte": r.bits_per_byte, "tokens": r.tokens,
+            "bytes": r.bytes, "floor": r.floor, "gap": r.gap}
+
+
 def format_report(r: dict) -> str:
-    rows = "one whole pass" if r["max_batches"] is None else f"the first {r['max_batches']} batches"
+    rows = "one whole pass" if r["max_batches"] is None else f"{r['max_batches']} batches' worth"
+    mixed = len(r["sources"]) > 1
     lines = [
         f"checkpoint:    {r['checkpoint']}",
         f"data:          {r['data']} ({r['split']} split, {rows} of {r['batch_size']} x {r['context']} tokens"
         + (", assistant tokens only)" if r["loss_on"] == "assistant" else ")"),
-        f"{r['split']} loss:{' ' * (9 - len(r['split']))}{r['loss']:.4f} nats/token",
+        f"{r['split']} loss:{' ' * (9 - len(r['split']))}{r['loss']:.4f} nats/token"
+        + (f" (its {len(r['sources'])} sources together, each token counting once)" if mixed else ""),
         f"perplexity:    {r['perplexity']:.2f}",
         f"bits per byte: {r['bits_per_byte']:.4f}" if r["bits_per_byte"] is not None else "bits per byte: n/a (no bytes)",
         f"tokens:        {r['tokens']:,}",
     ]
     if r["floor"] is not None:
         lines.append(f"corpus floor:  {r['floor']:.4f} nats/token (gap {r['gap']:.4f})")
+    for name, s in r["sources"].items() if mixed else ():
+        bpb = f"{s['bits_per_byte']:.4f} bits/byte" if s["bits_per_byte"] is not None else "n/a bits/byte"
+        floor = f", floor {s['floor']:.4f} (gap {s['gap']:.4f})" if s["floor"] is not None else ""
+        lines.append(f"  {name}: {s['loss']:.4f} nats/token, {bpb}, {s['tokens']:,} tokens{floor}")
     if "qa" in r:
         qa = r["qa"]
         line = f"qa accuracy:   {qa['correct']}/{qa['total']} exact answers ({100 * qa['accuracy']:.1f}%)"

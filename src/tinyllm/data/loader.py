@@ -12,6 +12,10 @@ Why it is shaped this way:
   the same unit within an epoch, and the position is just "rows consumed" plus a cursor per
   source: that is the whole `state_dict`, and restoring it continues exactly (even with another
   batch size or world size).
+- Evaluation does not draw rows at all: `eval_pass` walks each source's units in order, each
+  exactly once, in batches that never mix sources. Drawing by weight (even round-robin) would
+  wrap a small source around many times within a "pass" of the total row count and never reach
+  most of a large one; 10 val rows at weight 3 beside 1,000 at weight 1 scored 262 distinct rows.
 - Shards are opened once (checked against the manifest's sizes and CRC-32) and memory-mapped;
   only the rows of a batch are ever copied.
 - `loss_on="assistant"` (chat fine-tuning) sets a target to -1 unless the shard's mask marks
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,8 +166,41 @@ class TokenLoader:
 
     @property
     def epoch_rows(self) -> int:
-        """Rows in one pass over every source's units (what a sequential evaluation covers)."""
+        """Rows in one pass over every source's units."""
         return sum(s.n_units for s in self._sources)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def eval_rows(self, max_rows: int | None = None) -> dict[str, int]:
+        """Rows each source gives an evaluation: all its units, or its share of `max_rows`.
+
+        Shares are in proportion to the sources' sizes (largest remainder), not their training
+        weights: the subset is then a small copy of the split, so its token mean estimates the
+        whole pass's. A source whose share rounds to 0 rows is left out of the subset.
+        """
+        sizes = [s.n_units for s in self._sources]
+        total = sum(sizes)
+        if max_rows is None or max_rows >= total:
+            return {s.name: n for s, n in zip(self._sources, sizes, strict=True)}
+        rows = [n * max_rows // total for n in sizes]
+        # Integer remainders, so no float rounding; only sources with a remainder get the extra
+        # rows, and those have fewer rows than units: no source is ever asked for a row twice.
+        by_remainder = sorted(range(len(sizes)), key=lambda i: -(sizes[i] * max_rows % total))
+        for i in by_remainder[: max_rows - sum(rows)]:
+            rows[i] += 1
+        return {s.name: n for s, n in zip(self._sources, rows, strict=True)}
+
+    def eval_pass(self, max_rows: int | None = None) -> Iterator[tuple[str, Batch]]:
+        """(source name, batch) over each source's first `eval_rows(max_rows)` units, in order.
+
+        Every row comes once and no batch mixes sources (a source's last batch may be short), so
+        the pass is exact whatever the sources' sizes and weights, and scores split by source.
+        It is the same rows every time and ignores the seed, the weights, the rank and the
+        position: callers that share the work among ranks share out the batches.
+        """
+        for src, n in zip(self._sources, self.eval_rows(max_rows).values(), strict=True):
+            for start in range(0, n, self.batch_size):
+                rows = [src.unit(k) for k in range(start, min(n, start + self.batch_size))]
+                yield src.name, self._collate(rows)
 
     def _open_sources(self) -> list[_SourceSplit]:
         opened, short = [], []
@@ -224,6 +262,9 @@ class TokenLoader:
             if j in mine:
                 rows.append(self._sources[s].unit(unit))
         self._rows += B * self.world_size
+        return self._collate(rows)
+
+    def _collate(self, rows: list[tuple[np.ndarray, np.ndarray | None]]) -> Batch:
         tokens = [t for t, _ in rows]
         masks = [m for _, m in rows] if self.loss_on == "assistant" else None
         return _packed(tokens, masks) if self.mode == "packed" else _padded(tokens, masks)

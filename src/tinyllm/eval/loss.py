@@ -5,9 +5,15 @@ Why it is shaped this way:
   targets (targets of -1 carry no loss), so padded rows, masked chat tokens and a short last
   batch do not bias it. `score_batches` does that over any batches, so the trainer's periodic
   validation over its fixed batches and `evaluate_loss` over a whole split are one computation.
-- The split is read by the sequential loader: the same rows, in the same order, every time.
-  One pass is `TokenLoader.epoch_rows` rows; with several sources those rows follow the
-  mixture's weighted round-robin, so the figure is the loss on the training mixture.
+- The split is read by `TokenLoader.eval_pass`: each source's rows in order, each exactly once,
+  the same every time, in batches that never mix sources, so every source gets its own loss.
+  The total adds the sources' summed nats and tokens: it is the loss of the split read as one
+  text, as perplexity and bits per byte mean elsewhere. Weighting sources by their training
+  weights instead would make the figure move whenever the mix is re-weighted, with the model
+  unchanged; the per-source losses are there for anyone who wants another mix of them.
+- `max_batches` N scores N x batch_size rows shared among sources in proportion to their size
+  (`TokenLoader.eval_rows`): the trainer's periodic val loss is exactly this with N =
+  `train.eval_batches`, and an estimate of the whole pass's total.
 - Bits per byte counts the bytes of the very targets that were scored: each target token's UTF-8
   bytes as `Document.rendered()` writes them (chat markup as its text, the <|endoftext|> that
   closes a document as 0 bytes). Summed over every token of a split that is the manifest's
@@ -25,7 +31,8 @@ import contextlib
 import functools
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -45,6 +52,8 @@ class EvalResult:
     bytes: int  # UTF-8 bytes those targets stand for
     floor: float | None  # the corpus's entropy floor in nats/token, when the manifest has one
     gap: float | None  # loss - floor
+    # evaluate_loss: each source's own figures (its own floor), by name, in the manifest's order
+    sources: dict[str, EvalResult] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -119,24 +128,20 @@ def score_batches(model: nn.Module, batches: Iterable[Batch | tuple[torch.Tensor
 def evaluate_loss(model: nn.Module, data_dir: str | Path, *, split: str = "val", batch_size: int, context: int,
                   max_batches: int | None = None, device: torch.device | str | None = None,
                   autocast_dtype: torch.dtype | None = None, mode: str = "packed", loss_on: str = "all") -> EvalResult:
-    """The model's loss over one pass of `split` (or its first `max_batches` batches).
+    """The model's loss over every row of `split`, each once (or a `max_batches` budget of them).
 
-    `mode` and `loss_on` are the loader's (packed/padded; all/assistant). `device` defaults to
-    the model's. Rows past one pass are never scored: the last batch is cut to the rows left.
+    The total is the token mean over all sources; `.sources` has each source's own (module
+    docstring). `mode` and `loss_on` are the loader's (packed/padded; all/assistant). `device`
+    defaults to the model's.
     """
     if max_batches is not None and max_batches < 1:
         raise UserError(f"max_batches must be at least 1 (or None for the whole split), got {max_batches}")
-    loader = TokenLoader(data_dir, split, batch_size, context, mode=mode, sequential=True, loss_on=loss_on)
-    rows = loader.epoch_rows
-    if max_batches is not None:
-        rows = min(rows, max_batches * batch_size)
-
-    def batches() -> Iterable[Batch]:
-        for start in range(0, rows, batch_size):
-            b = loader.next_batch()
-            keep = min(batch_size, rows - start)
-            yield Batch(b.inputs[:keep], b.targets[:keep])
-
-    total = score_batches(model, batches(), device=device, autocast_dtype=autocast_dtype)
-    floor = loader.manifest.get("floor") if split == "val" and loss_on == "all" else None
-    return total.result(floor)
+    loader = TokenLoader(data_dir, split, batch_size, context, mode=mode, loss_on=loss_on)
+    max_rows = None if max_batches is None else max_batches * batch_size
+    sums = {name: score_batches(model, (batch for _, batch in group), device=device, autocast_dtype=autocast_dtype)
+            for name, group in groupby(loader.eval_pass(max_rows), key=lambda item: item[0])}
+    # Floors are per token over every token of the val split: no bound for another split or loss.
+    has_floor = split == "val" and loss_on == "all"
+    total = sum(sums.values(), LossSum()).result(loader.manifest.get("floor") if has_floor else None)
+    return replace(total, sources={name: s.result(loader.manifest["sources"][name].get("floor") if has_floor else None)
+                                   for name, s in sums.items() if s.tokens})

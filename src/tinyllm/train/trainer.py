@@ -120,16 +120,15 @@ class Trainer:
                            loss_on=d.loss_on, rank=rank, world_size=world)
 
     def _val_batches(self, data_dir: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The fixed validation set: the first `eval_batches` batches of the val split, in order.
+        """The fixed validation set: `eval_batches` batches' worth of val rows, the same every time.
 
-        A small val split ends there instead of wrapping around, so no row counts twice and the
-        loss is the one `tinyllm eval` gives for the same rows.
+        Sources share them by size, each its first rows, none twice (`TokenLoader.eval_rows`), so
+        the curve compares across evaluations and is what `tinyllm eval --max-batches
+        eval_batches` reports; a val split smaller than the budget is scored whole.
         """
         val = self._loader(data_dir, "val", sequential=True)
-        rows = min(val.epoch_rows, self.cfg.train.eval_batches * val.batch_size)
-        batches = [val.next_batch() for _ in range(0, rows, val.batch_size)]
-        return [(b.inputs[: rows - i * val.batch_size].to(self.device), b.targets[: rows - i * val.batch_size].to(self.device))
-                for i, b in enumerate(batches)]
+        return [(b.inputs.to(self.device), b.targets.to(self.device))
+                for _, b in val.eval_pass(self.cfg.train.eval_batches * val.batch_size)]
 
     def _restore(self, path: Path) -> None:
         place = partial(distributed.load_sharded, self.model, self.optimizer) if self.dist.sharded else None
