@@ -79,3 +79,20 @@ def test_second_run_with_other_sources_is_refused(tmp_path):
     assert tinyllm("prepare", "--source", str(a), "--out", out, "--quiet").returncode == 0
     line = one_line_error(tinyllm("prepare", "--source", str(b), "--out", out, "--quiet"))
     assert "already holds data prepared from other sources" in line
+
+
+def test_an_unquoted_glob_says_to_quote_it(tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (notes / name).write_text(f"Note {name}: the cat sat on the mat.")
+    # What a shell passes for --source notes/*.txt
+    expanded = sorted(str(p) for p in notes.glob("*.txt"))
+    line = one_line_error(tinyllm("prepare", "--source", *expanded, "--out", str(tmp_path / "ds"), "--quiet"))
+    assert f"unexpected {expanded[1]} {expanded[2]}" in line and "--source 'notes/*.txt'" in line
+    assert not (tmp_path / "ds").exists()
+    quoted = tinyllm("prepare", "--source", str(notes / "*.txt"), "--out", str(tmp_path / "ds"), "--quiet")
+    assert quoted.returncode == 0, quoted.stderr
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert len(manifest["sources"]) == 1
+    assert sum(s["documents"] for s in manifest["splits"].values()) == 3

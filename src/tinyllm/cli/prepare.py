@@ -44,10 +44,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"tokens per shard file; a finished shard survives an interruption (default: {defaults.shard_tokens:,})")
     p.add_argument("--threads", type=int, metavar="N", help="tokenizer threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # Catches the paths a shell made of an unquoted glob: `--source notes/*.txt` arrives as
+    # `--source notes/a.txt notes/b.txt`, and `run` says to quote the pattern.
+    p.add_argument("stray", nargs="*", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.stray:
+        raise UserError(f"unexpected {' '.join(args.stray)}: each --source takes one SPEC; if your shell expanded "
+                        "a glob into these paths, quote the pattern (--source 'notes/*.txt') so that tinyllm "
+                        "expands it, as one source")
     if args.list_sources:
         print(describe_sources())
         return 0
