@@ -8,6 +8,20 @@ Why it is shaped this way:
 - Ordinary text is always encoded with `encode_ordinary`: a user typing `<|im_start|>` gets plain
   text tokens, never the special id. Special ids enter a sequence only through `render_chat` (the
   ChatML template) or explicitly as `EOT` between documents. That is the prompt-injection guard.
+- One convention for what a model reads, in training and at inference: every sequence starts a
+  document, and a document follows `<|endoftext|>`. Packed pretraining streams documents that
+  each end with `<|endoftext|>`, so every document but a stream's first follows one; padded rows
+  (chat fine-tuning) begin with it too (`data.loader`). So `prompt_ids`, the one builder of what
+  a model continues (plain text, a conversation, or a text followed by questions about it),
+  starts with `<|endoftext|>`, and `tinyllm sample`, `chat`, `serve`, the QA evaluation and the
+  exported Hugging Face tokenizer (its bos, its chat template) all use it: the same words get
+  the same ids, hence the same answer, on every surface. It also gives an empty prompt its one
+  token without a special case.
+- Special ids are markup, never text: `STOP_IDS` (all four) ends every generation, chat or plain
+  text, and `text_bytes` / `decode_text`, which the streaming decoders use, drop them. Ending
+  beats skipping: after text, `<|im_start|>` opens a conversation about it (as the builtin
+  stories' questions do), so skipping it would run a role header and someone else's message
+  into the completion; in a chat it means the model began the next message itself.
 - The tokenizer knows nothing of models; it maps text <-> ids and renders conversations.
 """
 
@@ -31,6 +45,12 @@ PAD = 50259  # <|pad|>: fills padded rows; never a training target
 VOCAB_SIZE = 50260
 
 SPECIAL_TOKENS = {"<|endoftext|>": EOT, "<|im_start|>": IM_START, "<|im_end|>": IM_END, "<|pad|>": PAD}
+SPECIAL_IDS = frozenset(SPECIAL_TOKENS.values())
+# What ends a generation: an assistant's turn (<|im_end|>; <|im_start|>: the model opens the next
+# message itself; <|endoftext|>: the document ends) and a plain completion alike (<|endoftext|>,
+# or <|im_start|>: the text is over and a conversation about it begins). <|pad|> is never a
+# target; forced (a logit bias), it ends the text too rather than be shown.
+STOP_IDS = SPECIAL_IDS
 CHAT_ROLES = ("system", "user", "assistant")
 
 # GPT-2's pre-tokenization regex (tiktoken's r50k/gpt2 pattern).
@@ -114,18 +134,39 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode ids to text; invalid UTF-8 byte sequences become U+FFFD. Raises on unknown ids."""
-        ids = list(ids)
-        for i in ids:
-            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < VOCAB_SIZE:
-                raise UserError(f"token id {i!r} is out of range: ids must be integers in 0..{VOCAB_SIZE - 1}")
-        return self._enc.decode(ids, errors="replace")
+        return self._enc.decode(_checked(ids), errors="replace")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self._enc.decode_bytes(list(ids))
 
+    def text_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes of the ordinary tokens in `ids`: special ids are markup and give nothing.
+
+        What every decoder whose output a user reads uses (streamed answers, echoed prompts), so a
+        special id never reaches them as text such as `<|im_start|>`.
+        """
+        return self._enc.decode_bytes([i for i in ids if i not in SPECIAL_IDS])
+
+    def decode_text(self, ids: Iterable[int]) -> str:
+        """`decode` without the special ids (see `text_bytes`). Raises on unknown ids."""
+        return self.text_bytes(_checked(ids)).decode("utf-8", errors="replace")
+
     def token_str(self, i: int) -> str:
         """A readable form of one id (special tokens by name)."""
         return self._enc.decode_single_token_bytes(i).decode("utf-8", errors="replace")
+
+    # -- prompts --------------------------------------------------------------------------------
+    def prompt_ids(self, text: str = "", messages: Sequence[dict] | None = None) -> list[int]:
+        """The ids a model continues: `<|endoftext|>`, `text`, then `messages` and the assistant header.
+
+        Plain text to complete is `prompt_ids(text)`; a conversation to answer is
+        `prompt_ids(messages=...)`; a text followed by a conversation about it (the builtin
+        stories' questions) gives both. The one builder every surface uses (module docstring).
+        """
+        ids = [EOT, *self._enc.encode_ordinary(text)]
+        if messages:
+            ids += self.render_chat(messages, add_generation_prompt=True).ids
+        return ids
 
     # -- chat -----------------------------------------------------------------------------------
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> ChatRendering:
@@ -147,6 +188,14 @@ class Tokenizer:
             ids += self._role_header["assistant"]
             mask += [0] * len(self._role_header["assistant"])
         return ChatRendering(ids, mask)
+
+
+def _checked(ids: Iterable[int]) -> list[int]:
+    ids = list(ids)
+    for i in ids:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < VOCAB_SIZE:
+            raise UserError(f"token id {i!r} is out of range: ids must be integers in 0..{VOCAB_SIZE - 1}")
+    return ids
 
 
 def _check_message(msg: object, n: int) -> tuple[str, str]:

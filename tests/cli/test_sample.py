@@ -1,15 +1,17 @@
 """`tinyllm sample`: text from a trained run, repeatable with a seed, clear errors without one."""
 
+import argparse
 import subprocess
 import sys
 
 import pytest
 
+from tinyllm.cli import sample
 from tinyllm.cli.sample import stream_text
 from tinyllm.config import resolve
 from tinyllm.data.loader import default_builtin_dataset
 from tinyllm.inference.sampling import generate
-from tinyllm.tokenizer import EOT, get_tokenizer
+from tinyllm.tokenizer import SPECIAL_TOKENS, STOP_IDS, get_tokenizer
 from tinyllm.train.checkpoint import load_model
 from tinyllm.train.trainer import Trainer
 
@@ -31,8 +33,8 @@ def run(tmp_path_factory):
 def expected(path, prompt: str, n: int, **sampling) -> str:
     model, _, _ = load_model(path)
     tok = get_tokenizer()
-    ids = generate(model, [EOT, *tok.encode(prompt)], n, stop_ids=(EOT,), **sampling)
-    return prompt + tok.decode(list(ids)) + "\n"
+    ids = generate(model, tok.prompt_ids(prompt), n, stop_ids=STOP_IDS, **sampling)
+    return prompt + tok.decode_text(ids) + "\n"
 
 
 def test_sample_streams_the_models_greedy_continuation(run):
@@ -64,3 +66,24 @@ def test_streamed_pieces_never_split_a_character():
     ids = tok.encode(text)
     pieces = list(stream_text(tok, ids))
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.parametrize("special", sorted(SPECIAL_TOKENS.values()))
+def test_a_special_token_ends_the_sample_and_is_never_printed(monkeypatch, capsys, preferring, special):
+    """The model writes a special id ~0.3 of the time (after a story, <|im_start|> opens the chat
+    about it): the sample ends there and prints only text."""
+    model = preferring(special)
+    monkeypatch.setattr("tinyllm.train.checkpoint.load_model", lambda path, device: (model, None, path))
+    for seed in range(3):
+        args = argparse.Namespace(run="run", checkpoint=None, prompt="Hi", max_new_tokens=60, temperature=1.0,
+                                  top_k=0, top_p=None, seed=seed, device="cpu")
+        assert sample.run(args) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("Hi") and not any(name in out for name in SPECIAL_TOKENS), out
+        assert len(get_tokenizer().encode(out)) < 60
+
+
+def test_stream_text_prints_no_special_ids():
+    tok = get_tokenizer()
+    ids = [*tok.encode("a é"), tok.im_start_id, *tok.encode("b"), tok.pad_id, tok.eot_id]
+    assert "".join(stream_text(tok, ids)) == "a éb"

@@ -17,7 +17,7 @@ import openai
 from tinyllm.cli import serve as serve_cli
 from tinyllm.inference.sampling import generate
 from tinyllm.serve import app as serve_app
-from tinyllm.tokenizer import EOT, IM_END, get_tokenizer
+from tinyllm.tokenizer import STOP_IDS, get_tokenizer
 from tinyllm.train.checkpoint import load_model
 
 
@@ -56,12 +56,11 @@ def test_serve_answers_an_openai_client_and_stops_on_ctrl_c(tiny_run):
         messages = [{"role": "user", "content": "Who has the kite?"}]
         reply = client.chat.completions.create(model="tiny-run", messages=messages, max_tokens=6, temperature=0)
 
-        # The same greedy tokens the run's model gives in-process, for the same ChatML prompt.
+        # The same greedy tokens the run's model gives in-process, for the same prompt.
         tok = get_tokenizer()
         model, _, _ = load_model(tiny_run.path)
-        ids = generate(model, tok.render_chat(messages, add_generation_prompt=True).ids, 6, temperature=0,
-                       stop_ids=(IM_END, EOT))
-        assert reply.choices[0].message.content == tok.decode(list(ids))
+        ids = generate(model, tok.prompt_ids(messages=messages), 6, temperature=0, stop_ids=STOP_IDS)
+        assert reply.choices[0].message.content == tok.decode_text(ids)
         assert reply.model == "tiny-run" and 0 < reply.usage.completion_tokens <= 6
 
         proc.send_signal(signal.SIGINT)

@@ -12,7 +12,7 @@ from tinyllm.data.sources import resolve_sources
 from tinyllm.errors import UserError
 from tinyllm.eval.qa import answer_correct, held_out_documents, qa_accuracy, questions
 from tinyllm.model.gpt import GPT, GPTConfig
-from tinyllm.tokenizer import IM_END, get_tokenizer
+from tinyllm.tokenizer import EOT, IM_END, get_tokenizer
 
 
 def chat_docs(n: int = 40) -> list[Document]:
@@ -28,7 +28,7 @@ class Oracle:
 
     def __init__(self, docs: list[Document], right=lambda question: True) -> None:
         tok = get_tokenizer()
-        self.docs = [(tokenize_document(tok, d), d) for d in docs]
+        self.docs = [([EOT, *tokenize_document(tok, d)], d) for d in docs]  # as a model reads one
         self.right, self.calls = right, 0
 
     def __call__(self, model, prompt_ids, max_new_tokens, *, temperature, stop_ids):
@@ -64,10 +64,12 @@ def test_each_question_is_the_story_and_the_chat_up_to_it():
     qs = list(questions([doc, Document(text="No questions here.")], tok))
     assert [(q.question, q.reference) for q in qs] == [("Who has the kite?", "Mia."), ("What colour is the kite?", "Red.")]
     assert tok.decode(qs[1].prompt) == (
-        "Mia had a red kite.<|im_start|>user\nWho has the kite?<|im_end|>\n<|im_start|>assistant\nMia.<|im_end|>\n"
-        "<|im_start|>user\nWhat colour is the kite?<|im_end|>\n<|im_start|>assistant\n")
-    full = tokenize_document(tok, doc)
-    for q in qs:  # the prompt is the document's own ids up to the answer
+        "<|endoftext|>Mia had a red kite.<|im_start|>user\nWho has the kite?<|im_end|>\n<|im_start|>assistant\n"
+        "Mia.<|im_end|>\n<|im_start|>user\nWhat colour is the kite?<|im_end|>\n<|im_start|>assistant\n")
+    # The prompt is the document's own ids up to the answer, after the <|endoftext|> every
+    # document follows in training.
+    full = [EOT, *tokenize_document(tok, doc)]
+    for q in qs:
         assert full[: len(q.prompt)] == q.prompt
         assert full[len(q.prompt) :][: len(tok.encode(q.reference)) + 1] == tok.encode(q.reference) + [IM_END]
 

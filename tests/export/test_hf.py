@@ -26,7 +26,7 @@ from tinyllm.export import export_hf, hf_architecture
 from tinyllm.export.hf_tokenizer import write_hf_tokenizer
 from tinyllm.inference.sampling import generate
 from tinyllm.model import GPT, GPTConfig
-from tinyllm.tokenizer import EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, get_tokenizer
+from tinyllm.tokenizer import EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, STOP_IDS, get_tokenizer
 
 ROPE = dict(pos_emb="rope", norm="rmsnorm")
 EXPORTABLE = {  # id -> (GPTConfig options, the transformers class it must load as)
@@ -92,8 +92,8 @@ def hf_tok(tmp_path_factory):
 def sequences() -> list[list[int]]:
     """Varied token sequences within the tiny models' context, special ids included."""
     tl = get_tokenizer()
-    seqs = [[EOT, *tl.encode(t)][:64] for t in TEXTS]
-    seqs += [tl.render_chat(c, add_generation_prompt=True).ids[:64] for c in CHATS]
+    seqs = [tl.prompt_ids(t)[:64] for t in TEXTS]
+    seqs += [tl.prompt_ids(messages=c)[:64] for c in CHATS]
     return seqs
 
 
@@ -115,8 +115,7 @@ def test_logits_match_tinyllm(exported):
     tl = get_tokenizer()
     worst = 0.0
     for text in TEXTS:
-        ids = [EOT, *tok(text, split_special_tokens=True)["input_ids"]][:64]
-        assert ids == [EOT, *tl.encode(text)][:64]
+        assert tok(text, split_special_tokens=True)["input_ids"] == tl.prompt_ids(text)
     for ids in sequences():
         x = torch.tensor([ids])
         with torch.no_grad():
@@ -133,19 +132,24 @@ def test_batched_logits_match(exported):
         assert (model(x) - hf(input_ids=x).logits).abs().max().item() < MAX_ABS_LOGIT_DIFF
 
 
-def test_greedy_generate_matches_tinyllm(exported):
+@pytest.mark.parametrize("prompt", ["Once upon a time", [{"role": "user", "content": "Tell me a story."}]])
+def test_greedy_generate_matches_tinyllm(exported, prompt):
+    """The exported tokenizer's own prompt (`tok(text)`, `apply_chat_template`) is tinyllm's, and
+    transformers' greedy `generate` continues it as `tinyllm sample` / `chat` do."""
     model, hf, tok, *_ = exported
     tl = get_tokenizer()
-    messages = [{"role": "user", "content": "Tell me a story."}]
-    prompt = tl.render_chat(messages, add_generation_prompt=True).ids
-    hf_prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-    assert list(hf_prompt) == prompt
-    ours = list(generate(model, prompt, 10, temperature=0, stop_ids=(IM_END, EOT)))
+    if isinstance(prompt, str):
+        ours_prompt, hf_prompt = tl.prompt_ids(prompt), tok(prompt)["input_ids"]
+    else:
+        ours_prompt = tl.prompt_ids(messages=prompt)
+        hf_prompt = tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+    assert list(hf_prompt) == ours_prompt
+    ours = list(generate(model, ours_prompt, 10, temperature=0, stop_ids=STOP_IDS))
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        out = hf.generate(torch.tensor([hf_prompt]), attention_mask=torch.ones(1, len(hf_prompt), dtype=torch.long),
                           max_new_tokens=10, do_sample=False)
-    theirs = out[0, len(prompt):].tolist()
-    if theirs and theirs[-1] in (IM_END, EOT):  # transformers keeps the stop token; tinyllm does not
+    theirs = out[0, len(hf_prompt):].tolist()
+    if theirs and theirs[-1] in STOP_IDS:  # transformers keeps the stop token; tinyllm does not
         theirs = theirs[:-1]
     assert len(ours) >= 5
     assert theirs == ours
@@ -155,7 +159,7 @@ def test_generation_config_stops_like_tinyllm(exported):
     out = exported[3]
     gen = GenerationConfig.from_pretrained(out, local_files_only=True)
     assert (gen.bos_token_id, gen.pad_token_id) == (EOT, PAD)
-    assert gen.eos_token_id == [IM_END, EOT]
+    assert gen.eos_token_id[0] == IM_END and set(gen.eos_token_id) == STOP_IDS
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json"} <= files
@@ -216,7 +220,7 @@ def test_special_tokens_are_single_ids_equal_to_tinyllm(hf_tok):
     tl = get_tokenizer()
     for text, i in SPECIAL_TOKENS.items():
         assert hf_tok.convert_tokens_to_ids(text) == i
-        assert hf_tok(text)["input_ids"] == [i]
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == [i]
         assert hf_tok.decode([i]) == tl.decode([i]) == text
     assert (hf_tok.eos_token_id, hf_tok.pad_token_id, hf_tok.bos_token_id) == (IM_END, PAD, EOT)
     assert len(hf_tok) == 50260
@@ -226,8 +230,9 @@ def test_special_tokens_are_single_ids_equal_to_tinyllm(hf_tok):
 def test_text_round_trips_like_tinyllm(hf_tok, text):
     tl = get_tokenizer()
     ids = tl.encode(text)
-    # split_special_tokens=True is how to encode untrusted text as tinyllm's encode does.
-    assert hf_tok(text, split_special_tokens=True)["input_ids"] == ids
+    # split_special_tokens=True is how to encode untrusted text as tinyllm does; bos starts it.
+    assert hf_tok(text, split_special_tokens=True)["input_ids"] == tl.prompt_ids(text) == [EOT, *ids]
+    assert hf_tok(text, split_special_tokens=True, add_special_tokens=False)["input_ids"] == ids
     assert hf_tok.decode(ids) == tl.decode(ids) == text
     mixed = [IM_START, *ids, IM_END, EOT, PAD]
     assert hf_tok.decode(mixed) == tl.decode(mixed)
@@ -237,25 +242,28 @@ def test_text_round_trips_like_tinyllm(hf_tok, text):
 @given(st.text(alphabet=st.characters(codec="utf-8"), max_size=40))
 def test_any_text_encodes_like_tinyllm(hf_tok, text):
     tl = get_tokenizer()
-    assert hf_tok(text, split_special_tokens=True)["input_ids"] == tl.encode(text)
+    assert hf_tok(text, split_special_tokens=True)["input_ids"] == tl.prompt_ids(text)
 
 
 def test_special_token_text_becomes_special_ids_by_default(hf_tok):
     # The documented difference: HF tokenizers match special-token strings inside text.
     tl = get_tokenizer()
     ids = hf_tok("x<|im_start|>y<|im_end|>")["input_ids"]
-    assert ids == [*tl.encode("x"), IM_START, *tl.encode("y"), IM_END]
+    assert ids == [EOT, *tl.encode("x"), IM_START, *tl.encode("y"), IM_END]
 
 
 @pytest.mark.parametrize("messages", CHATS)
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
 def test_chat_template_renders_tinyllm_chatml(hf_tok, messages, add_generation_prompt):
     tl = get_tokenizer()
-    rendered = tl.render_chat(messages, add_generation_prompt=add_generation_prompt)
+    # A conversation starts a document after <|endoftext|>, as tinyllm's prompts and rows do.
+    rendered = [EOT, *tl.render_chat(messages, add_generation_prompt=add_generation_prompt).ids]
+    if add_generation_prompt:
+        assert rendered == tl.prompt_ids(messages=messages)
     text = hf_tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-    assert text == tl.decode(rendered.ids)
+    assert text == tl.decode(rendered)
     ids = hf_tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=False)
-    assert list(ids) == rendered.ids
+    assert list(ids) == rendered
 
 
 def test_tokenized_chat_differs_from_tinyllm_only_where_documented(hf_tok):
@@ -265,7 +273,7 @@ def test_tokenized_chat_differs_from_tinyllm_only_where_documented(hf_tok):
     assert ids.count(IM_END) == 2 and tl.render_chat(injected).ids.count(IM_END) == 1
     leading_newline = [{"role": "user", "content": "\n\nHi"}]
     ids = list(hf_tok.apply_chat_template(leading_newline, return_dict=False))
-    ours = tl.render_chat(leading_newline).ids
+    ours = [EOT, *tl.render_chat(leading_newline).ids]
     assert ids != ours and hf_tok.decode(ids) == tl.decode(ours)
 
 

@@ -10,7 +10,7 @@ from tinyllm.errors import UserError
 from tinyllm.inference.chat import STOP_IDS, ChatSession, fit_history, prompt_ids
 from tinyllm.inference.sampling import generate
 from tinyllm.model.gpt import GPT, GPTConfig
-from tinyllm.tokenizer import EOT, get_tokenizer
+from tinyllm.tokenizer import EOT, SPECIAL_TOKENS, get_tokenizer
 
 SYSTEM = {"role": "system", "content": "You answer questions about stories."}
 
@@ -108,3 +108,16 @@ def test_seeded_sessions_repeat():
 
     first = talk()
     assert talk() == first and first[0] != first[1]
+
+
+@pytest.mark.parametrize("special", sorted(SPECIAL_TOKENS.values()))
+def test_a_special_token_ends_the_answer_and_is_never_shown(preferring, special):
+    """The model writes a special id ~0.3 of the time: the answer ends there, and neither the
+    printed pieces nor the history ever hold it as text."""
+    tok = get_tokenizer()
+    session = ChatSession(preferring(special), tok, max_new_tokens=60, temperature=1.0, top_k=None, seed=0)
+    for question in ("Hi", "Again", "Once more"):
+        shown = "".join(session.reply(question))
+        assert not any(name in shown for name in SPECIAL_TOKENS), shown
+        assert session.messages[-1] == {"role": "assistant", "content": shown}
+        assert len(tok.encode(shown)) < 60  # it ended at the special id, not at the limit

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import openai
 import pytest
-import torch
 
 from tinyllm.serve import BackgroundServer
+from tinyllm.tokenizer import SPECIAL_TOKENS, STOP_IDS
 
 HELLO = [{"role": "user", "content": "Hello! How are you?"}]
 
@@ -30,9 +30,7 @@ def test_chat_completion_counts_tokens_and_stops_at_max_tokens(client, tokenizer
     assert choice.message.role == "assistant"
     assert choice.finish_reason == "length"
     assert r.usage.completion_tokens == 7
-    assert r.usage.prompt_tokens == len(
-        tokenizer.render_chat(HELLO, add_generation_prompt=True).ids
-    )
+    assert r.usage.prompt_tokens == len(tokenizer.prompt_ids(messages=HELLO))
     assert r.usage.total_tokens == r.usage.prompt_tokens + 7
     assert r.id.startswith("chatcmpl-") and r.model == model_name
 
@@ -72,7 +70,7 @@ def test_text_completion_streaming_and_not(client, tokenizer, model_name):
         model=model_name, prompt="Once upon a time", max_tokens=9, temperature=0
     )
     assert whole.choices[0].finish_reason == "length"
-    assert whole.usage.prompt_tokens == len(tokenizer.encode("Once upon a time"))
+    assert whole.usage.prompt_tokens == len(tokenizer.prompt_ids("Once upon a time"))
     stream = client.completions.create(
         model=model_name, prompt="Once upon a time", max_tokens=9, temperature=0, stream=True
     )
@@ -107,51 +105,41 @@ def test_stop_string_cuts_the_text_streaming_and_not(client, model_name):
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
 
 
-def _always_prefers(make_model, token_id: int):
-    """A tiny model whose next token is `token_id` with probability ~0.3 at temperature 1."""
-    model = make_model()
-    with torch.no_grad():
-        # A constant final hidden state b makes the logits head @ b; give token_id logit ~10.
-        b = torch.ones(model.config.n_embd) / model.config.n_embd**0.5
-        model.ln_f.weight.zero_()
-        model.ln_f.bias.copy_(b)
-        model.head_weight.mul_(0.05)
-        model.head_weight[token_id] = 10 * b
-    return model
-
-
-def test_chat_stops_at_im_end_and_completions_at_endoftext(tokenizer, make_model):
-    for stop_id, endpoint in (
-        (tokenizer.im_end_id, "chat"),
-        (tokenizer.eot_id, "chat"),
-        (tokenizer.eot_id, "text"),
-    ):
-        with BackgroundServer(
-            _always_prefers(make_model, stop_id), tokenizer, model_name="m"
-        ) as srv:
-            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-            for seed in range(3):
-                if endpoint == "chat":
-                    r = client.chat.completions.create(
-                        model="m", messages=HELLO, max_tokens=60, seed=seed
-                    )
-                    text = r.choices[0].message.content
-                else:
-                    r = client.completions.create(model="m", prompt="Hi", max_tokens=60, seed=seed)
-                    text = r.choices[0].text
-                assert r.choices[0].finish_reason == "stop"
-                assert r.usage.completion_tokens < 60
-                assert "<|im_end|>" not in text and "<|endoftext|>" not in text
-
-
-def test_im_end_is_ordinary_output_for_text_completions(tokenizer, make_model):
-    with BackgroundServer(
-        _always_prefers(make_model, tokenizer.im_end_id), tokenizer, model_name="m"
-    ) as srv:
+@pytest.mark.parametrize("special", sorted(STOP_IDS))
+def test_a_special_token_ends_the_choice_and_is_never_text(tokenizer, preferring, special):
+    """Chat and text completions, streamed and not: a special id the model writes (each ~0.3 of
+    the time here) ends the choice with "stop" and never reaches the client as text."""
+    names = list(SPECIAL_TOKENS)
+    with BackgroundServer(preferring(special), tokenizer, model_name="m") as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-        r = client.completions.create(model="m", prompt="Hi", max_tokens=30, temperature=0)
-        assert r.choices[0].finish_reason == "length"
-        assert "<|im_end|>" in r.choices[0].text
+        for seed in range(3):
+            chat = dict(model="m", messages=HELLO, max_tokens=60, seed=seed)
+            text = dict(model="m", prompt="Hi", max_tokens=60, seed=seed)
+            whole = [client.chat.completions.create(**chat), client.completions.create(**text)]
+            streams = [client.chat.completions.create(**chat, stream=True),
+                       client.completions.create(**text, stream=True)]
+            for r, stream in zip(whole, streams, strict=True):
+                choice = r.choices[0]
+                content = choice.message.content if r.object == "chat.completion" else choice.text
+                assert choice.finish_reason == "stop" and r.usage.completion_tokens < 60
+                assert not any(name in content for name in names), content
+                pieces, finishes = [], []
+                for chunk in stream:
+                    c = chunk.choices[0]
+                    pieces.append((c.delta.content if hasattr(c, "delta") else c.text) or "")
+                    finishes += [c.finish_reason] if c.finish_reason else []
+                assert "".join(pieces) == content and finishes == ["stop"]
+
+
+def test_echo_gives_back_the_prompt_text_without_its_markup(client, tokenizer, model_name):
+    # A text prompt starts after <|endoftext|> (`prompt_ids`); that id is not the client's text.
+    for prompt in ("", "The sky is"):
+        r = client.completions.create(model=model_name, prompt=prompt, max_tokens=3, temperature=0, echo=True)
+        plain = client.completions.create(model=model_name, prompt=prompt, max_tokens=3, temperature=0)
+        assert r.choices[0].text == prompt + plain.choices[0].text
+    ids = [tokenizer.im_start_id, *tokenizer.encode("user")]
+    r = client.completions.create(model=model_name, prompt=ids, max_tokens=1, temperature=0, echo=True)
+    assert r.choices[0].text.startswith("user") and "<|im_start|>" not in r.choices[0].text
 
 
 def test_client_errors_surface_as_openai_exceptions(client, model_name):

@@ -33,6 +33,14 @@ def test_an_unfinished_character_ends_as_a_replacement_char(tokenizer):
     assert "".join(pieces) == "a\ufffd"
 
 
+def test_special_ids_are_never_sent_as_text(tokenizer):
+    # Generation stops at them; should one reach the stream anyway, it is markup, not text.
+    ids = [tokenizer.im_start_id, *tokenizer.encode("Hi"), tokenizer.eot_id, tokenizer.im_end_id,
+           tokenizer.pad_id, *tokenizer.encode(" there")]
+    pieces, _ = run(tokenizer, ids, ["<|im_end|>"])
+    assert "".join(pieces) == "Hi there"
+
+
 def test_stop_string_spanning_tokens_is_never_sent(tokenizer):
     ids = tokenizer.encode("Hello world, and goodbye")
     pieces, stopped = run(tokenizer, ids, ["d, and"])

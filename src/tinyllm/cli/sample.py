@@ -1,4 +1,8 @@
-"""`tinyllm sample`: load a run's newest (or a chosen) checkpoint and stream a continuation."""
+"""`tinyllm sample`: load a run's newest (or a chosen) checkpoint and stream a continuation.
+
+The prompt is the tokenizer's `prompt_ids` (a new document: `<|endoftext|>`, then the text) and
+generation ends at any special id (`STOP_IDS`), as on every other surface; only text is printed.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="generate text from a trained run",
         description="Load RUN_DIR's newest checkpoint (or --checkpoint) and print the prompt and its "
         "continuation as it is generated. Generation starts a new document (after <|endoftext|>) and "
-        "stops at the next one.",
+        "stops where the text ends (at <|endoftext|>, or where a chat would begin).",
     )
     p.add_argument("--run", metavar="RUN_DIR", help="a run directory made by `tinyllm train`")
     p.add_argument("--checkpoint", metavar="PATH", help="a checkpoint directory (RUN_DIR/checkpoints/step-N) instead of the newest")
@@ -36,8 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     # Imported here so --help answers without loading torch.
-    from tinyllm.inference.sampling import generate
-    from tinyllm.tokenizer import EOT, get_tokenizer
+    from tinyllm.tokenizer import get_tokenizer
     from tinyllm.train.checkpoint import load_model
     from tinyllm.train.device import pick_device
 
@@ -45,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
     tok = get_tokenizer()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ids = generate(model, [EOT, *tok.encode(args.prompt)], args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, stop_ids=(EOT,))
+        pieces = continuation(model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
         sys.stdout.write(args.prompt)
-        for piece in stream_text(tok, ids):
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
     sys.stdout.write("\n")
@@ -57,12 +60,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def continuation(model, tok, prompt: str, max_new_tokens: int, **sampling) -> Iterator[str]:
+    """The text the model writes after `prompt`, in pieces as it is generated.
+
+    `sampling` is `generate`'s (temperature, top_k, top_p, seed); arguments are checked at the call.
+    """
+    from tinyllm.inference.sampling import generate
+    from tinyllm.tokenizer import STOP_IDS
+
+    ids = generate(model, tok.prompt_ids(prompt), max_new_tokens, stop_ids=STOP_IDS, **sampling)
+    return stream_text(tok, ids)
+
+
 def stream_text(tok, ids: Iterable[int]) -> Iterator[str]:
-    """Text pieces as ids arrive; a character split across tokens is held until it is whole."""
+    """Text pieces as ids arrive; a character split across tokens is held until it is whole.
+
+    Special ids are not text and print nothing (`Tokenizer.decode_text`).
+    """
     pending: list[int] = []
     for i in ids:
         pending.append(i)
-        text = tok.decode(pending)
+        text = tok.decode_text(pending)
         # A byte-level BPE token can end inside a UTF-8 character; wait (up to a character's
         # 4 bytes' worth of tokens) for the rest rather than print U+FFFD.
         if text.endswith("\ufffd") and len(pending) < 4:
@@ -70,4 +88,4 @@ def stream_text(tok, ids: Iterable[int]) -> Iterator[str]:
         yield text
         pending = []
     if pending:
-        yield tok.decode(pending)
+        yield tok.decode_text(pending)

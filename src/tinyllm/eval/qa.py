@@ -8,12 +8,14 @@ Why it is shaped this way:
   that could drift. Reading back also works for any seed or lexicon the dataset was made with.
 - A builtin answer is fixed by its story ("Who has the kite?" -> "Tom."), so scoring is exact
   string equality after stripping whitespace: no partial credit, no judge.
-- Each question is asked as the model would see it in a chat: the story's ids, then the
-  conversation up to and including that question (earlier Q&A turns as context), then
-  `<|im_start|>assistant\\n`; the answer is decoded greedily until `<|im_end|>` or
-  `<|endoftext|>`. Generation is capped at the reference's length plus `ANSWER_SLACK` tokens:
-  an answer still going after that cannot be an exact match. A question whose prompt and cap
-  do not fit the model's context is skipped and counted, not cut (a cut story loses the facts).
+- Each question is asked as the model would see it in a chat, through the tokenizer's
+  `prompt_ids` (the prompt every surface uses): `<|endoftext|>`, the story, the conversation up
+  to and including that question (earlier Q&A turns as context), then
+  `<|im_start|>assistant\\n`; the answer is decoded greedily until a special id (`STOP_IDS`,
+  what ends an answer in `tinyllm chat` and the server too). Generation is capped at the
+  reference's length plus `ANSWER_SLACK` tokens: an answer still going after that cannot be an
+  exact match. A question whose prompt and cap do not fit the model's context is skipped and
+  counted, not cut (a cut story loses the facts).
 - `answer_correct` is the scoring rule on its own, so it is tested without a model.
 """
 
@@ -30,7 +32,7 @@ from tinyllm.data.manifest import load_manifest
 from tinyllm.data.shards import Shard
 from tinyllm.errors import UserError
 from tinyllm.inference.sampling import generate
-from tinyllm.tokenizer import EOT, IM_END, VOCAB_SIZE, Tokenizer, get_tokenizer
+from tinyllm.tokenizer import STOP_IDS, VOCAB_SIZE, Tokenizer, get_tokenizer
 
 ANSWER_SLACK = 4  # tokens allowed past the reference's length (whitespace, the stop token)
 
@@ -54,7 +56,7 @@ class QAResult:
 
 @dataclass(frozen=True)
 class Question:
-    prompt: list[int]  # story ids + the chat up to this question + the assistant header
+    prompt: list[int]  # <|endoftext|>, story, the chat up to this question, the assistant header
     question: str
     reference: str
 
@@ -82,11 +84,10 @@ def questions(docs: Iterable[Document], tok: Tokenizer) -> Iterator[Question]:
     """Every user turn answered by the next (assistant) turn, as a prompt with its reference."""
     for doc in docs:
         messages = doc.messages or ()
-        text_ids = tok.encode(doc.text)
         for j, (msg, reply) in enumerate(zip(messages, messages[1:], strict=False)):
             if msg["role"] == "user" and reply["role"] == "assistant":
-                chat = tok.render_chat(messages[: j + 1], add_generation_prompt=True)
-                yield Question(text_ids + chat.ids, msg["content"], reply["content"])
+                prompt = tok.prompt_ids(doc.text, messages[: j + 1])
+                yield Question(prompt, msg["content"], reply["content"])
 
 
 def qa_accuracy(model: nn.Module, data: str | Path | Iterable[Document], *, max_questions: int = 200,
@@ -108,8 +109,8 @@ def qa_accuracy(model: nn.Module, data: str | Path | Iterable[Document], *, max_
         if len(q.prompt) + budget > block_size:
             skipped += 1
             continue
-        ids = list(generate(model, q.prompt, budget, temperature=0, stop_ids={IM_END, EOT}))
-        answer = tok.decode(ids)
+        ids = list(generate(model, q.prompt, budget, temperature=0, stop_ids=STOP_IDS))
+        answer = tok.decode_text(ids)
         examples.append(QAExample(q.question, q.reference, answer, answer_correct(answer, q.reference)))
         if len(examples) == max_questions:
             break

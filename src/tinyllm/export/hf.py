@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from tinyllm.errors import UserError
 from tinyllm.export.hf_tokenizer import write_hf_tokenizer
 from tinyllm.model.gpt import GPT, GPTConfig
-from tinyllm.tokenizer import EOT, IM_END, PAD, VOCAB_SIZE
+from tinyllm.tokenizer import EOT, IM_END, PAD, STOP_IDS, VOCAB_SIZE
 
 GPT2_ARCHITECTURE = "GPT2LMHeadModel"
 _ACTIVATIONS = {"gelu": "gelu_pytorch_tanh", "relu2": "relu2", "swiglu": "silu"}
@@ -148,11 +148,8 @@ def export_hf(model: GPT, out_dir: Path, *, dtype: torch.dtype | str = torch.flo
                       for k, v in tensors.items()}
         save_file(contiguous, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf_config.save_pretrained(str(tmp))
-        transformers.GenerationConfig(
-            # tinyllm's sampler starts a prompt with <|endoftext|> and stops at the end of a
-            # document or of an assistant turn.
-            bos_token_id=EOT, eos_token_id=[IM_END, EOT], pad_token_id=PAD,
-        ).save_pretrained(str(tmp))
+        # tinyllm starts a prompt with <|endoftext|> and stops at any special id (STOP_IDS).
+        transformers.GenerationConfig(**_special_ids()).save_pretrained(str(tmp))
         write_hf_tokenizer(tmp, model_max_length=cfg.block_size)
         if out_dir.exists():
             out_dir.rmdir()
@@ -187,7 +184,9 @@ def _norm_eps(model: GPT) -> float:
 
 
 def _special_ids() -> dict:
-    return {"bos_token_id": EOT, "eos_token_id": [IM_END, EOT], "pad_token_id": PAD}
+    # <|im_end|> first: transformers takes the first eos as "the" eos where it needs one.
+    eos = [IM_END, *sorted(STOP_IDS - {IM_END})]
+    return {"bos_token_id": EOT, "eos_token_id": eos, "pad_token_id": PAD}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,14 +10,19 @@ Why it is shaped this way:
   tokenizer, by default it maps the literal text `<|im_start|>` (and the other three) to the single
   special id, which tinyllm's `encode` never does (its prompt-injection guard). That default is what
   makes the chat template work when tokenized, so it stays; call the tokenizer with
-  `split_special_tokens=True` to encode untrusted text exactly as `Tokenizer.encode` does.
-- The chat template renders exactly `Tokenizer.render_chat`'s ChatML string and rejects the same
-  bad messages. Tokenizing that string gives `render_chat`'s ids except where a message's content
-  contains a special-token string (it becomes the special id: clean untrusted content first) or
-  starts with a newline (BPE then merges it with the header's newline, whereas `render_chat`
-  encodes header and content separately).
-- eos is `<|im_end|>` (an assistant turn ends there), bos `<|endoftext|>` (what tinyllm puts
-  before a prompt when sampling; never added automatically), pad `<|pad|>` (never a target).
+  `split_special_tokens=True` to encode untrusted text exactly as `Tokenizer.prompt_ids` does.
+- The chat template renders exactly the string of `Tokenizer.prompt_ids` (bos, then
+  `render_chat`'s ChatML) and rejects the same bad messages. Tokenizing that string gives
+  `prompt_ids`'s ids except where a message's content contains a special-token string (it
+  becomes the special id: clean untrusted content first) or starts with a newline (BPE then
+  merges it with the header's newline, whereas `render_chat` encodes header and content
+  separately).
+- A prompt gets exactly `Tokenizer.prompt_ids`'s ids: bos is `<|endoftext|>` (every sequence
+  tinyllm reads starts a document after it), added to plain text by the post-processor
+  (`tok(text)`), and written by the chat template itself, since `apply_chat_template` tokenizes
+  with `add_special_tokens=False`. eos is `<|im_end|>` (an assistant turn ends there; the
+  generation config lists every special id, as tinyllm stops at all of them), pad `<|pad|>`
+  (never a target).
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ BOS_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|pad|>"
 
-# Jinja; mirrors Tokenizer.render_chat and its _check_message errors.
+# Jinja; mirrors Tokenizer.prompt_ids (bos, then render_chat) and its _check_message errors.
 CHAT_TEMPLATE = (
-    r"""{%- for message in messages -%}
+    r"""{{- bos_token -}}
+{%- for message in messages -%}
 {%- if message['role'] not in ['""" + "', '".join(CHAT_ROLES) + r"""'] -%}
 {{- raise_exception('message ' ~ loop.index0 ~ ' has role ' ~ message['role'] ~ ': a role must be one of """
     + ", ".join(CHAT_ROLES) + r"""') -}}
@@ -81,6 +87,7 @@ def build_hf_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         extra_special_tokens=[t for t in by_id if t not in named],
+        add_bos_token=True,
         model_max_length=model_max_length,
         # Decoding must give back tiktoken's text exactly ("a , b" stays "a , b").
         clean_up_tokenization_spaces=False,

@@ -4,7 +4,8 @@ Why it is shaped this way:
 - The history is kept as text messages (an optional system message, then user and assistant
   turns) and rendered with the tokenizer's ChatML template for every answer, so the model always
   sees the layout it was fine-tuned on, and what the user typed can never become a special token.
-  The prompt starts with <|endoftext|>, as a new document does in the training data.
+  The prompt is the tokenizer's `prompt_ids`, the one every surface (sample, serve, the QA
+  evaluation, the exported tokenizer) uses, so a conversation gets the same ids everywhere.
 - The context is finite, so before each answer `fit_history` drops the oldest turns (a user
   message with the replies to it) until the prompt leaves room for the answer; the system
   message always stays. Room for the answer is `max_new_tokens`, at most half the context, so a
@@ -25,16 +26,14 @@ from torch import nn
 
 from tinyllm.errors import UserError
 from tinyllm.inference.sampling import check_sampling_args, generate
-from tinyllm.tokenizer import EOT, IM_END, IM_START, Tokenizer
+from tinyllm.tokenizer import STOP_IDS, Tokenizer
 
-# An answer ends at <|im_end|>; <|endoftext|> (the document ends) and <|im_start|> (the model
-# starts another message by itself) end it too.
-STOP_IDS = frozenset({IM_END, EOT, IM_START})
+__all__ = ["STOP_IDS", "ChatSession", "fit_history", "prompt_ids"]  # STOP_IDS: an answer's end
 
 
 def prompt_ids(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
-    """The ids the model continues to answer the last message: <|endoftext|>, ChatML, assistant header."""
-    return [EOT, *tokenizer.render_chat(messages, add_generation_prompt=True).ids]
+    """The ids the model continues to answer the last message (`Tokenizer.prompt_ids`)."""
+    return tokenizer.prompt_ids(messages=messages)
 
 
 def fit_history(tokenizer: Tokenizer, messages: Sequence[dict], budget: int) -> list[dict]:
@@ -128,11 +127,11 @@ class ChatSession:
         try:
             for i in ids:
                 answer.append(i)
-                piece = utf8.decode(self.tokenizer.decode_bytes([i]))
+                piece = utf8.decode(self.tokenizer.text_bytes([i]))
                 if piece:
                     yield piece
             tail = utf8.decode(b"", final=True)
             if tail:
                 yield tail
         finally:
-            self.messages.append({"role": "assistant", "content": self.tokenizer.decode(answer)})
+            self.messages.append({"role": "assistant", "content": self.tokenizer.decode_text(answer)})

@@ -3,7 +3,9 @@
 Why it is shaped this way:
 - Chat and text completions share everything after the prompt is built (limits, sampling, running,
   streaming, usage), so each endpoint only turns its request into token-id prompts and stop ids
-  and hands over to `_respond`.
+  and hands over to `_respond`. A text or a conversation becomes ids through the tokenizer's
+  `prompt_ids` and any special id ends a choice (`STOP_IDS`), exactly as in `tinyllm sample` and
+  `tinyllm chat`, so the same prompt gets the same answer here and in the terminal.
 - Every check that depends on the model (the model name, the context length, the vocabulary, how
   many choices one request may run) happens here, before any job is queued, so a refused request
   costs no generation and always gets its 4xx before a stream begins.
@@ -25,7 +27,7 @@ from tinyllm.serve.choices import ChoiceRun, ChoiceSpec, GenerationFailed
 from tinyllm.serve.errors import APIError, error_body
 from tinyllm.serve.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from tinyllm.serve.worker import GenerationWorker, SamplingParams
-from tinyllm.tokenizer import Tokenizer
+from tinyllm.tokenizer import STOP_IDS, Tokenizer
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 AnyRequest = ChatCompletionRequest | CompletionRequest
@@ -69,13 +71,10 @@ class OpenAIEndpoints:
         if req.logprobs:
             raise APIError(400, "logprobs are not supported by this server", param="logprobs")
         try:
-            ids = self.tokenizer.render_chat(
-                [m.as_chatml() for m in req.messages], add_generation_prompt=True
-            ).ids
+            ids = self.tokenizer.prompt_ids(messages=[m.as_chatml() for m in req.messages])
         except UserError as e:
             raise APIError(400, str(e), param="messages") from None
-        stop_ids = frozenset({self.tokenizer.im_end_id, self.tokenizer.eot_id})
-        return await self._respond(request, req, R.CHAT, [ids], stop_ids, echo=None)
+        return await self._respond(request, req, R.CHAT, [ids], STOP_IDS, echo=None)
 
     async def completions(self, request: Request) -> Response:
         req = parse_body(CompletionRequest, await request.body())
@@ -87,9 +86,8 @@ class OpenAIEndpoints:
                 400, "suffix (insertion) is not supported by this server", param="suffix"
             )
         prompts = self._text_prompts(req.prompt)
-        echo = [self.tokenizer.decode(p) for p in prompts] if req.echo else None
-        stop_ids = frozenset({self.tokenizer.eot_id})
-        return await self._respond(request, req, R.TEXT, prompts, stop_ids, echo=echo)
+        echo = [self.tokenizer.decode_text(p) for p in prompts] if req.echo else None
+        return await self._respond(request, req, R.TEXT, prompts, STOP_IDS, echo=echo)
 
     # -- checks ---------------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
@@ -107,9 +105,8 @@ class OpenAIEndpoints:
         items = prompt if isinstance(prompt, list) and not isinstance(prompt[0], int) else [prompt]
         prompts = []
         for item in items:
-            if isinstance(item, str):
-                # An empty prompt starts a fresh document, as in training.
-                prompts.append(self.tokenizer.encode(item) or [self.tokenizer.eot_id])
+            if isinstance(item, str):  # token ids are the client's own and go in as given
+                prompts.append(self.tokenizer.prompt_ids(item))
                 continue
             bad = [t for t in item if not 0 <= t < self.vocab_size]
             if bad:

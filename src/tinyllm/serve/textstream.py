@@ -8,6 +8,8 @@ Why it is shaped this way:
   could be the start of a stop string is held back until the next token shows whether it is one.
   Held text is always a suffix that is a prefix of some stop string, so a stop string can never
   straddle what was sent and what is held.
+- Special ids are markup, not text: they add nothing (`Tokenizer.text_bytes`). Generation stops
+  at them anyway (`STOP_IDS`); this keeps a client from ever reading `<|im_start|>` as content.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class TextStream:
         """Add one token; return the newly sendable text (possibly empty)."""
         if self.stopped:
             return ""
-        self._held += self._utf8.decode(self._tokenizer.decode_bytes([token_id]))
+        self._held += self._utf8.decode(self._tokenizer.text_bytes([token_id]))
         return self._release()
 
     def flush(self) -> str:

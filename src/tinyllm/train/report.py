@@ -29,7 +29,7 @@ from tinyllm.config import TrainConfig
 from tinyllm.errors import UserError
 from tinyllm.eval.qa import QAResult
 from tinyllm.inference.sampling import generate
-from tinyllm.tokenizer import EOT, Tokenizer
+from tinyllm.tokenizer import STOP_IDS, Tokenizer
 from tinyllm.train.device import describe_precision, preserved_rng
 from tinyllm.train.distributed import QuietLog, full_model
 from tinyllm.train.logs import RunLog
@@ -99,9 +99,9 @@ def write_samples(log: RunLog | QuietLog, model: nn.Module, tok: Tokenizer, trai
     with preserved_rng(device), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "stopped at the context" is expected on small models
         for i, prompt in enumerate(train.sample_prompts):
-            ids = generate(model, [EOT, *tok.encode(prompt)], train.sample_tokens, temperature=train.sample_temperature,
-                           top_k=train.sample_top_k or None, seed=train.seed + i, stop_ids=(EOT,))
-            log.sample(step, prompt, tok.decode(list(ids)))
+            ids = generate(model, tok.prompt_ids(prompt), train.sample_tokens, temperature=train.sample_temperature,
+                           top_k=train.sample_top_k or None, seed=train.seed + i, stop_ids=STOP_IDS)
+            log.sample(step, prompt, tok.decode_text(ids))
 
 
 def held_out_qa(tr: Trainer) -> QAResult | None:
