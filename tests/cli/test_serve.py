@@ -1,4 +1,5 @@
-"""`tinyllm serve` serves the run's model to an OpenAI client and stops cleanly on Ctrl-C."""
+"""`tinyllm serve` serves the run's model, under the run's name, to an OpenAI client and stops
+cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import openai
 from tinyllm.cli import serve as serve_cli
 from tinyllm.inference.sampling import generate
 from tinyllm.serve import app as serve_app
+from tinyllm.serve import endpoints as serve_endpoints
 from tinyllm.tokenizer import STOP_IDS, get_tokenizer
 from tinyllm.train.checkpoint import load_model
 
@@ -43,25 +45,28 @@ class Lines:
 
 
 def test_serve_answers_an_openai_client_and_stops_on_ctrl_c(tiny_run):
+    name = tiny_run.path.name  # served under the run's name unless --model-name says otherwise
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tinyllm", "serve", "--run", str(tiny_run.path), "--port", "0", "--model-name", "tiny-run"],
+        [sys.executable, "-m", "tinyllm", "serve", "--run", str(tiny_run.path), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=tiny_run.env)
     try:
         out = Lines(proc.stdout)
         url = out.wait_for(r"Uvicorn running on (http://127\.0\.0\.1:\d+)").group(1)
         health = httpx.get(url + "/health", timeout=10).json()
-        assert health["status"] == "ok" and health["model"] == "tiny-run"
+        assert health["status"] == "ok" and health["model"] == name
 
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        assert [m.id for m in client.models.list()] == [name]
+        assert client.models.retrieve(serve_cli.MODEL_ALIAS).id == name  # the alias still answers
         messages = [{"role": "user", "content": "Who has the kite?"}]
-        reply = client.chat.completions.create(model="tiny-run", messages=messages, max_tokens=6, temperature=0)
+        reply = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0)
 
         # The same greedy tokens the run's model gives in-process, for the same prompt.
         tok = get_tokenizer()
         model, _, _ = load_model(tiny_run.path)
         ids = generate(model, tok.prompt_ids(messages=messages), 6, temperature=0, stop_ids=STOP_IDS)
         assert reply.choices[0].message.content == tok.decode_text(ids)
-        assert reply.model == "tiny-run" and 0 < reply.usage.completion_tokens <= 6
+        assert reply.model == name and 0 < reply.usage.completion_tokens <= 6
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
@@ -84,4 +89,4 @@ def test_help_shows_the_servers_own_defaults():
     defaults = inspect.signature(serve_app.create_app).parameters
     for name, value in serve_cli._DEFAULTS.items():
         assert defaults[name].default == value
-    assert serve_cli.DEFAULT_MODEL_NAME == serve_app.DEFAULT_MODEL_NAME
+    assert serve_cli.MODEL_ALIAS == serve_endpoints.MODEL_ALIAS

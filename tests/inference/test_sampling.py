@@ -126,6 +126,17 @@ def test_stop_id_ends_generation_and_is_not_yielded():
     assert out == free[: free.index(stop)]
 
 
+def test_logit_bias_forces_bans_and_checks_its_token_ids():
+    model = tiny()
+    free = list(generate(model, [3, 4], 6, temperature=0))
+    assert list(generate(model, [3, 4], 6, temperature=0, logit_bias={7: 100})) == [7] * 6
+    sampled = list(generate(model, [3, 4], 20, temperature=1.0, seed=0, logit_bias={7: 100}))
+    assert sampled == [7] * 20
+    assert free[0] not in generate(model, [3, 4], 6, temperature=0, logit_bias={free[0]: -100})
+    with pytest.raises(UserError, match="logit_bias token id 250"):
+        generate(model, [1], 3, logit_bias={250: 1.0})
+
+
 def test_padded_vocabulary_ids_are_never_sampled():
     model = tiny()  # vocab 250, table padded to 256
     with torch.no_grad():

@@ -146,6 +146,23 @@ def test_unsupported_features_are_refused_not_ignored(server, model_name):
     )
 
 
+@pytest.mark.parametrize("fmt", [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}}])
+def test_a_response_format_the_server_cannot_honour_is_400(server, model_name, fmt):
+    for path, body in ((CHAT, chat_body(model_name)), (TEXT, {"model": model_name, "prompt": "a"})):
+        err = assert_openai_error(post(server, path, {**body, "response_format": fmt}), 400,
+                                  param="response_format")
+        assert fmt["type"] in err["message"]
+    r = post(server, CHAT, chat_body(model_name, response_format={"type": "text"}))
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("bias", [{"50260": 1}, {"99999999999999999999": 1}, {"-1": 1}, {"a": 1},
+                                  {"5": 100.5}, {"5": -101}, {"5": "1"}, [1, 2]])
+def test_logit_bias_outside_token_ids_or_the_range_is_400(server, model_name, bias):
+    for path, body in ((CHAT, chat_body(model_name)), (TEXT, {"model": model_name, "prompt": "a"})):
+        assert_openai_error(post(server, path, {**body, "logit_bias": bias}), 400, param="logit_bias")
+
+
 def test_unknown_extra_fields_are_ignored(server, model_name):
     body = chat_body(model_name, user="u1", presence_penalty=0.5, some_future_field={"x": [1]})
     body["messages"][0]["name"] = "alice"

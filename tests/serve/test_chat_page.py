@@ -101,6 +101,8 @@ def test_chat_page_streams_keeps_the_conversation_and_starts_over(page_server, b
     WebDriverWait(browser, 10).until(
         lambda d: d.find_element(By.ID, "model-name").text == model_name
     )
+    assert browser.find_element(By.TAG_NAME, "header").text.count(model_name) == 1
+    assert browser.find_element(By.TAG_NAME, "h1").text == model_name  # the served id, once
     # Greedy decoding and a short answer, set through the page's own controls.
     browser.execute_script(
         "const t = document.getElementById('temperature'); t.value = '0';"

@@ -11,12 +11,16 @@ then re-raises the signal: Ctrl-C, the normal way to stop a server, ends the com
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from tinyllm.cli.run_args import add_run_arguments, load_run
 from tinyllm.errors import UserError
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
 # The library's defaults, repeated so that --help can show them without importing the server.
-DEFAULT_MODEL_NAME = "tinyllm"
+MODEL_ALIAS = "tinyllm"  # the name every server also answers to (tinyllm.serve.endpoints)
 _DEFAULTS = {"max_active": 32, "max_queued": 256, "max_body_bytes": 1 << 20}
 
 
@@ -32,8 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only; "
                    "0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one, printed at start)")
-    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, metavar="NAME",
-                   help=f"the model id clients must ask for, listed by GET /v1/models (default {DEFAULT_MODEL_NAME})")
+    p.add_argument("--model-name", default=None, metavar="NAME",
+                   help="the model id listed by GET /v1/models and named in answers (default: the run "
+                   f"directory's name); requests may also ask for {MODEL_ALIAS!r}")
     p.add_argument("--max-active", type=int, default=_DEFAULTS["max_active"], metavar="N",
                    help=f"sequences generated at once, taking turns token by token (default {_DEFAULTS['max_active']})")
     p.add_argument("--max-queued", type=int, default=_DEFAULTS["max_queued"], metavar="N",
@@ -51,9 +56,10 @@ def run(args: argparse.Namespace) -> int:
     from tinyllm.tokenizer import get_tokenizer
 
     model, _, ckpt = load_run(args, "serve")
-    print(f"serving {ckpt} as model {args.model_name!r}: chat page at /, OpenAI API at /v1 (Ctrl-C stops)", flush=True)
+    name = args.model_name or run_name(ckpt)
+    print(f"serving {ckpt} as model {name!r}: chat page at /, OpenAI API at /v1 (Ctrl-C stops)", flush=True)
     try:
-        serve(model, get_tokenizer(), host=args.host, port=args.port, model_name=args.model_name,
+        serve(model, get_tokenizer(), host=args.host, port=args.port, model_name=name,
               max_active=args.max_active, max_queued=args.max_queued, max_body_bytes=args.max_body_bytes,
               threads=args.threads)
     except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C it caught
@@ -69,5 +75,13 @@ def _check_flags(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < least:
             raise UserError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
-    if not args.model_name.strip():
+    if args.model_name is not None and not args.model_name.strip():
         raise UserError("--model-name must not be empty")
+
+
+def run_name(ckpt: Path) -> str:
+    """The name of the run a checkpoint belongs to: RUN in RUN/checkpoints/step-N."""
+    from tinyllm.train.checkpoint import CHECKPOINTS  # torch: after --help
+
+    ckpt = ckpt.resolve()
+    return ckpt.parent.parent.name if ckpt.parent.name == CHECKPOINTS else ckpt.name

@@ -19,7 +19,7 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -88,13 +88,15 @@ def generate(
     seed: int | None = None,
     stop_ids: Collection[int] = (),
     use_cache: bool = True,
+    logit_bias: Mapping[int, float] | None = None,
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` new token ids, one at a time, for batch-1 `prompt_ids`.
 
     Arguments are checked at the call (UserError), before the first token is asked for. Stops
     before yielding any id in `stop_ids`. The same `seed` gives the same tokens. The model is in
     eval mode while the generator runs and is restored afterwards. See the module docstring for
-    what happens at the end of the context.
+    what happens at the end of the context. `logit_bias` adds a value to a token's logit before
+    each draw (OpenAI's logit_bias: -100 all but bans a token, 100 all but forces it).
     """
     check_sampling_args(temperature, top_k, top_p)
     cfg = model.config
@@ -118,8 +120,17 @@ def generate(
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    bias = None
+    if logit_bias:
+        bad = [t for t in logit_bias if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise UserError(
+                f"logit_bias token id {bad[0]} is outside the model's vocabulary [0, {cfg.vocab_size})"
+            )
+        bias = torch.zeros(cfg.vocab_size, device=device)  # [V]
+        bias[list(logit_bias)] = torch.tensor([float(v) for v in logit_bias.values()], device=device)
     cache = model.make_kv_cache(batch_size=1) if use_cache else None
-    return _stream(model, ids, max_new_tokens, cache, frozenset(stop_ids), sampling)
+    return _stream(model, ids, max_new_tokens, cache, frozenset(stop_ids), sampling, bias)
 
 
 @torch.no_grad()
@@ -130,6 +141,7 @@ def _stream(
     cache: KVCache | None,
     stop_ids: frozenset[int],
     sampling: dict,
+    bias: Tensor | None,
 ) -> Iterator[int]:
     cfg = model.config
     device = next(model.parameters()).device
@@ -153,6 +165,8 @@ def _stream(
             feed = ids[start:] if cache is None else ids[start + cache.length :]
             x = torch.tensor([feed], dtype=torch.long, device=device)
             logits = model(x, kv_cache=cache, last_only=True)[:, -1, :]  # [1, V]
+            if bias is not None:
+                logits = logits.float() + bias
             token = int(sample_next(logits, **sampling)[0])
             if token in stop_ids:
                 return

@@ -23,12 +23,12 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from tinyllm.model.gpt import GPT
-from tinyllm.serve.endpoints import OpenAIEndpoints
+from tinyllm.serve.endpoints import MODEL_ALIAS, OpenAIEndpoints
 from tinyllm.serve.errors import BodyLimitMiddleware, install_error_handlers
 from tinyllm.serve.worker import GenerationWorker
 from tinyllm.tokenizer import Tokenizer
 
-DEFAULT_MODEL_NAME = "tinyllm"
+DEFAULT_MODEL_NAME = MODEL_ALIAS  # `tinyllm serve` passes the run's name instead
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a small model's context
 
 
@@ -44,6 +44,9 @@ def create_app(
     threads: int | None = None,
 ) -> FastAPI:
     """An ASGI app serving `model` under the OpenAI API as `model_name`, plus a chat page at `/`.
+
+    Requests may name the model `model_name` or `MODEL_ALIAS`; responses and GET /v1/models say
+    `model_name`.
 
     max_active: sequences generated at once, taking turns token by token (the rest wait in a
     queue). Total tokens/s does not depend on it; a larger value shortens the wait for a first

@@ -30,6 +30,9 @@ from tinyllm.serve.worker import GenerationWorker, SamplingParams
 from tinyllm.tokenizer import STOP_IDS, Tokenizer
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# Every server also answers to this id, the one it served under before it took its run's name,
+# so clients written against that keep working.
+MODEL_ALIAS = "tinyllm"
 AnyRequest = ChatCompletionRequest | CompletionRequest
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -67,7 +70,7 @@ class OpenAIEndpoints:
 
     async def chat_completions(self, request: Request) -> Response:
         req = parse_body(ChatCompletionRequest, await request.body())
-        self.check_model(req.model)
+        self.check_request(req)
         if req.logprobs:
             raise APIError(400, "logprobs are not supported by this server", param="logprobs")
         try:
@@ -78,7 +81,7 @@ class OpenAIEndpoints:
 
     async def completions(self, request: Request) -> Response:
         req = parse_body(CompletionRequest, await request.body())
-        self.check_model(req.model)
+        self.check_request(req)
         if req.logprobs:
             raise APIError(400, "logprobs are not supported by this server", param="logprobs")
         if req.suffix:
@@ -91,14 +94,35 @@ class OpenAIEndpoints:
 
     # -- checks ---------------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
-        """Raise a 404 unless `name` is the served model's name."""
-        if name != self.model_name:
+        """Raise a 404 unless `name` is the served model's name (or `MODEL_ALIAS`)."""
+        if name not in (self.model_name, MODEL_ALIAS):
             raise APIError(
                 404,
                 f"The model '{name}' does not exist: this server serves '{self.model_name}' "
                 "(see GET /v1/models)",
                 param="model",
                 code="model_not_found",
+            )
+
+    def check_request(self, req: AnyRequest) -> None:
+        """The model, and the options both endpoints share that the schema cannot check alone."""
+        self.check_model(req.model)
+        fmt = req.response_format
+        if fmt is not None and fmt.type != "text":
+            raise APIError(
+                400,
+                f"response_format {fmt.type!r} is not supported by this server: it generates free "
+                'text only, so send {"type": "text"} or leave response_format out',
+                param="response_format",
+            )
+        bad = [t for t in req.token_bias if t >= self.vocab_size]
+        if bad:
+            raise APIError(
+                400,
+                f"invalid 'logit_bias': token id {bad[0]} is outside the vocabulary "
+                f"[0, {self.vocab_size})",
+                param="logit_bias",
+                code="invalid_value",
             )
 
     def _text_prompts(self, prompt: str | list) -> list[list[int]]:
@@ -169,6 +193,7 @@ class OpenAIEndpoints:
                     # Each of the n choices gets its own seed, so they differ but still reproduce.
                     seed=None if req.seed is None else (req.seed + j) % 2**64,
                     stop_ids=stop_ids,
+                    logit_bias=req.token_bias,
                 )
                 specs.append(ChoiceSpec(prompt, params, req.stop_strings))
         return specs

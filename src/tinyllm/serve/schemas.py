@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tinyllm.serve.errors import APIError
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit on `stop`
+MAX_LOGIT_BIAS = 100  # OpenAI's range for a logit_bias value: [-100, 100]
+_TOKEN_ID = re.compile(r"^[0-9]+$")
 
 # Seeds torch.Generator.manual_seed accepts.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
@@ -31,6 +33,11 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    # Only "text" can be honoured; the endpoints refuse the others (json_object, json_schema).
+    type: str
 
 
 class _SamplingFields(_Strict):
@@ -46,6 +53,27 @@ class _SamplingFields(_Strict):
     n: int | None = Field(None, ge=1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    # Keys are token ids as JSON object keys (strings); whether they are in the vocabulary is
+    # checked where the model is known.
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_entries(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (v or {}).items():
+            if not _TOKEN_ID.match(key):
+                raise ValueError(f"key {key!r} is not a token id: keys are token ids such as \"50256\"")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(
+                    f"the bias for token {key} is {value}: biases must be in "
+                    f"[-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]"
+                )
+        return v
+
+    @property
+    def token_bias(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     @field_validator("stop")
     @classmethod

@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +47,7 @@ class SamplingParams:
     top_p: float | None = None
     seed: int | None = None
     stop_ids: frozenset[int] = field(default_factory=frozenset)
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
 
 class Job:
@@ -208,6 +209,7 @@ class GenerationWorker:
                     top_p=p.top_p,
                     seed=p.seed,
                     stop_ids=p.stop_ids,
+                    logit_bias=p.logit_bias,
                 )
             token = next(job._tokens, None)
         except Exception as e:  # a bug, or a job the server should have refused: fail this job only

@@ -14,6 +14,7 @@
       const card = (await resp.json()).data[0];
       state.model = card.id;
       $("model-name").textContent = card.id;
+      document.title = `${card.id} · tinyllm chat`;
       if (card.max_model_len) {
         $("max-tokens").max = String(card.max_model_len);
         if (Number($("max-tokens").value) > card.max_model_len) $("max-tokens").value = String(card.max_model_len);
