@@ -165,6 +165,10 @@ common = {
     "logprobs": mostly(st.none() | st.booleans() | st.integers(-1, 6)),
     "user": json_values,
     "presence_penalty": mostly(st.floats(-2, 2)),
+    "logit_bias": mostly(st.dictionaries(st.integers(0, VOCAB_SIZE - 1).map(str), st.floats(-100, 100), max_size=3)
+                         | st.dictionaries(st.integers(-2, VOCAB_SIZE + 2).map(str) | st.text(max_size=3),
+                                           st.floats(-120, 120) | st.integers(-120, 120), max_size=3)),
+    "response_format": mostly(st.fixed_dictionaries({"type": st.sampled_from(["text"] * 3 + ["json_object"])})),
 }
 models = weighted(st.just(MODEL), st.sampled_from(["", "other"]) | json_values, 0.9)
 completion_bodies = st.fixed_dictionaries(
