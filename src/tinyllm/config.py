@@ -95,7 +95,9 @@ class TrainConfig:
     eval_every: int = 500
     eval_batches: int = 20
     sample_every: int = 1000
-    sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time"])
+    # Prompts the samples during training continue; empty: the openings of the first few val
+    # documents of the run's own data (tinyllm.data.prompts).
+    sample_prompts: list[str] = field(default_factory=list)
     sample_tokens: int = 64
     sample_temperature: float = 0.8
     sample_top_k: int = 50

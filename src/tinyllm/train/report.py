@@ -19,6 +19,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tinyllm.config import TrainConfig
+from tinyllm.data.prompts import opening_prompts
 from tinyllm.errors import UserError
 from tinyllm.eval.qa import QAResult
 from tinyllm.inference.sampling import generate
@@ -93,12 +95,17 @@ class ProgressBar:
 
 
 def write_samples(log: RunLog | QuietLog, model: nn.Module, tok: Tokenizer, train: TrainConfig, step: int,
-                  device: torch.device) -> None:
-    """A continuation of each of `train.sample_prompts`, seeded per prompt so runs compare."""
+                  device: torch.device, data_dir: Path) -> None:
+    """A continuation of each prompt, seeded per prompt so runs compare.
+
+    The prompts are `train.sample_prompts`, or when that is empty the openings of the first val
+    documents in `data_dir` (the run's own data: `tinyllm.data.prompts`).
+    """
+    prompts = train.sample_prompts or opening_prompts(data_dir)
     # Sampling draws random numbers; the training streams must not see it, or resuming drifts.
     with preserved_rng(device), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "stopped at the context" is expected on small models
-        for i, prompt in enumerate(train.sample_prompts):
+        for i, prompt in enumerate(prompts):
             ids = generate(model, tok.prompt_ids(prompt), train.sample_tokens, temperature=train.sample_temperature,
                            top_k=train.sample_top_k or None, seed=train.seed + i, stop_ids=STOP_IDS)
             log.sample(step, prompt, tok.decode_text(ids))

@@ -311,7 +311,7 @@ class Trainer:
         model = distributed.full_model(self.model, self.dist)  # rank 0 samples; FSDP ranks all help gather it
         if model is None:
             return
-        report.write_samples(self.log, model, tok, self.cfg.train, self.step, self.device)
+        report.write_samples(self.log, model, tok, self.cfg.train, self.step, self.device, self.data_dir)
         self.overhead["sample"] = time.monotonic() - started
 
     def _checkpoint(self) -> Path:
