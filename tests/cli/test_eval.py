@@ -73,5 +73,5 @@ def test_a_mix_is_reported_per_source_and_in_total(tiny_run, tmp_path):
     assert math.isclose(report["loss"], by_tokens, rel_tol=1e-9)
     assert sources["builtin"]["floor"] is not None and sources["local-notes"]["floor"] is None
     text = tiny_run.tinyllm("eval", "--run", str(tiny_run.path), "--data", str(data)).stdout
-    assert "its 2 sources together" in text
+    assert "its 2 sources together" in text and "\nby source:\n" in text
     assert f"  local-notes: {sources['local-notes']['loss']:.4f} nats/token" in text

@@ -107,6 +107,8 @@ def format_report(r: dict) -> str:
     ]
     if r["floor"] is not None:
         lines.append(f"corpus floor:  {r['floor']:.4f} nats/token (gap {r['gap']:.4f})")
+    if mixed:
+        lines.append("by source:")
     for name, s in r["sources"].items() if mixed else ():
         bpb = f"{s['bits_per_byte']:.4f} bits/byte" if s["bits_per_byte"] is not None else "n/a bits/byte"
         floor = f", floor {s['floor']:.4f} (gap {s['gap']:.4f})" if s["floor"] is not None else ""
