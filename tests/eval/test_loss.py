@@ -140,11 +140,12 @@ def test_a_mix_is_scored_row_by_row_once_per_source_and_totalled_by_tokens(tmp_p
     sources = resolve_sources([f"{tmp_path / 'small.jsonl'}:3", f"{tmp_path / 'big.jsonl'}:1"])
     out = tmp_path / "ds"
     m = prepare(sources, out, PrepareOptions(val_fraction=0.5, progress=False))
-    r = evaluate_loss(tiny_model, out, batch_size=4, context=T, mode="padded")
+    r = evaluate_loss(tiny_model, out, batch_size=4, context=T)
     by_source = {}
-    for name in ("local-small", "local-big"):
-        docs = source_val_docs(out, m, name)
-        by_source[name] = LossSum(*by_hand(tiny_model, [(d[: T + 1][:-1], d[: T + 1][1:]) for d in docs]))
+    for name in ("local-small", "local-big"):  # each source's rows: the windows of its own stream
+        stream = np.concatenate(source_val_docs(out, m, name))
+        windows = [(stream[k * T : k * T + T], stream[k * T + 1 : k * T + T + 1]) for k in range((len(stream) - 1) // T)]
+        by_source[name] = LossSum(*by_hand(tiny_model, windows))
     total = sum(by_source.values(), LossSum())
     assert 5 * by_source["local-small"].tokens < by_source["local-big"].tokens
     assert r.tokens == total.tokens and r.bytes == total.bytes
