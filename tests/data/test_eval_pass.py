@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tinyllm.data.loader import TokenLoader
+from tinyllm.tokenizer import EOT
 
 from .conftest import ListSource, make_docs
 from .test_prepare import shard_docs
@@ -28,7 +29,7 @@ def expected_rows(out, m, name: str, mode: str) -> list[list[int]]:
     """Every row of one source's train split, in order, built from its shards: each row's inputs."""
     docs = shard_docs(out, m, name, "train")
     if mode == "padded":
-        return [d[: T + 1][:-1] for d in docs]
+        return [[EOT, *d][: T + 1][:-1] for d in docs]  # a padded row: <|endoftext|>, the document
     stream = sum(docs, [])
     return [stream[k * T : k * T + T] for k in range((len(stream) - 1) // T)]
 

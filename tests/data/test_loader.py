@@ -14,7 +14,7 @@ import torch
 from tinyllm.data.document import Document
 from tinyllm.data.loader import TokenLoader
 from tinyllm.errors import UserError
-from tinyllm.tokenizer import IM_START, PAD, get_tokenizer
+from tinyllm.tokenizer import EOT, IM_START, PAD, get_tokenizer
 
 from .conftest import ListSource, make_docs
 from .test_prepare import shard_docs
@@ -50,22 +50,23 @@ def test_packed_rows_are_consecutive_windows_of_the_stream(toy):
             assert b.targets[r].tolist() == tokens[k * T + 1 : k * T + T + 1].tolist()
 
 
-def test_padded_rows_are_documents_with_pad_and_no_loss_after_them(tmp_path, quiet_prepare):
+def test_padded_rows_are_endoftext_and_a_document_with_pad_and_no_loss_after_them(tmp_path, quiet_prepare):
     tok = get_tokenizer()
     docs = [Document(text="one two"), Document(text=" ".join(["word"] * 40)), Document(text="three four five six")]
     m = quiet_prepare([ListSource("toy", docs)], tmp_path, val_fraction=0)
     ids = shard_docs(tmp_path, m, "toy", "train")
     b = TokenLoader(tmp_path, "train", batch_size=3, context=T, mode="padded", sequential=True).next_batch()
-    assert b.inputs.shape == b.targets.shape == (3, T)  # the long document is cut to context + 1
+    assert b.inputs.shape == b.targets.shape == (3, T)  # the long document is cut to fit the context
     for r, doc in enumerate(ids):
-        row = doc[: T + 1]
+        # A document follows <|endoftext|>, as in a packed stream and in every prompt.
+        row = [EOT, *doc][: T + 1]
         n = len(row) - 1
         assert b.inputs[r, :n].tolist() == row[:-1] and b.targets[r, :n].tolist() == row[1:]
         assert (b.inputs[r, n:] == PAD).all() and (b.targets[r, n:] == -1).all()
-    assert tok.decode(b.inputs[0, :2].tolist()) == "one two" and b.inputs[0, 2] == PAD
-    assert tok.decode(b.targets[0, :2].tolist()) == " two<|endoftext|>"  # the model learns to end
+    assert b.inputs[0, :3].tolist() == get_tokenizer().prompt_ids("one two") and b.inputs[0, 3] == PAD
+    assert tok.decode(b.targets[0, :3].tolist()) == "one two<|endoftext|>"  # the model learns to end
     short = TokenLoader(tmp_path, "train", batch_size=1, context=T, mode="padded", sequential=True).next_batch()
-    assert short.inputs.shape == (1, len(ids[0]) - 1)  # padded to the batch's longest row, not to T
+    assert short.inputs.shape == (1, len(ids[0]))  # padded to the batch's longest row, not to T
 
 
 def test_mixture_follows_the_weights(tmp_path, quiet_prepare):
@@ -200,7 +201,7 @@ def expected_rows(out, m, mode: str) -> list[tuple[list[int], list[int]]]:
         tokens, mask = sum(docs, []), sum(masks, [])
         rows = [(tokens[k * TC : k * TC + TC + 1], mask[k * TC : k * TC + TC + 1]) for k in range((len(tokens) - 1) // TC)]
     else:
-        rows = [(d[: TC + 1], mk[: TC + 1]) for d, mk in zip(docs, masks, strict=True)]
+        rows = [([EOT, *d][: TC + 1], [False, *mk][: TC + 1]) for d, mk in zip(docs, masks, strict=True)]
     return [(r[:-1], [t if keep else -1 for t, keep in zip(r[1:], mk[1:], strict=True)])
             for r, mk in rows if any(mk[1:])]
 

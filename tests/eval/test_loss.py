@@ -61,8 +61,8 @@ def test_loss_is_the_token_mean_over_the_split(builtin_data, tiny_model):
 def test_padded_assistant_loss_weights_batches_by_their_targets(builtin_data, tiny_model):
     out, m = builtin_data
     rows = []
-    for tokens, mask in val_docs(out, m):
-        tokens, mask = tokens[: 64 + 1], mask[: 64 + 1]
+    for tokens, mask in val_docs(out, m):  # a padded row: <|endoftext|>, then the document
+        tokens, mask = np.concatenate([[EOT], tokens])[: 64 + 1], np.concatenate([[False], mask])[: 64 + 1]
         if mask[1:].any():
             rows.append((tokens[:-1], np.where(mask[1:], tokens[1:], -1)))
     nats, count, nbytes = by_hand(tiny_model, rows)
@@ -77,11 +77,10 @@ def test_scored_bytes_add_up_to_the_manifests_bytes(builtin_data):
     docs = val_docs(out, m)
     longest = max(len(t) for t, _ in docs)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=longest))  # every document whole
-    r = evaluate_loss(model, out, batch_size=8, context=longest - 1, mode="padded")
-    tok = get_tokenizer()
-    first_tokens = sum(len(tok.decode_bytes([int(t[0])])) for t, _ in docs)  # inputs, never targets
-    assert r.bytes == m["splits"]["val"]["bytes"] - first_tokens
-    assert r.tokens == m["splits"]["val"]["tokens"] - len(docs)
+    r = evaluate_loss(model, out, batch_size=8, context=longest, mode="padded")
+    # A padded row starts with <|endoftext|>, so each document's every token and byte is a target.
+    assert r.bytes == m["splits"]["val"]["bytes"]
+    assert r.tokens == m["splits"]["val"]["tokens"]
 
 
 def test_floor_and_gap_come_from_the_manifest(builtin_data, tiny_model):

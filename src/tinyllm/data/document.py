@@ -8,6 +8,11 @@ mask for chat fine-tuning: the template marks the assistant's tokens, nothing el
 
 `document_from_ids` inverts `document_tokens`, so evaluation can read held-out documents back
 from the shards (the exact data a model was not trained on) instead of re-deriving the split.
+
+A document's ids end with `<|endoftext|>` and a model always reads them after one: the previous
+document's in a packed stream, the one the loader puts first in a padded row, the one
+`Tokenizer.prompt_ids` starts every prompt with. So the QA evaluation's prompt for a question is
+exactly `<|endoftext|>` and this document's ids up to the answer.
 """
 
 from __future__ import annotations

@@ -4,7 +4,10 @@ Why it is shaped this way:
 - A batch is made of rows, and every row is one *unit* of one source: in `packed` mode a window
   of context+1 tokens of that source's token stream (windows start every `context` tokens, so
   each token is a target exactly once per epoch and documents run back to back across their
-  `<|endoftext|>`); in `padded` mode one document cut to context+1 tokens.
+  `<|endoftext|>`); in `padded` mode `<|endoftext|>` then one document, cut to context+1
+  tokens. That first token is what a document follows in a packed stream and what every prompt
+  starts with (`Tokenizer.prompt_ids`), so a model meets a document's start the same way in
+  either mode and at inference.
 - The row sequence is global and a pure function of the seed: global row g takes its source from
   a seeded draw over the weights (or, with `sequential=True`, from a fixed weighted round-robin),
   and each source hands out its units in a seeded permutation per epoch (in order when
@@ -42,7 +45,7 @@ from tinyllm.data.manifest import SPLITS, load_manifest
 from tinyllm.data.prepare import default_builtin_dataset
 from tinyllm.data.shards import Shard
 from tinyllm.errors import UserError
-from tinyllm.tokenizer import PAD, VOCAB_SIZE
+from tinyllm.tokenizer import EOT, PAD, VOCAB_SIZE
 
 __all__ = ["Batch", "TokenLoader", "load_manifest", "default_builtin_dataset"]
 
@@ -79,21 +82,26 @@ class _SourceSplit:
         self.n_units = len(self.units) if self.units is not None else self.n_rows
 
     def _row_range(self, i: int) -> tuple[int, int]:
-        """Global token range of row i: a window of context+1 tokens, or a document cut to context+1."""
+        """Global token range of row i: a window of context+1 tokens, or a document cut to context
+        (`unit` puts <|endoftext|> before it)."""
         if self.mode == "packed":
             return i * self.context, i * self.context + self.context + 1
         s = int(np.searchsorted(self.doc_starts, i, side="right")) - 1
         off = self.shards[s].offsets
         k, base = i - int(self.doc_starts[s]), int(self.tok_starts[s])
         start, end = base + int(off[k]), base + int(off[k + 1])
-        return start, min(end, start + self.context + 1)
+        return start, min(end, start + self.context)
 
     def unit(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Unit k's tokens [n], and in assistant mode its mask [n] (bool: token is the assistant's)."""
         i = int(self.units[k]) if self.units is not None else k
         a, b = self._row_range(i)
         tokens = self._gather(a, b, lambda sh, lo, hi: sh.tokens[lo:hi])
-        return tokens, self._gather(a, b, Shard.assistant) if self.masked else None
+        mask = self._gather(a, b, Shard.assistant) if self.masked else None
+        if self.mode == "padded":
+            tokens = np.concatenate([np.array([EOT], dtype=tokens.dtype), tokens])
+            mask = None if mask is None else np.concatenate([[False], mask])
+        return tokens, mask
 
     def _gather(self, a: int, b: int, read) -> np.ndarray:
         """read(shard, lo, hi) over global tokens a..b-1, which may straddle shards."""
@@ -114,7 +122,7 @@ class _SourceSplit:
             firsts = [int(f) for f in self.tok_starts[:-1]]
             starts = np.concatenate([f + sh.offsets[:-1].astype(np.int64) for f, sh in zip(firsts, self.shards, strict=True)])
             ends = np.concatenate([f + sh.offsets[1:].astype(np.int64) for f, sh in zip(firsts, self.shards, strict=True)])
-            starts, ends = starts + 1, np.minimum(ends, starts + self.context + 1)
+            ends = np.minimum(ends, starts + self.context)  # after the row's <|endoftext|>: all targets
         else:
             starts = np.arange(n, dtype=np.int64) * self.context + 1
             ends = starts + self.context
@@ -215,7 +223,7 @@ class TokenLoader:
             if src.n_docs == 0:
                 fix = "prepare it again with more data or a larger --val-fraction"
             elif src.masked and src.n_rows > 0:
-                within = f" in the first {self.context + 1} tokens of any document" if self.mode == "padded" else ""
+                within = f" in the first {self.context} tokens of any document" if self.mode == "padded" else ""
                 msg = (f"{self.data_dir}: the {self.split} split of source {src.name} has no assistant tokens "
                        f"(chat answers){within} to put the loss on")
                 fix = "fine-tune on chat data (alpaca, reddit-instruct, builtin) or train with the loss on all tokens"
