@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from tinyllm import tomlio
+from tinyllm import fsio, tomlio
 from tinyllm.config_values import coerce, parse_duration
 from tinyllm.errors import UserError
 from tinyllm.model.gpt import GPTConfig
@@ -351,4 +351,5 @@ def to_toml(cfg: Config) -> str:
 
 
 def save_toml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(to_toml(cfg), encoding="utf-8")
+    """Write the config; a crash mid-write leaves the previous file whole."""
+    fsio.atomic_write_text(path, to_toml(cfg))

@@ -1,6 +1,7 @@
 """What a crash at an unlucky moment leaves in `checkpoints/`, and that none of it is ever taken
-for a complete checkpoint or loses one: a kill while an old checkpoint is being deleted, and a
-kill between the two renames that replace a checkpoint saved twice at the same step.
+for a complete checkpoint or loses one: a kill while an old checkpoint is being deleted, a kill
+between the two renames that replace a checkpoint saved twice at the same step, and a kill
+while a resume moves newer checkpoints aside.
 """
 
 from __future__ import annotations
@@ -83,18 +84,21 @@ def test_a_kill_between_the_renames_of_a_resave_keeps_the_checkpoint(tmp_path, p
     assert assert_complete_and_loadable(tmp_path, parts) == [5, 6]
 
 
-def test_discarding_newer_checkpoints_is_safe_against_a_kill_too(tmp_path, parts, monkeypatch):
+def test_setting_newer_checkpoints_aside_is_safe_against_a_kill_too(tmp_path, parts, monkeypatch):
     for step in (1, 2, 3):
         save(tmp_path, step, parts, keep=3)
-    real_rmtree = ckpt.shutil.rmtree
+    real_rename = ckpt.Path.rename
 
-    def killed(path, *args, **kwargs):
-        if path.exists():
-            raise KeyboardInterrupt
-        real_rmtree(path, *args, **kwargs)
+    def killed_after_one(self, target):
+        real_rename(self, target)
+        raise KeyboardInterrupt  # the first checkpoint is moved, the process dies before the next
 
-    monkeypatch.setattr(ckpt.shutil, "rmtree", killed)
+    monkeypatch.setattr(ckpt.Path, "rename", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.discard_after(tmp_path, 1)  # resuming from step 1: steps 2 and 3 go
-    # Newest first, each renamed away before its files go: what is left is whole, and a prefix.
+        ckpt.set_aside_after(tmp_path, 1)  # resuming from step 1: steps 2 and 3 go aside
+    monkeypatch.setattr(ckpt.Path, "rename", real_rename)
+    # Newest first, each moved whole in one rename: what is left is whole, and a prefix...
     assert assert_complete_and_loadable(tmp_path, parts) == [1, 2]
+    # ...and what was moved is whole too, under a name that says what it is.
+    [aside] = (tmp_path / "checkpoints").glob("superseded-*")
+    assert sorted(p.name for p in (aside / "step-00000003").iterdir()) == FILES

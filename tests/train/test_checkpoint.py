@@ -80,7 +80,7 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path,
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_write_text", disk_full)  # dies after the weights are written
+    monkeypatch.setattr(ckpt, "write_synced", disk_full)  # dies after the weights are written
     with pytest.raises(UserError, match="No space left on device.*step-00000001 is intact"):
         save(tmp_path, 2, model, opt, cfg, keep=1)
     assert ckpt.latest_checkpoint(tmp_path) == good

@@ -6,7 +6,7 @@ import torch
 from tinyllm.config import resolve
 from tinyllm.errors import UserError
 from tinyllm.model.gpt import GPT
-from tinyllm.train.checkpoint import discard_after, list_checkpoints, save_checkpoint
+from tinyllm.train.checkpoint import save_checkpoint
 from tinyllm.train.optim import build_optimizer
 from tinyllm.train.run_dir import plan_run
 
@@ -53,9 +53,3 @@ def test_explicit_resume_needs_a_checkpoint(tmp_path):
         plan_run(tmp_path, resume="auto")
     with pytest.raises(UserError, match="--resume needs the run to continue"):
         plan_run(None, resume="auto")
-
-
-def test_discard_after_drops_only_newer_checkpoints(tmp_path):
-    make_run(tmp_path, tmp_path, steps=(2, 4, 6))
-    assert [p.name for p in discard_after(tmp_path, 4)] == ["step-00000006"]
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000004"]

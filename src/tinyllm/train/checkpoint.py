@@ -11,8 +11,10 @@ Why it is shaped this way: a checkpoint is the sum of the state of everything st
 the format that suits it. It is built in a hidden temporary directory, every file and the
 directory are fsynced, and only then is it renamed into place; a name `step-*` therefore always
 means a complete checkpoint, and a crash mid-write leaves the previous ones untouched. Old
-checkpoints are pruned only after the new one is in place, and are renamed out of the `step-*`
-namespace before being deleted, so a kill mid-delete never leaves a half-deleted `step-*`.
+checkpoints are pruned only after the new one is in place, only those older than it, and are
+renamed out of the `step-*` namespace before being deleted, so a kill mid-delete never leaves a
+half-deleted `step-*`. Resuming from an older checkpoint deletes nothing: the newer ones are moved
+to `checkpoints/superseded-DATE-TIME/` (`set_aside_after`).
 A write that fails (disk full, no permission) removes its temporary and becomes a UserError
 saying the previous checkpoint is intact.
 
@@ -29,6 +31,7 @@ import pickle
 import random
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,12 +46,15 @@ from torch import nn
 
 from tinyllm.config import Config, read_toml, resolve, to_toml
 from tinyllm.errors import UserError
+from tinyllm.fsio import fsync_dir, fsync_file, write_synced
 from tinyllm.model.gpt import GPT
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # A checkpoint set aside while the same step is saved again; complete, so it counts until replaced.
 _SET_ASIDE = re.compile(r"^\.old-(step-\d+)-\d+$")
+# Checkpoints of an abandoned timeline (newer than the one a resume continued from), kept aside.
+SUPERSEDED = "superseded-"
 _FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.toml")
 
 
@@ -73,12 +79,46 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def discard_after(run_dir: str | Path, step: int) -> list[Path]:
-    """Delete a run's checkpoints newer than `step` (a timeline abandoned by resuming earlier)."""
+def set_aside_after(run_dir: str | Path, step: int) -> Path | None:
+    """Move a run's checkpoints newer than `step` into `checkpoints/superseded-DATE-TIME/`.
+
+    Resuming from an older checkpoint starts a new timeline; the newer checkpoints belong to the
+    old one. They are the user's work, so they are kept whole, out of the `step-*` names that
+    resuming and rotation read, with a note saying what they are. Returns the folder, or None
+    when nothing was newer.
+    """
     newer = [p for p in list_checkpoints(run_dir) if _step_of(p) > step]
+    if not newer:
+        return None
+    root = Path(run_dir) / CHECKPOINTS
+    aside = _new_superseded_dir(root)
+    (aside / "README.txt").write_text(
+        f"These checkpoints came after step {step}, which `tinyllm train --resume` continued from on "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}; the run now goes on from there without them.\n"
+        f"They are complete and untouched: continue one with `tinyllm train --resume {aside}/step-N`, "
+        "or delete this folder when it is no longer wanted.\n", encoding="utf-8")
     for p in reversed(newer):  # newest first: cut short, what is left is still a run up to some step
-        _delete(p)
-    return newer
+        p.rename(aside / checkpoint_name(_step_of(p)))
+    fsync_dir(root)
+    return aside
+
+
+def _new_superseded_dir(root: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):  # two resumes in one second get folders of their own
+        path = root / (f"{SUPERSEDED}{stamp}" if n == 1 else f"{SUPERSEDED}{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"{root} has 999 superseded-{stamp}* folders: remove some")
+
+
+def run_dir_of(ckpt: str | Path) -> Path:
+    """The run a checkpoint belongs to: RUN for RUN/checkpoints/step-N and for a superseded one."""
+    parent = Path(ckpt).parent
+    return parent.parent.parent if parent.name.startswith(SUPERSEDED) else parent.parent
 
 
 def _step_of(path: Path) -> int:
@@ -105,7 +145,7 @@ def save_checkpoint(
     config: Config,
     keep: int,
 ) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep`. Returns its path.
+    """Write checkpoint `step` atomically, then delete older ones beyond `keep` in all. Returns its path.
 
     A failed write (disk full, permissions) raises UserError; the checkpoints already there are untouched.
     """
@@ -118,7 +158,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         _write_files(tmp, step, model, optimizer, state, config)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same step saved twice (e.g. a periodic and a final save)
             old = root / f".old-{checkpoint_name(step)}-{os.getpid()}"
             final.rename(old)
@@ -126,7 +166,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -141,7 +181,9 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep]:
+    # Only after the new one is complete, and only older ones: `final` and `keep - 1` before it stay.
+    older = [p for p in list_checkpoints(run_dir) if _step_of(p) < step]
+    for old in older[: max(0, len(older) - (keep - 1))]:
         _delete(old)
     return final
 
@@ -154,12 +196,12 @@ def _write_files(
                               metadata={"step": str(step)})
     else:  # save_model drops the second name of a tied tensor; load_model restores the tie.
         save_safetensors_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
-    _fsync_file(tmp / "model.safetensors")
+    fsync_file(tmp / "model.safetensors")
     _save_torch(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
     _save_torch(_torch_rng_state(), tmp / "rng.pt")
     record = {"step": step, **state, "python_rng": _python_rng_state(), "numpy_rng": _numpy_rng_state()}
-    _write_text(tmp / "state.json", json.dumps(record, indent=1))
-    _write_text(tmp / "config.toml", to_toml(config))
+    write_synced(tmp / "state.json", json.dumps(record, indent=1))
+    write_synced(tmp / "config.toml", to_toml(config))
 
 
 def _save_torch(obj: Any, path: Path) -> None:
@@ -174,28 +216,6 @@ def _save_torch(obj: Any, path: Path) -> None:
             raise
         f.flush()
         os.fsync(f.fileno())
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_stale_temporaries(root: Path) -> None:

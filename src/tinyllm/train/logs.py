@@ -21,6 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from tinyllm.fsio import atomic_write_text
 from tinyllm.train.plot import plot_loss
 
 METRICS = "metrics.jsonl"
@@ -61,7 +62,8 @@ class RunLog:
                 continue
             if record.get("step", math.inf) <= resume_step:
                 kept.append(record)
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        # Replaced whole, never truncated in place: a kill mid-rewrite keeps the old loss curve.
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     def write(self, text: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from tinyllm.config import DEFAULT_PRESET, Config, read_toml, resolve
 from tinyllm.errors import UserError
-from tinyllm.train.checkpoint import find_checkpoint, latest_checkpoint
+from tinyllm.train.checkpoint import find_checkpoint, latest_checkpoint, run_dir_of
 from tinyllm.train.sft import sft_config
 
 CONFIG_FILE = "config.toml"
@@ -60,7 +60,7 @@ def plan_run(
         if resume == "auto":
             raise UserError("--resume needs the run to continue: add --out RUN_DIR")
         # Continuing a given checkpoint writes into the run it belongs to.
-        run_dir = find_checkpoint(resume).parent.parent if resume else default_run_dir("sft" if stage == "sft" else preset)
+        run_dir = run_dir_of(find_checkpoint(resume)) if resume else default_run_dir("sft" if stage == "sft" else preset)
     run_dir = Path(run_dir)
     source = _resume_point(run_dir, resume)
     if source is None:

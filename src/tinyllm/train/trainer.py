@@ -104,8 +104,10 @@ class Trainer:
             self._restore(resume_from)
         self.log = (RunLog(self.run_dir, resume_step=self.step if resume_from else None, floor=self.floor, echo=echo)
                     if self.dist.is_main else distributed.QuietLog())
-        for path in ckpt.discard_after(self.run_dir, self.step) if resume_from and self.dist.is_main else ():
-            self.log.write(f"removed {path}: it came after the checkpoint this run continues from")
+        aside = ckpt.set_aside_after(self.run_dir, self.step) if resume_from and self.dist.is_main else None
+        if aside is not None:
+            self.log.write(f"moved the checkpoints after step {self.step} to {aside} (kept, not deleted): "
+                           f"this run continues from {resume_from}")
         if self.dist.is_main:
             save_toml(cfg, self.run_dir / "config.toml")
         self.stop_reason: str | None = None  # what all ranks agreed on; ends the loop
