@@ -90,6 +90,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # "auto": bf16 autocast on CUDA with bf16 and on CPUs with native bf16 units, else fp32.
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    # What "auto" chose when the run started, written by the trainer into the run's config.toml
+    # (a CPU times a GEMM, which can come out either way): a resume, or a run from that file,
+    # keeps it instead of timing again. "" until then; read only while dtype is "auto".
+    auto_dtype: Literal["", "bf16", "fp32"] = ""
     compile: bool = False
     log_every: int = 10
     eval_every: int = 500

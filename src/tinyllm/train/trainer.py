@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -72,7 +72,7 @@ class Trainer:
         self.dist, self.device = distributed.setup(pick_device(t.device), t.parallel)
         self.echo = echo and self.dist.is_main  # only rank 0 prints
         configure_backends(self.device)
-        self.amp = autocast_dtype(self.device, t.dtype)
+        self.amp = self._precision()
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model, self.device)
         if t.stage == "sft" and resume_from is None:  # resuming restores the run's own weights instead
@@ -108,8 +108,10 @@ class Trainer:
         if aside is not None:
             self.log.write(f"moved the checkpoints after step {self.step} to {aside} (kept, not deleted): "
                            f"this run continues from {resume_from}")
+        if t.dtype == "auto":  # recorded in config.toml (the run's and each checkpoint's): resumes keep it
+            self.cfg = replace(cfg, train=replace(t, auto_dtype="bf16" if self.amp is torch.bfloat16 else "fp32"))
         if self.dist.is_main:
-            save_toml(cfg, self.run_dir / "config.toml")
+            save_toml(self.cfg, self.run_dir / "config.toml")
         self.stop_reason: str | None = None  # what all ranks agreed on; ends the loop
         self.stop_requested: str | None = None  # this process's wish; a signal handler writes it
         self.overhead = {"eval": 0.0, "sample": 0.0, "checkpoint": 0.0}
@@ -132,6 +134,16 @@ class Trainer:
         return [(b.inputs.to(self.device), b.targets.to(self.device))
                 for _, b in val.eval_pass(self.cfg.train.eval_batches * val.batch_size)]
 
+    def _precision(self) -> torch.dtype | None:
+        """The autocast dtype, decided once for all ranks.
+
+        "auto" on a CPU times a GEMM, which can come out either way: rank 0 decides and every rank
+        takes its answer, and a run that recorded its choice (`train.auto_dtype`) keeps it.
+        """
+        t = self.cfg.train
+        wanted = t.auto_dtype if t.dtype == "auto" and t.auto_dtype else t.dtype
+        return distributed.from_main(autocast_dtype(self.device, wanted) if self.dist.is_main else None, self.dist)
+
     def _restore(self, path: Path) -> None:
         place = partial(distributed.load_sharded, self.model, self.optimizer) if self.dist.sharded else None
         state = ckpt.load_training_state(path, self.model, self.optimizer, place=place)
@@ -143,7 +155,7 @@ class Trainer:
             self.schedule_fitted = bool(state["schedule_fitted"])
         self.loader.load_state_dict(state["loader"])
         self.last_val = state["val_loss"]
-        if self.cfg.train.dtype == "auto":  # keep the precision "auto" chose, so resuming is exact
+        if self.cfg.train.dtype == "auto":  # checkpoints older than train.auto_dtype record it only here
             self.amp = torch.bfloat16 if state["precision"] == "bf16" else None
 
     # -- the loop -------------------------------------------------------------------------------
