@@ -105,6 +105,14 @@ def test_stop_string_cuts_the_text_streaming_and_not(client, model_name):
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
 
 
+def _text(choice) -> str:
+    """A choice's text: chat or text completion, whole or a streamed chunk's."""
+    for part in ("message", "delta"):
+        if hasattr(choice, part):
+            return getattr(choice, part).content or ""
+    return choice.text or ""
+
+
 @pytest.mark.parametrize("special", sorted(STOP_IDS))
 def test_a_special_token_ends_the_choice_and_is_never_text(tokenizer, preferring, special):
     """Chat and text completions, streamed and not: a special id the model writes (each ~0.3 of
@@ -119,16 +127,26 @@ def test_a_special_token_ends_the_choice_and_is_never_text(tokenizer, preferring
             streams = [client.chat.completions.create(**chat, stream=True),
                        client.completions.create(**text, stream=True)]
             for r, stream in zip(whole, streams, strict=True):
-                choice = r.choices[0]
-                content = choice.message.content if r.object == "chat.completion" else choice.text
-                assert choice.finish_reason == "stop" and r.usage.completion_tokens < 60
+                content = _text(r.choices[0])
+                assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 60
                 assert not any(name in content for name in names), content
-                pieces, finishes = [], []
-                for chunk in stream:
-                    c = chunk.choices[0]
-                    pieces.append((c.delta.content if hasattr(c, "delta") else c.text) or "")
-                    finishes += [c.finish_reason] if c.finish_reason else []
-                assert "".join(pieces) == content and finishes == ["stop"]
+                chunks = [c.choices[0] for c in stream if c.choices]
+                assert "".join(map(_text, chunks)) == content
+                assert [c.finish_reason for c in chunks if c.finish_reason] == ["stop"]
+
+
+@pytest.mark.parametrize("special", sorted(STOP_IDS))
+def test_a_special_token_forced_by_logit_bias_ends_the_choice_with_no_text(client, model_name, special):
+    bias = {str(special): 100}  # the greedy choice at every step
+    chat = dict(model=model_name, messages=HELLO, max_tokens=8, temperature=0, logit_bias=bias)
+    text = dict(model=model_name, prompt="Hi", max_tokens=8, temperature=0, logit_bias=bias)
+    for r in (client.chat.completions.create(**chat), client.completions.create(**text)):
+        assert (_text(r.choices[0]), r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "stop", 0)
+    for stream in (client.chat.completions.create(**chat, stream=True),
+                   client.completions.create(**text, stream=True)):
+        chunks = [c.choices[0] for c in stream if c.choices]
+        assert "".join(map(_text, chunks)) == ""
+        assert [c.finish_reason for c in chunks if c.finish_reason] == ["stop"]
 
 
 def test_echo_gives_back_the_prompt_text_without_its_markup(client, tokenizer, model_name):
