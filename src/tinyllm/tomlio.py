@@ -24,12 +24,19 @@ loads = tomllib.loads
 
 
 def read_toml(path: str | Path) -> dict:
-    """A TOML file as a dict; a missing or malformed file is a UserError naming it."""
+    """A TOML file as a dict; a file that is missing, unreadable or malformed is a UserError naming it."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
         raise UserError(f"config file {path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory: name a .toml file") from None
+    except OSError as e:  # no permission, an I/O error
+        raise UserError(f"cannot read config file {path} ({e.strerror or e}): make it readable") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                        "save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML: {e}") from None
 

@@ -46,3 +46,12 @@ def test_a_folder_in_use_is_refused(tiny_run, tmp_path):
     r = tiny_run.tinyllm("export", "--run", str(tiny_run.path), "--out", str(tmp_path))
     assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_an_out_that_cannot_be_written_is_one_line(tiny_run, tmp_path):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "hf"  # a folder cannot be made inside a file (as root too)
+    r = tiny_run.tinyllm("export", "--run", str(tiny_run.path), "--out", str(out))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"--out {out}: cannot write" in r.stderr and "pick another --out" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

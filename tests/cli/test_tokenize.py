@@ -34,6 +34,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         (["--decode", "[50260]"], "out of range"),
         (["--decode", "not json"], "JSON list"),
         (["--chat", str(tmp_path / "missing.json")], "no such file"),
+        (["--chat", str(tmp_path)], f"--chat {tmp_path} is a directory: name a JSON file of messages"),
     ]:
         r = tinyllm("tokenize", *args)
         assert r.returncode == 2, args

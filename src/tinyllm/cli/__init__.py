@@ -2,19 +2,24 @@
 
 A subcommand module defines `register(subparsers)`, which adds its parser and sets
 `func=run` where `run(args) -> int` parses nothing more and calls library code. `main` turns a
-`UserError` into one line on stderr and exit status 2; anything else is a bug and keeps its
-traceback.
+`UserError` into one line on stderr and exit status 2; so is an OSError that only the machine can
+cause (a full disk, a read-only file system, no permission) and that names its file, wherever it
+arose. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
 import importlib
 import sys
 
 from tinyllm import __version__
 from tinyllm.errors import UserError
+
+# OSErrors that are the machine's state, not a mistake in tinyllm: said in one line with the file.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG}
 
 # Subcommands in the order `tinyllm --help` lists them. A name is added here only once it works.
 SUBCOMMANDS = ["tokenize", "prepare", "train", "sample", "chat", "eval", "export", "serve", "bench"]
@@ -45,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"tinyllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS or not e.filename:
+            raise
+        print(f"tinyllm {args.command}: error: {e.filename}: {e.strerror}: free disk space or fix its permissions, "
+              "then run the command again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tinyllm {args.command}: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from tinyllm.cli.run_args import add_run_arguments, load_run
+from tinyllm.errors import UserError
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -32,7 +33,11 @@ def run(args: argparse.Namespace) -> int:
     from tinyllm.export import export_hf, hf_architecture  # torch: after --help
 
     model, _, ckpt = load_run(args, "export")
-    out = export_hf(model, args.out, dtype=args.dtype)
+    try:
+        out = export_hf(model, args.out, dtype=args.dtype)
+    except OSError as e:  # export_hf writes a temporary folder and renames it: nothing half-written is left
+        raise UserError(f"--out {args.out}: cannot write {e.filename or args.out} ({e.strerror or e}): pick another "
+                        "--out, or free disk space or make its parent folder writable") from None
     print(f"wrote {out}: {hf_architecture(model.config)}, {args.dtype}, from {ckpt}")
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) "
           "(and AutoTokenizer for its ChatML tokenizer)")

@@ -63,6 +63,10 @@ def _read_chat(path: str) -> list[dict]:
             messages = json.load(f)
     except FileNotFoundError:
         raise UserError(f"--chat {path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"--chat {path} is a directory: name a JSON file of messages") from None
+    except OSError as e:  # no permission, an I/O error
+        raise UserError(f"--chat {path}: cannot read it ({e.strerror or e}); make it readable") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"--chat {path}: not valid UTF-8 JSON ({e})") from None
     if isinstance(messages, dict) and "messages" in messages:
