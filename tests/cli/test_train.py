@@ -81,3 +81,15 @@ def _steps(run) -> list[int]:
     except FileNotFoundError:
         return []
     return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+
+def test_a_log_redirected_to_a_file_holds_the_step_lines_and_no_bar_redraws(tmp_path, data):
+    log = tmp_path / "train.log"
+    with open(log, "w") as f:  # as nohup, SLURM and CI keep it: stdout and stderr in one file
+        r = subprocess.run([sys.executable, "-m", "tinyllm", "train", "--preset", "tiny", "--data", data,
+                            "--out", str(tmp_path / "run"), "--max-steps", "5", "--eval-every", "0",
+                            "--sample-every", "0"], stdout=f, stderr=subprocess.STDOUT)
+    text = log.read_bytes().decode()  # bytes as written: reading text would turn each \r into \n
+    assert r.returncode == 0, text
+    assert "\r" not in text
+    assert all(f"step {n} | loss " in text for n in range(1, 6))  # the periodic lines (log_every 1) are all there

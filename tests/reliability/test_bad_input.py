@@ -117,6 +117,27 @@ def test_bad_config_file_is_one_line_naming_key_and_fix(run_copy, tmp_path, toml
     assert snapshot(run_copy, config) == before
 
 
+@pytest.mark.parametrize(("make", "expected"), [
+    (Path.mkdir, "is a directory: name a .toml file"),
+    (lambda p: p.write_text("[train]\nmax_steps = 10\n", encoding="utf-16"),
+     "is not UTF-8 text (byte 0xff at offset 0): save it as UTF-8"),
+], ids=["directory", "utf-16"])
+def test_a_config_file_that_cannot_be_read_is_one_line(run_copy, tmp_path, make, expected):
+    config = tmp_path / "bad.toml"
+    make(config)
+    before = snapshot(run_copy)
+    assert_user_error(cli("train", "--out", str(run_copy), "--config", str(config)), f"config file {config} {expected}")
+    assert snapshot(run_copy) == before
+
+
+def test_an_out_that_cannot_be_written_is_one_line(data, tmp_path):
+    (tmp_path / "file").write_text("")
+    run = tmp_path / "file" / "run"  # a directory cannot be made inside a file (as root too)
+    r = cli("train", *TINY, "--data", str(data), "--out", str(run), "--max-steps", "2")
+    assert_user_error(r, f"cannot write {run} (Not a directory): pick another --out")
+    assert (tmp_path / "file").read_text() == ""
+
+
 def test_a_model_too_large_for_memory_is_a_one_line_error(data, tmp_path):
     run = tmp_path / "run"
     # 2**33 positions x 32 wide is a 1 TiB embedding table: refused by the allocator up front.

@@ -1,6 +1,8 @@
 """A checkpoint write that fails (disk full, no permission) stops training with a one-line message,
 leaves every earlier checkpoint byte for byte as it was and no temporary behind, and the run
-resumes from the last good checkpoint once the problem is fixed.
+resumes from the last good checkpoint once the problem is fixed. A run log that cannot be written
+(metrics, the text log, TensorBoard, the plot) stops the run the same way, with the step it
+reached saved.
 
 Disk full is simulated twice: in-process by making the writer raise ENOSPC halfway through a
 checkpoint, and in a real process by a file-size limit (RLIMIT_FSIZE) that lets the weights
@@ -10,17 +12,20 @@ through but not the optimizer state, so the write fails for real inside `torch.s
 from __future__ import annotations
 
 import errno
+import json
 import os
 import resource
 from pathlib import Path
 
 import pytest
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 import tinyllm.train.checkpoint as ckpt
 from tinyllm.errors import UserError
+from tinyllm.train.logs import METRICS, PLOT, TEXT_LOG
 from tinyllm.train.trainer import Trainer
 
-from .conftest import assert_user_error, cli, snapshot, tiny_config
+from .conftest import TINY, assert_user_error, cli, snapshot, tiny_config
 
 
 def checkpoint_files(run: Path) -> dict:
@@ -117,3 +122,70 @@ def test_a_real_write_failure_in_a_real_process(run_copy):
     r = cli("train", "--out", str(run_copy), "--max-steps", "4")
     assert r.returncode == 0, r.stderr
     assert "resuming at step 2" in r.stdout and ckpt.latest_checkpoint(run_copy).name == "step-00000004"
+
+
+# -- the run's own logs: metrics, the text log, TensorBoard, the plot ---------------------------
+
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+
+
+def disk_full(log, which: str) -> Path:
+    """From now on, writes to the run log's `which` file fail as on a full disk (ENOSPC from the
+    kernel: /dev/full); returns the path the error should name."""
+    if which == "text":
+        log._text = open("/dev/full", "w", encoding="utf-8")  # the run log closes it
+        return log.run_dir / TEXT_LOG
+    if which == "metrics":
+        log._metrics = open("/dev/full", "a", encoding="utf-8")
+        return log.run_dir / METRICS
+    if which == "tensorboard":
+        log._tb._records = RecordWriter(open("/dev/full", "ab"))
+        return log._tb.path
+    (log.run_dir / f".{PLOT}.tmp").symlink_to("/dev/full")  # the plot's temporary name, before its rename
+    return log.run_dir / PLOT
+
+
+@needs_dev_full
+@pytest.mark.parametrize(("which", "stops_at"), [("text", 3), ("metrics", 3), ("tensorboard", 3), ("plot", 4)])
+def test_a_log_on_a_full_disk_stops_the_run_saved_and_it_resumes(data, tmp_path, which, stops_at):
+    run = tmp_path / "run"
+    cfg = tiny_config(data, max_steps=6, checkpoint_every=2, eval_every=2)  # the plot is drawn at each eval
+    trainer = Trainer(cfg, run, echo=False)
+    original, failing = trainer._after_step, []
+
+    def fill_the_disk_after_step_2(*args):
+        original(*args)
+        if trainer.step == 2:
+            failing.append(disk_full(trainer.log, which))
+
+    trainer._after_step = fill_the_disk_after_step_2
+    with pytest.raises(UserError) as caught:
+        trainer.run()
+    saved = run / ckpt.CHECKPOINTS / f"step-{stops_at:08d}"
+    assert str(caught.value) == (
+        f"cannot write {failing[0]} (No space left on device): free disk space or make {failing[0].parent} writable, "
+        f"then continue from {saved} with: tinyllm train --out {run} --resume")
+    assert ckpt.latest_checkpoint(run) == saved and leftovers(run) == []
+    assert trainer.log._text.closed and trainer.log._metrics.closed
+    steps = [json.loads(line)["step"] for line in (run / METRICS).read_text().splitlines()]
+    assert steps[:3] == [0, 1, 2]  # what was written before the disk filled stays
+
+    resumed = Trainer(cfg, run, resume_from=ckpt.latest_checkpoint(run), echo=False)
+    assert resumed.step == stops_at and resumed.run().steps == 6
+    steps = [json.loads(line)["step"] for line in (run / METRICS).read_text().splitlines()]
+    assert steps[-1] == 6 and steps == sorted(steps)
+
+
+@needs_dev_full
+def test_a_full_disk_under_the_metrics_in_a_real_process(data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / METRICS).symlink_to("/dev/full")  # every write to metrics.jsonl fails with ENOSPC
+    r = cli("train", *TINY, "--data", str(data), "--out", str(run), "--max-steps", "3")
+    assert_user_error(r, f"cannot write {run / METRICS} (No space left on device): free disk space",
+                      f"then continue from {run / ckpt.CHECKPOINTS / 'step-00000001'} with: "
+                      f"tinyllm train --out {run} --resume")
+    (run / METRICS).unlink()  # space freed
+    r = cli("train", "--out", str(run), "--resume", "--max-steps", "3")
+    assert r.returncode == 0, r.stderr
+    assert "resuming at step 1" in r.stdout and ckpt.latest_checkpoint(run).name == "step-00000003"

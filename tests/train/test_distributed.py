@@ -7,6 +7,7 @@ the same rows and average the same gradients; they agree to float32 rounding (~1
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.run
 
 from tinyllm.cli import build_parser, main
 from tinyllm.cli.train import command_line
@@ -132,6 +134,22 @@ def test_mistakes_are_one_line_before_any_process_starts(tmp_path, data, monkeyp
     assert "not a multiple of micro_batch x context x processes (2 x 32 x 3 = 192)" in err[1]
     assert "under torchrun every process must write to the same run: add --out RUN_DIR" in err[2]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_nproc_gives_the_workers_their_threads_and_leaves_this_process_as_it_was(tmp_path, data, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    seen = {}
+
+    def torchrun(config):  # stands in for torchrun: what would its workers inherit?
+        seen["threads"] = os.environ.get("OMP_NUM_THREADS")
+
+    monkeypatch.setattr(torch.distributed.run, "run", torchrun)
+    cfg = resolve("tiny", overrides=[("data.dir", data, "test"), ("train.device", "cpu", "test")])
+    level = logging.getLogger("torch.distributed").level
+    assert distributed.launch(2, ["--out", str(tmp_path)], tmp_path, cfg) == 0
+    assert seen["threads"] == str(max(1, (os.cpu_count() or 1) // 2))  # the processes share the cores
+    assert "OMP_NUM_THREADS" not in os.environ
+    assert logging.getLogger("torch.distributed").level == level
 
 
 # -- two processes ----------------------------------------------------------------------------

@@ -1,8 +1,15 @@
 """Run logs: metrics.jsonl, the human log, the plot, and cutting the logs back on resume."""
 
+import contextlib
 import json
+import os
+import re
+from pathlib import Path
 
-from tinyllm.train.logs import METRICS, PLOT, TEXT_LOG, RunLog
+import pytest
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+from tinyllm.train.logs import METRICS, PLOT, TEXT_LOG, LogWriteError, RunLog
 
 
 def records(run):
@@ -45,8 +52,75 @@ def test_a_fresh_start_clears_old_metrics(tmp_path):
     assert (tmp_path / METRICS).read_text() == ""
 
 
-def test_tensorboard_events_are_written(tmp_path):
+def tensorboard_scalars(run, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    return [(e.step, round(e.value, 4)) for e in events.Scalars(tag)]
+
+
+def test_tensorboard_reads_the_events_back_and_a_resume_replaces_later_steps(tmp_path):
     log = RunLog(tmp_path, echo=False)
-    log.metrics({"step": 1, "loss": 2.0, "lr": 0.1, "tokens": 8})
+    for step in range(1, 6):
+        log.metrics({"step": step, "loss": 1.0 / step, "lr": 0.1, "tokens": 8 * step})
+    log.sample(5, "Once", " upon")
     log.close()
-    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+    log = RunLog(tmp_path, resume_step=3, echo=False)
+    log.metrics({"step": 4, "loss": 0.9, "lr": 0.1, "tokens": 32})
+    log.close()
+    assert tensorboard_scalars(tmp_path, "loss/train") == [(1, 1.0), (2, 0.5), (3, 0.3333), (4, 0.9)]
+    assert tensorboard_scalars(tmp_path, "train/tokens") == [(1, 8), (2, 16), (3, 24), (4, 32)]
+
+
+# -- a file that cannot be written: one UserError naming it, not a traceback from inside a writer ---
+
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+
+
+def disk_full(log: RunLog, which: str) -> Path:
+    """From now on, writes to the log's `which` file fail as on a full disk; returns that file's path."""
+    if which == "text":
+        log._text = open("/dev/full", "w", encoding="utf-8")  # RunLog closes it
+        return log.run_dir / TEXT_LOG
+    if which == "metrics":
+        log._metrics = open("/dev/full", "a", encoding="utf-8")
+        return log.run_dir / METRICS
+    if which == "tensorboard":
+        log._tb._records = RecordWriter(open("/dev/full", "ab"))
+        return log._tb.path
+    (log.run_dir / f".{PLOT}.tmp").symlink_to("/dev/full")  # the plot's temporary name, before its rename
+    return log.run_dir / PLOT
+
+
+def log_a_step(log: RunLog, step: int) -> None:
+    log.metrics({"step": step, "loss": 1.0, "lr": 0.1, "tokens": 8 * step, "val_loss": 1.1})
+    log.write(f"step {step}")
+    log.sample(step, "Once", " upon")
+    log.plot()
+
+
+@needs_dev_full
+@pytest.mark.parametrize("which", ["text", "metrics", "tensorboard", "plot"])
+def test_a_full_disk_is_a_user_error_naming_the_file(tmp_path, which):
+    log = RunLog(tmp_path, echo=False)
+    log_a_step(log, 1)
+    plot = (tmp_path / PLOT).read_bytes()
+    path = disk_full(log, which)
+    with pytest.raises(LogWriteError, match=rf"cannot write {re.escape(str(path))} \(No space left on device\): "
+                                            "free disk space or make .* writable") as caught:
+        log_a_step(log, 2)
+    assert caught.value.path == path
+    with contextlib.suppress(LogWriteError):  # the failed file's unwritten bytes fail again
+        log.close()
+    assert all(f.closed for f in (log._text, log._metrics))
+    if which != "plot":
+        return
+    assert not (tmp_path / f".{PLOT}.tmp").exists()  # no half image left behind
+    assert (tmp_path / PLOT).read_bytes() == plot  # the last good plot stays
+
+
+def test_a_run_directory_that_cannot_be_made_names_it_and_the_fix(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LogWriteError, match=r"cannot write .*file/run \(Not a directory\): pick another --out"):
+        RunLog(tmp_path / "file" / "run", echo=False)

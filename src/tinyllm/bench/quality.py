@@ -83,12 +83,15 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _train(name: str, cfg, run_dir: Path) -> dict:
+    from tinyllm.train.device import keep_freed_memory
     from tinyllm.train.trainer import Trainer
 
     _say(f"{name}: {VARIANTS[name][0]}; {cfg.train.max_time} ...")
     load = os.getloadavg()[0]
     started = time.monotonic()
     trainer = Trainer(cfg, run_dir, echo=False)
+    if trainer.device.type == "cpu":  # as `tinyllm train` does for its process: variants train alike
+        keep_freed_memory()
     result = trainer.run()
     params = trainer.model.num_params()
     out = {"description": VARIANTS[name][0], "parameters": params, "steps": result.steps, "tokens": result.tokens,

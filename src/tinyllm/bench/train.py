@@ -114,9 +114,8 @@ def _auto_precision(device) -> str:
     """What train.dtype = "auto" picks on this device."""
     import torch
 
-    from tinyllm.train.device import autocast_dtype, configure_backends
+    from tinyllm.train.device import autocast_dtype
 
-    configure_backends(device)  # CUDA: TF32, as the trainer's "fp32" runs (and the limits below)
     return "bf16" if autocast_dtype(device, "auto") is torch.bfloat16 else "fp32"
 
 
@@ -263,6 +262,7 @@ def _time_steps(step: Callable[[], float | None], steps: int, device, label: str
 def _tinyllm_step(spec: dict, run_dir: Path) -> tuple[Callable[[], float | None], dict]:
     """The trainer's own optimizer step, one micro-batch each, nothing else (no eval, samples, saves)."""
     from tinyllm.config import resolve
+    from tinyllm.train.device import keep_freed_memory, use_tf32
     from tinyllm.train.trainer import Trainer
 
     settings = {"micro_batch": spec["micro_batch"], "grad_accum": 1, "batch_tokens": 0, "dtype": spec["precision"],
@@ -271,6 +271,10 @@ def _tinyllm_step(spec: dict, run_dir: Path) -> tuple[Callable[[], float | None]
                 "checkpoint_every": 0}
     cfg = resolve(spec["preset"], overrides=[(f"train.{k}", v, "tinyllm bench train") for k, v in settings.items()])
     trainer = Trainer(cfg, run_dir, echo=False)
+    # What `tinyllm train` sets for its process (this child is ours too); the steps below bypass `run`.
+    if trainer.device.type == "cpu":
+        keep_freed_memory()
+    use_tf32(trainer.device, spec["precision"])
     info = {"parameters": trainer.model.num_params(), "flops_per_token": trainer.model.flops_per_token(),
             "tokens_per_step": trainer.tokens_per_step, "device": trainer.device,
             "cuda": trainer.device.type == "cuda", "compile": spec["compile"]}

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     # Imported here so --help and --list-presets answer at once, without torch.
     from tinyllm.train import distributed
+    from tinyllm.train.device import keep_freed_memory, pick_device
     from tinyllm.train.run_dir import plan_run
     from tinyllm.train.trainer import Trainer
 
@@ -99,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc is not None:  # checked and planned here, so a mistake is one line, not one per process
         again = command_line(args.parser, args, out=str(plan.run_dir.resolve()), nproc=None)
         return distributed.launch(args.nproc, again, plan.run_dir, plan.config)
+    if pick_device(plan.config.train.device).type == "cpu":
+        keep_freed_memory()  # process-wide, so set here, where the process is ours (train.device)
     try:
         result = Trainer(plan.config, plan.run_dir, resume_from=plan.resume_from).run()
     finally:

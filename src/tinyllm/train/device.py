@@ -8,11 +8,15 @@ Why it is shaped this way: the choices differ per device and each has a reason.
   units times one GEMM both ways (~0.1 s) and picks bf16 only when it is clearly faster; without
   bf16 units bf16 is emulated, and "auto" stays in fp32 without measuring. MPS stays in fp32
   under "auto" because bf16 support there depends on the macOS version.
-- TF32 matmuls on CUDA: free speed for training at this scale, and loss curves are unaffected.
+- TF32 matmuls on CUDA: free speed for training at this scale, and loss curves are unaffected;
+  but only when `train.dtype` is not "fp32" (a user who asks for fp32 gets it), and only while the
+  trainer runs: `use_tf32` returns what puts the process's settings back.
 - `torch.backends.cpu.get_cpu_capability()` reports only "AVX512", not the bf16 extension, so the
   CPU check reads the kernel's feature flags.
 - On a CPU, glibc's habit of unmapping large freed blocks costs a page fault per 4 KB per step:
-  `keep_freed_memory` turns it off for the training process (measured in its docstring).
+  `keep_freed_memory` turns it off (measured in its docstring). It is process-wide and cannot be
+  undone cleanly, so only entry points that own their process call it (`tinyllm train`, the
+  bench children), never the library: a notebook that trains keeps its malloc as it was.
 - A model too big for the device is a size the user chose, so `build_model` turns the allocator's
   error into one that names the knobs to turn, rather than a traceback.
 """
@@ -28,7 +32,7 @@ import platform
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -108,13 +112,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def configure_backends(device: torch.device) -> None:
-    """Process-wide settings for training on `device`: TF32 on CUDA; on a CPU, freed memory kept for reuse."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    elif device.type == "cpu":
-        keep_freed_memory()
+def use_tf32(device: torch.device, dtype: str) -> Callable[[], None]:
+    """TF32 matmuls on CUDA unless `dtype` (train.dtype) is "fp32"; returns what restores the settings."""
+    if device.type != "cuda" or dtype == "fp32":
+        return lambda: None
+    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    if matmul == "highest":  # "high" is TF32; a user's "medium" (bf16 passes) is left alone
+        torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+
+    def restore() -> None:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+    return restore
 
 
 # glibc's mallopt parameters (malloc.h)

@@ -351,10 +351,13 @@ def launch(nproc: int, train_args: list[str], run_dir: Path, cfg: Config) -> int
 
     from tinyllm.train.checkpoint import latest_checkpoint
 
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if device.type == "cpu" and threads is None:
         # torchrun would give each process one thread; on a CPU the processes share its cores.
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # the outcome is reported below
+    logger = logging.getLogger("torch.distributed")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # the outcome is reported below
     before = latest_checkpoint(run_dir)
     try:
         torchrun(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "tinyllm", "train", *train_args]))
@@ -370,4 +373,8 @@ def launch(nproc: int, train_args: list[str], run_dir: Path, cfg: Config) -> int
         if saved is not None and saved != before:
             return 0  # the workers stopped cleanly and rank 0 printed the summary
         return 130
+    finally:  # the workers inherited these; the process is the caller's again (torchrun sets the variable too)
+        logger.setLevel(level)
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
     return 0

@@ -14,7 +14,9 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
+import shlex
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -60,6 +62,13 @@ def announce(tr: Trainer) -> None:
         tr.log.write(f"train.compile is on, but {tr.compile_blocker}: training without it")
 
 
+def after_log_failure(error: UserError, checkpoint: Path | None, run_dir: Path) -> str:
+    """A log that could not be written stopped the run: the error's fix, then how to go on."""
+    if checkpoint is None:
+        return f"{error}, then run the same command again (no checkpoint was saved yet)"
+    return f"{error}, then continue from {checkpoint} with: tinyllm train --out {shlex.quote(str(run_dir))} --resume"
+
+
 def progress_line(record: dict) -> str:
     """One logged step as the console shows it: step | loss | val loss | lr | tok/s."""
     parts = [f"step {record['step']}"]
@@ -74,10 +83,16 @@ def progress_line(record: dict) -> str:
 
 
 class ProgressBar:
-    """The live bar under the log lines: steps done, a smoothed loss, lr and throughput."""
+    """The live bar under the log lines: steps done, a smoothed loss, lr and throughput.
+
+    Only on a terminal: redirected to a file (nohup, SLURM, CI) its carriage-return redraws would
+    fill the log, so there the periodic log lines (`progress_line`) are all that is printed. Both
+    streams count: the bar draws on stderr, the lines it must stay under go to stdout.
+    """
 
     def __init__(self, total: int, initial: int, *, enabled: bool) -> None:
-        self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not enabled,
+        shown = enabled and all(getattr(f, "isatty", lambda: False)() for f in (sys.stdout, sys.stderr))
+        self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not shown,
                          leave=False)
         self._smooth: float | None = None
 

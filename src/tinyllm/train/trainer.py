@@ -15,8 +15,10 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -36,11 +38,11 @@ from tinyllm.train.device import (
     autocast_dtype,
     build_model,
     compile_blocker,
-    configure_backends,
     pick_device,
     synchronize,
+    use_tf32,
 )
-from tinyllm.train.logs import RunLog
+from tinyllm.train.logs import LogWriteError, RunLog, writing
 from tinyllm.train.optim import LRSchedule, build_optimizer
 from tinyllm.train.sft import load_init_weights
 
@@ -71,7 +73,6 @@ class Trainer:
         self.budget = time_budget(t)
         self.dist, self.device = distributed.setup(pick_device(t.device), t.parallel)
         self.echo = echo and self.dist.is_main  # only rank 0 prints
-        configure_backends(self.device)
         self.amp = self._precision()
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model, self.device)
@@ -111,7 +112,8 @@ class Trainer:
         if t.dtype == "auto":  # recorded in config.toml (the run's and each checkpoint's): resumes keep it
             self.cfg = replace(cfg, train=replace(t, auto_dtype="bf16" if self.amp is torch.bfloat16 else "fp32"))
         if self.dist.is_main:
-            save_toml(self.cfg, self.run_dir / "config.toml")
+            with writing(self.run_dir / "config.toml"):
+                save_toml(self.cfg, self.run_dir / "config.toml")
         self.stop_reason: str | None = None  # what all ranks agreed on; ends the loop
         self.stop_requested: str | None = None  # this process's wish; a signal handler writes it
         self.overhead = {"eval": 0.0, "sample": 0.0, "checkpoint": 0.0}
@@ -161,13 +163,18 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        """Train until the step limit, the time budget or Ctrl-C; always ends with a checkpoint."""
-        t = self.cfg.train
+        """Train until the step limit, the time budget or Ctrl-C (or a log it cannot write); ends saved."""
         if self.step >= self.schedule.total_steps:
             self.log.write(f"{self.run_dir} is already at step {self.step} of {self.schedule.total_steps}: "
                            "pass a larger --max-steps to train it further")
             self.log.close()
             return self._result("already finished", self.last_ckpt)
+        with self._running(first_step=self.step):
+            self._loop()
+            return self._finish()
+
+    def _loop(self) -> None:
+        t = self.cfg.train
         report.announce(self)
         restore_sigint = report.install_sigint(self)
         bar = report.ProgressBar(self.schedule.total_steps, self.step, enabled=self.echo)
@@ -198,14 +205,30 @@ class Trainer:
                 bar.update(loss, lr, self.tokens_per_step / timed[-1], self.schedule.total_steps)
                 if last:
                     break
-        except BaseException:
-            # Leave the logs whole: a torchrun worker exits without finalizers (see __main__).
-            self.log.close()
-            raise
         finally:
             bar.close()
             restore_sigint()
-        return self._finish()
+
+    @contextlib.contextmanager
+    def _running(self, first_step: int) -> Iterator[None]:
+        """TF32 while the run lasts (as train.dtype allows). On failure the logs are closed (torchrun
+        workers exit without finalizers, see __main__); a log that cannot be written stops the run
+        with the step reached saved when it is new (alone: ranks would wait in the save for rank 0)."""
+        restore_tf32 = use_tf32(self.device, self.cfg.train.dtype)
+        try:
+            yield
+        except BaseException as e:
+            saved, log_failed = self.last_ckpt, isinstance(e, LogWriteError)
+            if log_failed and self.step not in (first_step, self.saved_step) and not self.dist.active:
+                with contextlib.suppress(UserError):  # the disk refuses it too: the previous one stands
+                    saved = self._checkpoint()
+            with contextlib.suppress(UserError):  # the error that stopped the run is the one to report
+                self.log.close()
+            if not log_failed:
+                raise
+            raise UserError(report.after_log_failure(e, saved, self.run_dir)) from None
+        finally:
+            restore_tf32()
 
     def _train_step(self) -> tuple[float | None, float, float]:
         """One optimizer step over `grad_accum` micro-batches; a NaN/Inf step is skipped."""
