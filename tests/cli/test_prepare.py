@@ -96,3 +96,16 @@ def test_an_unquoted_glob_says_to_quote_it(tmp_path):
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert len(manifest["sources"]) == 1
     assert sum(s["documents"] for s in manifest["splits"].values()) == 3
+
+
+def test_a_redirected_log_gets_the_summary_and_no_bar_redraws(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("".join(f"Note {i}: the cat sat on the mat.\n\n" for i in range(50)))
+    log = tmp_path / "prepare.log"
+    with open(log, "w") as f:  # as nohup, SLURM and CI keep it: stdout and stderr in one file
+        r = subprocess.run([sys.executable, "-m", "tinyllm", "prepare", "--source", str(notes),
+                            "--out", str(tmp_path / "ds")], stdout=f, stderr=subprocess.STDOUT)
+    text = log.read_bytes().decode()  # bytes as written: reading text would turn each \r into \n
+    assert r.returncode == 0, text
+    assert "\r" not in text
+    assert "notes (weight 1): train " in text

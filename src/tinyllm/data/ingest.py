@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from tinyllm.console import interactive
 from tinyllm.data.document import Document, document_tokens
 from tinyllm.data.manifest import SPLITS
 from tinyllm.data.shards import ShardWriter
@@ -125,7 +126,8 @@ class SourceIngest:
     def run(self) -> None:
         st = self.state
         bar = tqdm(total=self.max_tokens, initial=st["tokens"], unit="tok", unit_scale=True,
-                   desc=f"prepare {self.src.name}", disable=not self.options.progress, dynamic_ncols=True)
+                   desc=f"prepare {self.src.name}", disable=not (self.options.progress and interactive()),
+                   dynamic_ncols=True)
         docs = self.src.documents(st["position"])
         encoder = _Encoder(self.tok, self.options.threads or os.cpu_count() or 1)
         try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import shlex
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -29,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tinyllm.config import TrainConfig
+from tinyllm.console import interactive
 from tinyllm.data.prompts import opening_prompts
 from tinyllm.errors import UserError
 from tinyllm.eval.qa import QAResult
@@ -85,13 +85,12 @@ def progress_line(record: dict) -> str:
 class ProgressBar:
     """The live bar under the log lines: steps done, a smoothed loss, lr and throughput.
 
-    Only on a terminal: redirected to a file (nohup, SLURM, CI) its carriage-return redraws would
-    fill the log, so there the periodic log lines (`progress_line`) are all that is printed. Both
-    streams count: the bar draws on stderr, the lines it must stay under go to stdout.
+    Only on a terminal (`console.interactive`): redirected, the periodic log lines
+    (`progress_line`) are all that is printed.
     """
 
     def __init__(self, total: int, initial: int, *, enabled: bool) -> None:
-        shown = enabled and all(getattr(f, "isatty", lambda: False)() for f in (sys.stdout, sys.stderr))
+        shown = enabled and interactive()
         self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not shown,
                          leave=False)
         self._smooth: float | None = None
