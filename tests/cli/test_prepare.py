@@ -91,6 +91,10 @@ def test_an_unquoted_glob_says_to_quote_it(tmp_path):
     line = one_line_error(tinyllm("prepare", "--source", *expanded, "--out", str(tmp_path / "ds"), "--quiet"))
     assert f"unexpected {expanded[1]} {expanded[2]}" in line and "--source 'notes/*.txt'" in line
     assert not (tmp_path / "ds").exists()
+    # Two unquoted globs: the second's extra paths are named as well, not a bare argparse error.
+    line = one_line_error(tinyllm("prepare", "--source", *expanded, "--source", *expanded, "--out",
+                                  str(tmp_path / "ds"), "--quiet"))
+    assert f"unexpected {expanded[1]} {expanded[2]} {expanded[1]} {expanded[2]}" in line
     quoted = tinyllm("prepare", "--source", str(notes / "*.txt"), "--out", str(tmp_path / "ds"), "--quiet")
     assert quoted.returncode == 0, quoted.stderr
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())

@@ -42,7 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     if not faulthandler.is_enabled():
         faulthandler.enable()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if not hasattr(args, "stray"):
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        # A subcommand that explains stray paths (an unquoted glob) hears of all of them, not only
+        # the first run: `--source a*.txt --source b*.txt` leaves two runs after the shell.
+        args.stray = [*args.stray, *extras]
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
