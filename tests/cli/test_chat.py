@@ -1,7 +1,9 @@
 """`tinyllm chat` driven as a person drives it: the real process on a pseudo-terminal, keys typed.
 
 The process gets the terminal as its controlling terminal, so Ctrl-C and Ctrl-D typed into it
-become SIGINT and end-of-input exactly as in a shell.
+become SIGINT and end-of-input exactly as in a shell. How SIGINT is disposed when the process
+starts is set here too, not inherited from whatever started pytest: a shell script's background
+job (`bash .ci/run &`) ignores SIGINT, and the chat must work either way.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from tinyllm.inference.chat import ChatSession
 from tinyllm.tokenizer import get_tokenizer
 from tinyllm.train.checkpoint import load_model
 
-# Runs in the child after setsid(): make the pty on stdin our controlling terminal, then exec.
-_WITH_TERMINAL = "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.execv(sys.argv[1], sys.argv[1:])"
+# Runs in the child after setsid(): make the pty on stdin our controlling terminal, set SIGINT to
+# argv[1] (SIG_DFL as an interactive shell leaves it, or SIG_IGN as a script's `cmd &` does), exec.
+_WITH_TERMINAL = ("import fcntl, os, signal, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+                  "signal.signal(signal.SIGINT, getattr(signal, sys.argv[1])); os.execv(sys.argv[2], sys.argv[2:])")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class Terminal:
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], sigint: str = "SIG_DFL") -> None:
         master, slave = pty.openpty()
         # On Ctrl-C a terminal discards output not yet displayed. A terminal window displays at
         # once; this harness reads only when it looks, so the prompt printed in answer to a
@@ -35,7 +39,7 @@ class Terminal:
         attrs = termios.tcgetattr(slave)
         attrs[3] |= termios.NOFLSH
         termios.tcsetattr(slave, termios.TCSANOW, attrs)
-        self.proc = subprocess.Popen([sys.executable, "-c", _WITH_TERMINAL, sys.executable, "-m", "tinyllm", *args],
+        self.proc = subprocess.Popen([sys.executable, "-c", _WITH_TERMINAL, sigint, sys.executable, "-m", "tinyllm", *args],
                                      stdin=slave, stdout=slave, stderr=slave, env={**env, "TERM": "dumb"},
                                      start_new_session=True)
         os.close(slave)
@@ -74,8 +78,8 @@ class Terminal:
 def chat(tiny_run):
     terminals: list[Terminal] = []
 
-    def start(*flags: str) -> Terminal:
-        terminals.append(Terminal(["chat", "--run", str(tiny_run.path), *flags], tiny_run.env))
+    def start(*flags: str, sigint: str = "SIG_DFL") -> Terminal:
+        terminals.append(Terminal(["chat", "--run", str(tiny_run.path), *flags], tiny_run.env, sigint))
         return terminals[-1]
 
     yield start
@@ -109,9 +113,11 @@ def test_a_conversation_streams_answers_resets_and_ends_with_ctrl_d(chat, tiny_r
     assert t.proc.wait(timeout=30) == 0
 
 
-def test_ctrl_c_stops_an_answer_and_returns_to_the_prompt(chat):
+# SIG_IGN: started as a script's background job is, e.g. `bash .ci/run &`; Ctrl-C was then lost.
+@pytest.mark.parametrize("sigint", ["SIG_DFL", "SIG_IGN"])
+def test_ctrl_c_stops_an_answer_and_returns_to_the_prompt(chat, sigint):
     # RoPE: generation goes on past the context, so this answer would run for minutes.
-    t = chat("--temperature", "0", "--max-new-tokens", "1000000")
+    t = chat("--temperature", "0", "--max-new-tokens", "1000000", sigint=sigint)
     t.expect("you> ")
     t.type("Tell me a very long story.\r")
     t.expect("model> ")

@@ -7,11 +7,17 @@ arrives as KeyboardInterrupt wherever the program is: during an answer it closes
 generator, which keeps the part already shown in the history, and returns to the prompt; at the
 prompt it abandons the line. Ctrl-D (end of input) and /exit leave with status 0, so piping a
 file of questions into `tinyllm chat` works too.
+
+Python turns Ctrl-C into KeyboardInterrupt only if SIGINT was at its default when the process
+started. A shell script's background job (`cmd &`, which is how some CI runners and tools start
+commands) starts with SIGINT ignored, and every Ctrl-C typed into the chat was then lost. On a
+terminal, Ctrl-C is one of this program's keys, so it takes SIGINT back (`_take_ctrl_c`).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 
@@ -51,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
                           temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
     if sys.stdin.isatty():
         _enable_line_editing()
+        _take_ctrl_c()
     print(f"chatting with {ckpt} ({model.num_params():,} parameters, context {session.context} tokens)")
     print(COMMANDS)
     while True:
@@ -102,6 +109,12 @@ def _answer(session, text: str) -> None:
     sys.stdout.flush()
     for w in caught:
         print(f"(note: {w.message})", file=sys.stderr)
+
+
+def _take_ctrl_c() -> None:
+    """Ctrl-C raises KeyboardInterrupt here even if this process was started with SIGINT ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _enable_line_editing() -> None:
