@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tinyllm.cli import build_parser
+from tinyllm.cli import build_parser, main
 
 
 def tinyllm(*args: str) -> subprocess.CompletedProcess:
@@ -29,8 +29,10 @@ def test_every_flag_is_documented():
 def test_list_sources_names_every_source():
     r = tinyllm("prepare", "--list-sources")
     assert r.returncode == 0
-    for name in ("builtin", "wikipedia", "simplestories", "fineweb-edu", "openwebtext2", "alpaca", "reddit-instruct"):
+    for name in ("builtin", "python-docs", "wikipedia", "simplestories", "fineweb-edu", "openwebtext2", "alpaca",
+                 "reddit-instruct"):
         assert f"\n{name} " in r.stdout
+    assert "Python Software Foundation License" in r.stdout and "--val-source" in r.stdout
 
 
 def test_prepare_local_files_writes_a_manifest(tmp_path):
@@ -113,3 +115,62 @@ def test_a_redirected_log_gets_the_summary_and_no_bar_redraws(tmp_path):
     assert r.returncode == 0, text
     assert "\r" not in text
     assert "notes (weight 1): train " in text
+
+
+def write_notes(path, n: int, word: str) -> list[str]:
+    texts = [f"{word} note {i}: the cat sat on the mat and looked at the {word} sky." for i in range(n)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return texts
+
+
+def test_val_source_trains_on_every_train_document_and_validates_on_the_val_files(tmp_path, capsys):
+    train = write_notes(tmp_path / "train.jsonl", 120, "blue")
+    val = write_notes(tmp_path / "held.jsonl", 15, "green")
+    ds, run = tmp_path / "ds", tmp_path / "run"
+    r = tinyllm("prepare", "--source", str(tmp_path / "train.jsonl"), "--val-source", str(tmp_path / "held.jsonl"),
+                "--out", str(ds), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "local-train (weight 1): train 120 docs" in r.stdout and "local-held (--val-source): val 15 docs" in r.stdout
+    from tinyllm.data.shards import Shard
+    from tinyllm.tokenizer import VOCAB_SIZE, get_tokenizer
+
+    manifest = json.loads((ds / "manifest.json").read_text())
+    tok = get_tokenizer()
+
+    def texts(name: str, split: str) -> list[str]:
+        shards = [Shard(ds / e["file"], VOCAB_SIZE) for e in manifest["sources"][name]["splits"][split]["shards"]]
+        return [tok.decode(s.document(i)[:-1].tolist()) for s in shards for i in range(s.n_docs)]
+
+    assert texts("local-train", "train") == train and texts("local-train", "val") == []
+    assert texts("local-held", "val") == val and texts("local-held", "train") == []
+    # A tiny run trains on it and evaluates on the held-out file only, end to end (in this process:
+    # three more interpreters importing torch would triple the test's time).
+    assert main(["train", "--preset", "tiny", "--data", str(ds), "--out", str(run), "--max-steps", "4",
+                 "--sample-every", "0", "--eval-every", "2"]) == 0
+    assert "val loss" in (run / "train_output.txt").read_text()
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["sources"]) == ["local-held"] and 0 < report["loss"] < 11
+    held_tokens = manifest["sources"]["local-held"]["splits"]["val"]["tokens"]
+    assert report["tokens"] == (held_tokens - 1) // 32 * 32  # every packed window of the val file, once
+    assert main(["eval", "--run", str(run), "--split", "train", "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["sources"]) == ["local-train"]
+
+
+@pytest.mark.parametrize("val, extra, message", [
+    ("TRAIN", [], "train.jsonl is also read by --source"),
+    ("HELD:2", [], "a val source takes no weight"),
+    ("HELD", ["--val-fraction", "0.1"], "--val-fraction 0.1 and --val-source exclude each other"),
+    ("EMPTY", [], "--val-source EMPTY gave no documents"),
+])
+def test_bad_val_sources_are_one_line_errors(tmp_path, val, extra, message):
+    write_notes(tmp_path / "train.jsonl", 10, "blue")
+    write_notes(tmp_path / "held.jsonl", 3, "green")
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"text": "  "}) + "\n")
+    paths = {"TRAIN": "train.jsonl", "HELD": "held.jsonl", "EMPTY": "empty.jsonl"}
+    spec = str(tmp_path / paths[val.split(":")[0]]) + val[len(val.split(":")[0]):]
+    r = tinyllm("prepare", "--source", str(tmp_path / "train.jsonl"), "--val-source", spec, *extra,
+                "--out", str(tmp_path / "ds"), "--quiet")
+    assert message.replace("EMPTY", spec) in one_line_error(r)
+    assert not (tmp_path / "ds").exists()

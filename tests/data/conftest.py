@@ -32,8 +32,9 @@ class ListSource(Source):
 
     max_tokens = None
 
-    def __init__(self, name: str, docs: list[Document], weight: float = 1.0, fail_after: int | None = None) -> None:
-        self.name, self.spec, self.weight, self.docs = name, name, weight, docs
+    def __init__(self, name: str, docs: list[Document], weight: float = 1.0, fail_after: int | None = None,
+                 split: str | None = None) -> None:
+        self.name, self.spec, self.weight, self.docs, self.split = name, name, weight, docs, split
         self.fail_after = fail_after
         self.counters = ReadCounters()
 

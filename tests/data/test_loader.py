@@ -325,3 +325,19 @@ def test_dataset_without_masks_asks_for_prepare_again(tmp_path, quiet_prepare):
     assert TokenLoader(tmp_path, "train", 2, T).next_batch().inputs.shape == (2, T)  # still loads
     with pytest.raises(UserError, match="older tinyllm.*run tinyllm prepare again"):
         TokenLoader(tmp_path, "train", 2, T, loss_on="assistant")
+
+
+def test_val_sources_feed_only_val_and_train_sources_only_train(tmp_path, quiet_prepare, recwarn):
+    # Two train sources (mixed by weight) and two held-out sets: no source is ever empty by mistake here.
+    quiet_prepare([ListSource("a", make_docs(60, seed=1), split="train"), ListSource("b", make_docs(60, seed=2), split="train"),
+                   ListSource("held", make_docs(12, seed=3), split="val"),
+                   ListSource("held2", make_docs(5, seed=4), split="val")], tmp_path)
+    train = TokenLoader(tmp_path, "train", 4, T)
+    assert set(train.state_dict()["cursors"]) == {"a", "b"}
+    for _ in range(20):
+        train.next_batch()
+    assert all(c > 0 for c in train.state_dict()["cursors"].values())
+    val = TokenLoader(tmp_path, "val", 4, T, mode="padded")
+    assert val.eval_rows() == {"held": 12, "held2": 5}  # every held-out document, nothing else
+    assert {name for name, _ in val.eval_pass()} == {"held", "held2"}
+    assert not [w for w in recwarn if "left out" in str(w.message)]  # by design, not worth a warning

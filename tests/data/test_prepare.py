@@ -173,6 +173,43 @@ def test_mixed_sources_have_per_source_floor_only(tmp_path, quiet_prepare):
     assert m["sources"]["scored"]["floor"] == pytest.approx(10.0 * val["documents"] / val["tokens"])
 
 
+def test_val_sources_hold_all_of_val_and_train_sources_all_of_train(tmp_path, quiet_prepare):
+    train, held = make_docs(300), make_docs(20, seed=7)
+    m = quiet_prepare([ListSource("mine", train, split="train"), ListSource("held", held, split="val")], tmp_path)
+    # The whole train set is trained on, in order, and val is exactly the held-out files.
+    assert decoded(tmp_path, m, "mine", "train") == [d.rendered() for d in train]
+    assert decoded(tmp_path, m, "held", "val") == [d.rendered() for d in held]
+    assert m["sources"]["mine"]["splits"]["val"]["documents"] == 0
+    assert m["sources"]["held"]["splits"]["train"]["documents"] == 0
+    assert (m["sources"]["mine"]["split"], m["sources"]["held"]["split"]) == ("train", "val")
+    assert m["config"]["val_fraction"] is None
+    # Asked again it is the same dataset; asked with the roles undone it is refused, saying how.
+    assert quiet_prepare([ListSource("mine", train, split="train"), ListSource("held", held, split="val")],
+                         tmp_path)["sources"] == m["sources"]
+    with pytest.raises(UserError, match=r"other settings \(val_fraction None -> 0.01, mine all train "
+                       r"\(--source with --val-source\) -> split by hash, held all val \(--val-source\) -> split by hash"):
+        quiet_prepare([ListSource("mine", train), ListSource("held", held)], tmp_path)
+
+
+def test_hash_split_datasets_record_no_split_so_older_ones_still_match(tmp_path, quiet_prepare):
+    m = quiet_prepare([ListSource("toy", make_docs(30))], tmp_path)
+    assert "split" not in m["sources"]["toy"] and "split" not in m["config"]["sources"][0]
+    assert m["config"]["val_fraction"] == 0.01
+
+
+def test_a_builtin_val_source_gives_the_dataset_its_floor(tmp_path, quiet_prepare):
+    builtin = resolve_sources([], seed=0)[0]
+    builtin.split = "val"
+    m = quiet_prepare([ListSource("mine", make_docs(50), split="train"), builtin], tmp_path, max_docs=40)
+    assert m["floor"] == m["sources"]["builtin"]["floor"] > 0  # the val split is the builtin corpus alone
+
+
+def test_an_empty_val_source_is_named_as_a_val_source(tmp_path, quiet_prepare):
+    with pytest.raises(UserError, match="--val-source held gave no documents"):
+        quiet_prepare([ListSource("mine", make_docs(5), split="train"),
+                       ListSource("held", [Document(text=" ")], split="val")], tmp_path)
+
+
 def test_default_builtin_dataset_is_prepared_once(tmp_path, monkeypatch):
     path = default_builtin_dataset(max_tokens=5_000, cache_dir=tmp_path)
     assert path.parent == tmp_path and path.name.startswith("builtin-")

@@ -139,6 +139,49 @@ def test_local_sources_get_distinct_names(tmp_path):
     assert (a.name, b.name) == ("local-stories", "local-stories-2")
 
 
+# -- --val-source -------------------------------------------------------------------------------
+def _files(tmp_path, *names):
+    paths = []
+    for name in names:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"The text of {name}.")
+        paths.append(str(path))
+    return paths
+
+
+def test_val_sources_fix_every_sources_split_and_get_their_own_names(tmp_path):
+    train, val, hub_train, hub_val = _files(tmp_path, "a/notes.txt", "b/notes.txt", "wt/x.jsonl", "wv/x.jsonl")
+    sources = resolve_sources([train, f"wikipedia={hub_train}"], val_specs=[val, f"wikipedia={hub_val}"])
+    assert [(s.name, s.split, s.flag) for s in sources] == [
+        ("local-notes", "train", "--source"), ("wikipedia", "train", "--source"),
+        ("local-notes-val", "val", "--val-source"), ("wikipedia-val", "val", "--val-source")]
+    # Without val sources nothing changes: a hash split, as before.
+    assert [s.split for s in resolve_sources([train])] == [None]
+
+
+@pytest.mark.parametrize("val, message", [
+    ("SAME", "is also read by --source"),  # the very file
+    ("FOLDER", "and 1 more is also read by --source"),  # a glob over the train folder
+    ("builtin", "reads the same documents as --source builtin"),
+    ("VAL:2", "a val source takes no weight"),
+    ("nosuch.txt", "--val-source: no such file, folder or source name 'nosuch.txt'"),
+])
+def test_a_val_source_that_would_be_trained_on_or_weighted_is_refused(tmp_path, val, message):
+    train, _, val_file = _files(tmp_path, "d/a.txt", "d/b.txt", "v.txt")
+    folder = str(tmp_path / "d")
+    specs = {"SAME": train, "FOLDER": f"{folder}/*.txt", "VAL:2": f"{val_file}:2"}
+    train_specs = [folder] if val == "FOLDER" else (["builtin"] if val == "builtin" else [train])
+    with pytest.raises(UserError, match=message.replace("--val-source:", "--val-source nosuch.txt:")):
+        resolve_sources(train_specs, val_specs=[specs.get(val, val)])
+
+
+def test_a_val_source_given_twice_is_refused(tmp_path):
+    (val,) = _files(tmp_path, "v.txt")
+    with pytest.raises(UserError, match="--val-source .* given twice"):
+        resolve_sources(["builtin"], val_specs=[val, val])
+
+
 # -- hub sources through their registry entries ------------------------------------------------------
 def _write_parquet(path, columns: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "prepare",
         help="tokenize text sources into token shards for training",
         description="Stream documents from one or more sources, tokenize them on all cores, split "
-        "train/val by a hash of each document, and write uint16 token shards plus DIR/manifest.json. "
+        "train/val by a hash of each document (or, with --val-source, train on every --source document "
+        "and validate on the --val-source ones), and write uint16 token shards plus DIR/manifest.json. "
         "An interrupted run resumes when run again with the same flags.",
     )
     p.add_argument(
@@ -28,6 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "local files in its own schema) or PATH[:WEIGHT] (a .txt/.jsonl/.json/.parquet file, folder or "
         "glob); repeat to mix, WEIGHT sets the share of training rows (default 1); default: builtin",
     )
+    p.add_argument(
+        "--val-source",
+        action="append",
+        metavar="SPEC",
+        default=[],
+        help="your own validation set, in the same forms as --source but with no weight; repeatable. "
+        "With it every --source document is trained on (no hash split) and only --val-source "
+        "documents are validated on; a file may not be both",
+    )
     p.add_argument("--out", metavar="DIR", help="directory for the shards and manifest.json (created if missing)")
     p.add_argument("--list-sources", action="store_true", help="list the named sources and exit")
     p.add_argument("--field", default="text", metavar="NAME",
@@ -36,9 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stop each source after N tokens (default: builtin 2,000,000, hub sources 50,000,000, "
                    "local files all; 0 = no cap)")
     p.add_argument("--max-docs", type=int, metavar="N", help="stop each source after N documents (default: no cap)")
-    p.add_argument("--val-fraction", type=float, default=defaults.val_fraction, metavar="F",
+    p.add_argument("--val-fraction", type=float, metavar="F",
                    help=f"share of documents held out for validation, chosen by a hash of each document "
-                   f"(default: {defaults.val_fraction}; the first documents use 0.25 until a source has 8 val documents)")
+                   f"(default: {defaults.val_fraction}; the first documents use 0.25 until a source has 8 val "
+                   "documents); not with --val-source")
     p.add_argument("--seed", type=int, default=0, help="seed of the builtin corpus (default: 0)")
     p.add_argument("--shard-tokens", type=int, default=defaults.shard_tokens, metavar="N",
                    help=f"tokens per shard file; a finished shard survives an interruption (default: {defaults.shard_tokens:,})")
@@ -60,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise UserError("give --out DIR, the directory to write the dataset to")
+    if args.val_source and args.val_fraction is not None:
+        raise UserError(f"--val-fraction {args.val_fraction} and --val-source exclude each other: with "
+                        "--val-source every --source document is trained on; drop --val-fraction")
     options = PrepareOptions(
-        val_fraction=args.val_fraction,
+        val_fraction=PrepareOptions.val_fraction if args.val_fraction is None else args.val_fraction,
         max_docs=args.max_docs,
         max_tokens=args.max_tokens,
         shard_tokens=args.shard_tokens,
@@ -69,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     options.check()
-    sources = resolve_sources(args.source, field=args.field, seed=args.seed)
+    sources = resolve_sources(args.source, val_specs=args.val_source, field=args.field, seed=args.seed)
     try:
         manifest = prepare(sources, args.out, options)
     except KeyboardInterrupt:
@@ -84,8 +98,10 @@ def summary(manifest: dict, out: str) -> str:
     lines = []
     for name, entry in manifest["sources"].items():
         sp = entry["splits"]
-        line = (f"{name} (weight {entry['weight']:g}): train {sp['train']['documents']:,} docs "
-                f"{sp['train']['tokens']:,} tokens, val {sp['val']['documents']:,} docs {sp['val']['tokens']:,} tokens")
+        splits = {"train": ["train"], "val": ["val"]}.get(entry.get("split"), ["train", "val"])
+        role = "--val-source" if splits == ["val"] else f"weight {entry['weight']:g}"
+        line = f"{name} ({role}): " + ", ".join(
+            f"{s} {sp[s]['documents']:,} docs {sp[s]['tokens']:,} tokens" for s in splits)
         if "floor" in entry:
             line += f", val floor {entry['floor']:.4f} nats/token"
         lines.append(line)

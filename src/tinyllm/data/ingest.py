@@ -8,7 +8,8 @@ Why it is shaped this way:
   counts the UTF-8 bytes of its documents' rendered text, the denominator of bits per byte.
 - Train/val is decided per document by a hash of its text, so re-running gives the same split
   and a document never lands in both. Until a source has `MIN_VAL_DOCS` val documents the bar is
-  25%, so even a tiny run can be validated.
+  25%, so even a tiny run can be validated. A source with a fixed split (`--val-source` given)
+  sends every document there instead: the user chose the held-out set.
 - Commit points make it resumable: when a train or val shard fills, both open shards of the
   source are finished (renamed into place) and the caller saves the state, which records how many
   records were consumed. A restart re-reads at most one shard's worth of records.
@@ -118,6 +119,7 @@ class SourceIngest:
                  save: Callable[[], None]) -> None:
         self.src, self.state, self.out, self.tok, self.options, self.save = src, state, out, tok, options, save
         self.max_docs, self.max_tokens = cap["max_docs"], cap["max_tokens"]
+        self.fixed_split: str | None = cap.get("split")  # absent: split by hash
         self.writers: dict[str, ShardWriter] = {}
         self.pending: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
         self.pending_masks: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
@@ -147,7 +149,8 @@ class SourceIngest:
                     break
                 chunk, flags, ids = nxt, nxt_flags, nxt_ids
             if st["documents"] == 0:
-                raise UserError(f"--source {self.src.spec} gave no documents ({st['skipped_empty']} empty ones skipped)")
+                raise UserError(f"{self.src.flag} {self.src.spec} gave no documents ({st['skipped_empty']} empty ones "
+                                "skipped): check its path and --field")
             self._commit(done=True)
         except BaseException:
             for w in self.writers.values():
@@ -183,7 +186,7 @@ class SourceIngest:
             try:
                 ids, mask = document_tokens(self.tok, doc, ids)
             except UserError as e:
-                raise UserError(f"--source {self.src.spec}, record {st['position'] - 1}: {e}") from None
+                raise UserError(f"{self.src.flag} {self.src.spec}, record {st['position'] - 1}: {e}") from None
             rendered = rendered_bytes(doc)
             split = self._split_of(rendered)
             self._append(split, ids, mask, len(rendered), doc.logprob)
@@ -194,6 +197,8 @@ class SourceIngest:
         return False
 
     def _split_of(self, rendered: bytes) -> str:
+        if self.fixed_split is not None:
+            return self.fixed_split
         frac = self.options.val_fraction
         if frac <= 0:
             return "train"

@@ -19,6 +19,10 @@ Why it is shaped this way:
   exactly once, in batches that never mix sources. Drawing by weight (even round-robin) would
   wrap a small source around many times within a "pass" of the total row count and never reach
   most of a large one; 10 val rows at weight 3 beside 1,000 at weight 1 scored 262 distinct rows.
+- A dataset prepared with `--val-source` has sources of one split each (the manifest's
+  "split"): a split's loader opens only the sources that hold it, so the train mix is the train
+  sources' and a val pass scores the val sources', with no warning about the other side's
+  empty split.
 - Shards are opened once (checked against the manifest's sizes and CRC-32) and memory-mapped;
   only the rows of a batch are ever copied.
 - `loss_on="assistant"` (chat fine-tuning) sets a target to -1 unless the shard's mask marks
@@ -213,6 +217,8 @@ class TokenLoader:
     def _open_sources(self) -> list[_SourceSplit]:
         opened, short = [], []
         for name, entry in self._manifest["sources"].items():
+            if entry.get("split", self.split) != self.split:
+                continue  # all its documents are in the other split (module docstring)
             src = _SourceSplit(self.data_dir, name, entry["splits"][self.split], self.mode, self.context, self.loss_on)
             (opened if src.n_units > 0 else short).append(src)
         for src in short:

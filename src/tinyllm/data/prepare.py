@@ -7,7 +7,8 @@ Why it is shaped this way:
   "complete", and an interrupted run restarts each source at its last commit, keeping the
   finished shards.
 - A second run into the same directory compares the settings that shape the data (sources and
-  their files, caps, split, shard size, tokenizer): equal means nothing to do (only the mixture
+  their files, caps, split (a hash share, or each source's fixed split with --val-source), shard
+  size, tokenizer): equal means nothing to do (only the mixture
   weights may change), different is refused with what differs. A lock file serialises runs into
   one directory, since data-parallel ranks may all ask for the same cached builtin dataset.
 """
@@ -121,6 +122,8 @@ def _config(sources: list[Source], options: PrepareOptions, tok: Tokenizer) -> d
     entries = []
     for src in sources:
         entry = {"name": src.name, "identity": src.identity(), "max_docs": options.max_docs or None, "max_tokens": cap(src)}
+        if src.split is not None:  # absent when split by hash, so configs from before --val-source compare equal
+            entry["split"] = src.split
         if entry["identity"]["kind"] == "builtin" and entry["max_tokens"] is None and entry["max_docs"] is None:
             raise UserError("the builtin corpus is endless: give it a cap (--max-tokens N or --max-docs N)")
         entries.append(entry)
@@ -128,7 +131,8 @@ def _config(sources: list[Source], options: PrepareOptions, tok: Tokenizer) -> d
         "version": VERSION,
         "tokenizer": tok.identity,
         "sources": entries,
-        "val_fraction": options.val_fraction,
+        # No share is drawn when the sources' splits are fixed (--val-source).
+        "val_fraction": None if any(src.split for src in sources) else options.val_fraction,
         "shard_tokens": options.shard_tokens,
     }
 
@@ -175,10 +179,17 @@ def _differences(old: dict, new: dict) -> list[str]:
     """What changed between two configs with the same sources, e.g. "builtin max_tokens 2 -> 3"."""
     changed = [f"{k} {old.get(k)} -> {new[k]}" for k in new if k != "sources" and old.get(k) != new[k]]
     for o, n in zip(old["sources"], new["sources"], strict=True):
-        for k in n:
-            if o.get(k) != n[k]:
-                changed.append(f"{n['name']} files" if k == "identity" else f"{n['name']} {k} {o.get(k)} -> {n[k]}")
+        for k in dict.fromkeys([*n, *o]):  # both: "split" is only there for --val-source runs
+            if k == "identity" and o.get(k) != n.get(k):
+                changed.append(f"{n['name']} files")
+            elif k == "split" and o.get(k) != n.get(k):
+                changed.append(f"{n['name']} {_SPLIT_WORDS[o.get(k)]} -> {_SPLIT_WORDS[n.get(k)]}")
+            elif o.get(k) != n.get(k):
+                changed.append(f"{n['name']} {k} {o.get(k)} -> {n.get(k)}")
     return changed
+
+
+_SPLIT_WORDS = {None: "split by hash", "train": "all train (--source with --val-source)", "val": "all val (--val-source)"}
 
 
 def _reweigh(out: Path, manifest: dict, sources: list[Source]) -> dict:
@@ -206,6 +217,8 @@ def _manifest(sources: list[Source], progress: dict, tok: Tokenizer) -> dict:
                 totals[split][key] += sp[key]
         entry = {"spec": src.spec, "weight": src.weight, "splits": splits,
                  "skipped_empty": st["skipped_empty"], "replaced_utf8": st["replaced_utf8"]}
+        if src.split is not None:
+            entry["split"] = src.split  # every document went there: the loader reads it for that split only
         val = st["splits"]["val"]
         if val["documents"] and val["scored_documents"] == val["documents"]:
             entry["floor"] = val["nll"] / val["tokens"]  # nats/token: the best loss any model can reach
@@ -220,8 +233,11 @@ def _manifest(sources: list[Source], progress: dict, tok: Tokenizer) -> dict:
         "sources": entries,
         "splits": totals,
     }
-    if len(entries) == 1 and "floor" in next(iter(entries.values())):
-        manifest["floor"] = next(iter(entries.values()))["floor"]
+    # The val split's floor, when every source in it has one (a mix with real text has none).
+    in_val = [progress["sources"][src.name]["splits"]["val"] for src in sources]
+    in_val = [v for v in in_val if v["documents"]]
+    if in_val and all(v["scored_documents"] == v["documents"] for v in in_val):
+        manifest["floor"] = sum(v["nll"] for v in in_val) / sum(v["tokens"] for v in in_val)
     return manifest
 
 

@@ -10,6 +10,10 @@ Why it is shaped this way:
   same record -> Document code runs either way, which is how it is tested with no network.
 - `--source` takes `name[:weight]`, `name=path[:weight]` or `path[:weight]`; the weight only sets
   the loader's mixture, so it is not part of a source's identity.
+- `--val-source` takes the same specs without a weight. With any, every document of a `--source`
+  goes to train and every document of a `--val-source` to val (`Source.split`), so a user's own
+  held-out set is the yardstick and all of the train set is trained on. A val source that reads
+  a file (or the same documents) a train source reads is refused: its loss would be a train loss.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinyllm.data import pydocs
 from tinyllm.data.document import Document
 from tinyllm.data.local import ReadCounters, expand_paths, read_documents
 from tinyllm.errors import UserError
 
 BUILTIN = "builtin"
+PYDOCS = "python-docs"
 BUILTIN_MAX_TOKENS = 2_000_000  # the builtin corpus is infinite; ~1 minute to prepare on 2 cores
 HUB_MAX_TOKENS = 50_000_000  # a day of CPU training; raise it with --max-tokens
 
@@ -74,7 +80,8 @@ HUB: dict[str, HubEntry] = {
                  "chat: user = post_title (+ post_text), assistant = comment_text", None),
     )
 }
-NAMES = (BUILTIN, *HUB)
+NAMES = (BUILTIN, PYDOCS, *HUB)
+SPLIT_FLAGS = {None: "--source", "train": "--source", "val": "--val-source"}
 
 
 # -- sources -------------------------------------------------------------------------------------
@@ -86,6 +93,14 @@ class Source(ABC):
     weight: float
     max_tokens: int | None  # default cap; --max-tokens overrides
     counters: ReadCounters
+    # None: each document goes to train or val by a hash of its text; "train" or "val": every
+    # document goes there (the sources of a prepare run with --val-source).
+    split: str | None = None
+
+    @property
+    def flag(self) -> str:
+        """The flag that named this source, for messages."""
+        return SPLIT_FLAGS[self.split]
 
     @abstractmethod
     def identity(self) -> dict:
@@ -101,8 +116,8 @@ class BuiltinSource(Source):
 
     max_tokens = BUILTIN_MAX_TOKENS
 
-    def __init__(self, spec: str, weight: float, seed: int) -> None:
-        self.name, self.spec, self.weight, self.seed = BUILTIN, spec, weight, seed
+    def __init__(self, spec: str, weight: float, seed: int, split: str | None = None) -> None:
+        self.name, self.spec, self.weight, self.seed, self.split = BUILTIN, spec, weight, seed, split
         self.counters = ReadCounters()
 
     def identity(self) -> dict:
@@ -116,14 +131,30 @@ class BuiltinSource(Source):
         return BuiltinCorpus(seed=self.seed).documents(start)
 
 
+class PythonDocsSource(Source):
+    """Real English offline: this Python's standard library documentation (tinyllm.data.pydocs)."""
+
+    max_tokens = None  # all of it: ~0.55 M tokens on CPython 3.11
+
+    def __init__(self, spec: str, weight: float, split: str | None = None) -> None:
+        self.name, self.spec, self.weight, self.split = PYDOCS, spec, weight, split
+        self.counters = ReadCounters()
+
+    def identity(self) -> dict:
+        return pydocs.identity()
+
+    def documents(self, start: int = 0) -> Iterator[Document]:
+        return pydocs.documents(start)
+
+
 class LocalSource(Source):
     """Files, folders or globs on disk, read by tinyllm.data.local."""
 
     max_tokens = None
 
-    def __init__(self, name: str, spec: str, path: str, weight: float, field: str) -> None:
-        self.name, self.spec, self.weight, self.field = name, spec, weight, field
-        self.files = expand_paths(path, f"--source {spec}")
+    def __init__(self, name: str, spec: str, path: str, weight: float, field: str, split: str | None = None) -> None:
+        self.name, self.spec, self.weight, self.field, self.split = name, spec, weight, field, split
+        self.files = expand_paths(path, f"{self.flag} {spec}")
         self.counters = ReadCounters()
 
     def identity(self) -> dict:
@@ -136,10 +167,11 @@ class LocalSource(Source):
 class HubSource(Source):
     """A registry entry streamed through `datasets`: from the hub, or from local files in its schema."""
 
-    def __init__(self, entry: HubEntry, spec: str, weight: float, path: str | None = None) -> None:
-        self.entry, self.name, self.spec, self.weight = entry, entry.name, spec, weight
+    def __init__(self, entry: HubEntry, spec: str, weight: float, path: str | None = None,
+                 split: str | None = None, name: str | None = None) -> None:
+        self.entry, self.name, self.spec, self.weight, self.split = entry, name or entry.name, spec, weight, split
         self.max_tokens = entry.max_tokens
-        self.files = expand_paths(path, f"--source {spec}") if path is not None else None
+        self.files = expand_paths(path, f"{self.flag} {spec}") if path is not None else None
         self.counters = ReadCounters()
 
     def identity(self) -> dict:
@@ -160,12 +192,12 @@ class HubSource(Source):
         try:
             if self.files is None:
                 return datasets.load_dataset(self.entry.hub_id, self.entry.config, split="train", streaming=True)
-            builder = _builder(self.files, self.spec)
+            builder = _builder(self.files, f"{self.flag} {self.spec}")
             return datasets.load_dataset(builder, data_files=[str(f) for f in self.files], split="train", streaming=True)
         except (OSError, ValueError) as e:  # ConnectionError and DatasetNotFoundError are OSErrors
             raise UserError(
-                f"--source {self.spec}: cannot load {self._where()} ({_first_line(e)}); without network, "
-                f"download its files and pass --source {self.name}=PATH"
+                f"{self.flag} {self.spec}: cannot load {self._where()} ({_first_line(e)}); without network, "
+                f"download its files and pass {self.flag} {self.entry.name}=PATH"
             ) from None
 
     def documents(self, start: int = 0) -> Iterator[Document]:
@@ -182,22 +214,22 @@ class HubSource(Source):
             except StopIteration:
                 return
             except (OSError, ValueError, pa.ArrowException) as e:
-                raise UserError(f"--source {self.spec}: reading {self._where()} failed ({_first_line(e)})") from None
+                raise UserError(f"{self.flag} {self.spec}: reading {self._where()} failed ({_first_line(e)})") from None
             if not checked:
                 missing = [f for f in self.entry.fields if f not in record]
                 if missing:
                     raise UserError(
-                        f"--source {self.spec}: {self._where()} has no field {missing[0]!r} (it has: "
-                        f"{', '.join(record)}); {self.name} needs {', '.join(self.entry.fields)}"
+                        f"{self.flag} {self.spec}: {self._where()} has no field {missing[0]!r} (it has: "
+                        f"{', '.join(record)}); {self.entry.name} needs {', '.join(self.entry.fields)}"
                     )
                 checked = True
             yield self.entry.to_document(record)
 
 
-def _builder(files: list[Path], spec: str) -> str:
+def _builder(files: list[Path], where: str) -> str:
     kinds = {{".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}[f.suffix] for f in files}
     if len(kinds) > 1 or "text" in kinds:
-        raise UserError(f"--source {spec}: a hub source's local files must all be parquet or all JSON lines, got {sorted(kinds)}")
+        raise UserError(f"{where}: a hub source's local files must all be parquet or all JSON lines, got {sorted(kinds)}")
     return kinds.pop()
 
 
@@ -218,29 +250,31 @@ class SourceSpec:
     name: str | None  # a registry name, or None for a plain local path
     path: str | None
     weight: float
+    weighted: bool = False  # the text gave a weight
 
 
-def parse_spec(text: str) -> SourceSpec:
-    """`name[:weight]`, `name=path[:weight]` or `path[:weight]`."""
+def parse_spec(text: str, flag: str = "--source") -> SourceSpec:
+    """`name[:weight]`, `name=path[:weight]` or `path[:weight]`; `flag` names the option in errors."""
     body, weight = text, 1.0
     head, _, tail = text.rpartition(":")
     if head and _is_number(tail):
         body, weight = head, float(tail)
         if not (math.isfinite(weight) and weight > 0):
-            raise UserError(f"--source {text}: the weight {tail} must be a positive number")
+            raise UserError(f"{flag} {text}: the weight {tail} must be a positive number")
     if not body:
-        raise UserError(f"--source {text}: give a source name or a path before the weight")
+        raise UserError(f"{flag} {text}: give a source name or a path before the weight")
+    weighted = body != text
     if "=" in body:
         name, path = body.split("=", 1)
         if name not in HUB:
-            hint = "builtin has no files" if name == BUILTIN else f"hub sources are {', '.join(HUB)}"
-            raise UserError(f"--source {text}: only a hub source takes =PATH ({hint})")
+            hint = f"{name} has no files" if name in NAMES else f"hub sources are {', '.join(HUB)}"
+            raise UserError(f"{flag} {text}: only a hub source takes =PATH ({hint})")
         if not path:
-            raise UserError(f"--source {text}: give the path after '='")
-        return SourceSpec(text, name, path, weight)
+            raise UserError(f"{flag} {text}: give the path after '='")
+        return SourceSpec(text, name, path, weight, weighted)
     if body in NAMES:
-        return SourceSpec(text, body, None, weight)
-    return SourceSpec(text, None, body, weight)
+        return SourceSpec(text, body, None, weight, weighted)
+    return SourceSpec(text, None, body, weight, weighted)
 
 
 def _is_number(s: str) -> bool:
@@ -251,26 +285,68 @@ def _is_number(s: str) -> bool:
     return True
 
 
-def resolve_sources(specs: list[str], *, field: str = "text", seed: int = 0) -> list[Source]:
-    """Sources for the `--source` specs (the builtin corpus when there are none), names unique."""
-    sources: list[Source] = []
+def resolve_sources(specs: list[str], *, val_specs: list[str] | None = None, field: str = "text",
+                    seed: int = 0) -> list[Source]:
+    """Sources for the `--source` specs (the builtin corpus when there are none), then the
+    `--val-source` specs, names unique. With val specs every source has a fixed split (module docstring)."""
+    val_specs = val_specs or []
+    train: list[Source] = []
     for text in specs or [BUILTIN]:
-        s = parse_spec(text)
-        if s.name == BUILTIN:
-            src: Source = BuiltinSource(text, s.weight, seed)
-        elif s.name is not None:
-            src = HubSource(HUB[s.name], text, s.weight, s.path)
-        else:
-            src = LocalSource(_local_name(s.path, sources), text, s.path, s.weight, field)
-        if any(o.name == src.name for o in sources):
+        src = _resolve(parse_spec(text), "train" if val_specs else None, field, seed, train)
+        if any(o.name == src.name for o in train):
             raise UserError(f"--source {text}: {src.name} is given twice; give each source once")
-        sources.append(src)
-    return sources
+        train.append(src)
+    val: list[Source] = []
+    for text in val_specs:
+        s = parse_spec(text, "--val-source")
+        if s.weighted:
+            raise UserError(f"--val-source {text}: a val source takes no weight (weights set the training "
+                            f"mix; every val document is scored once): drop the :{text.rpartition(':')[2]}")
+        src = _resolve(s, "val", field, seed, train + val)
+        if any(o.spec == text or o.name == src.name for o in val):
+            raise UserError(f"--val-source {text}: {src.name} is given twice; give each source once")
+        _refuse_trained_on(src, train)
+        val.append(src)
+    return train + val
+
+
+def _resolve(s: SourceSpec, split: str | None, field: str, seed: int, taken: list[Source]) -> Source:
+    if s.name == BUILTIN:
+        src: Source = BuiltinSource(s.text, s.weight, seed, split)
+    elif s.name == PYDOCS:
+        src = PythonDocsSource(s.text, s.weight, split)
+    elif s.name is not None:
+        src = HubSource(HUB[s.name], s.text, s.weight, s.path, split)
+    else:
+        # Named among its own split first, so that a clash with a train source gets "-val" below.
+        src = LocalSource(_local_name(s.path, [o for o in taken if o.split == split]), s.text, s.path, s.weight,
+                          field, split)
+    if split == "val" and any(o.name == src.name for o in taken if o.split == "train"):
+        # e.g. --source wikipedia=dumps/train --val-source wikipedia=dumps/val: one name per source
+        src.name = _unique(f"{src.name}-val", taken)
+    return src
+
+
+def _refuse_trained_on(val: Source, train: list[Source]) -> None:
+    """A val source must hold none of the training documents: its loss would be a training loss."""
+    val_files = {f.resolve() for f in getattr(val, "files", None) or ()}
+    for t in train:
+        shared = sorted(val_files.intersection(f.resolve() for f in getattr(t, "files", None) or ()))
+        if shared:
+            more = f" and {len(shared) - 1} more" if len(shared) > 1 else ""
+            raise UserError(f"--val-source {val.spec}: {shared[0]}{more} is also read by --source {t.spec}; a file "
+                            "is either trained on or validated on: give validation files of their own")
+        if t.identity() == val.identity():
+            raise UserError(f"--val-source {val.spec} reads the same documents as --source {t.spec}; give "
+                            "validation files of their own")
 
 
 def _local_name(path: str, taken: list[Source]) -> str:
     stem = Path(re.sub(r"[*?\[\]]+.*$", "", path.rstrip("/")) or ".").resolve().stem or "files"
-    base = "local-" + (re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-") or "files")
+    return _unique("local-" + (re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-") or "files"), taken)
+
+
+def _unique(base: str, taken: list[Source]) -> str:
     names = {s.name for s in taken}
     name, n = base, 2
     while name in names:
@@ -282,6 +358,8 @@ def describe_sources() -> str:
     """The table `tinyllm prepare --list-sources` prints."""
     rows = [("name", "hub id (config)", "record -> document", "default cap")]
     rows.append((BUILTIN, "(offline, generated)", "story + questions about it", f"{BUILTIN_MAX_TOKENS:,} tokens"))
+    rows.append((PYDOCS, "(offline, this Python's own)", "a stdlib module's docstrings, or a help topic",
+                 "all (~550,000 tokens)"))
     for e in HUB.values():
         hub = e.hub_id + (f" ({e.config})" if e.config else "")
         rows.append((e.name, hub, e.recipe, f"{e.max_tokens:,} tokens" if e.max_tokens else "whole dataset"))
@@ -292,5 +370,13 @@ def describe_sources() -> str:
         "Also: a local path (file, folder or glob): .txt (a file is a document), .jsonl/.json/.parquet",
         "(a record is a document; --field NAME, default text). A hub source reads local files in its",
         "own schema with NAME=PATH, e.g. --source wikipedia=dumps/wiki/. Append :WEIGHT to set the mix.",
+        "",
+        f"{PYDOCS}: real English with no download, the documentation of the standard library of the Python",
+        "running tinyllm (docstrings read from its source files, and the language reference's help()",
+        "topics; tests and generated codecs left out). Python Software Foundation License: permissive,",
+        "not public domain. A yardstick of real text beside the synthetic builtin corpus.",
+        "",
+        "--val-source SPEC (same forms, no weight) holds out your own validation files: every --source",
+        "document is then trained on and every --val-source document only validated on.",
     ]
     return "\n".join(lines)
