@@ -41,3 +41,29 @@ def test_an_earlier_kept_run_is_never_overwritten(tmp_path, capsys):
     (tmp_path / "muon").mkdir()
     assert main(["bench", "quality", "--variants", "gpt2,muon", "--keep", str(tmp_path)]) == 2
     assert "muon already exist" in capsys.readouterr().err
+
+
+def test_any_prepared_dataset_is_scored_by_a_whole_val_pass(tmp_path, capsys):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("".join(json.dumps({"text": f"Note {i}: the {w} sat on the mat and looked at the sky."}) + "\n"
+                             for i in range(80) for w in ("cat", "dog")))
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"text": f"Held {i}: a bird sat on the wall by the sea."}) + "\n" for i in range(9)))
+    assert main(["prepare", "--source", str(notes), "--val-source", str(held), "--out", str(tmp_path / "ds"),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "quality", "--preset", "tiny", "--minutes", "0.5", "--variants", "gpt2",
+                 "--set", "train.max_steps=8", "--data", str(tmp_path / "ds"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    v = r["variants"]["gpt2"]
+    assert r["score"] == "val pass" and r["data"] == str((tmp_path / "ds").resolve())
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    held_tokens = manifest["sources"]["local-held"]["splits"]["val"]["tokens"]
+    assert v["val_tokens"] == (held_tokens - 1) // 32 * 32  # every packed window of the val split, once
+    assert 0 < v["val_loss"] < 11 and 0 < v["bits_per_byte"] < 10
+    assert v["floor"] is None and v["gap"] is None  # real text has no floor
+
+
+def test_a_data_dir_that_is_no_dataset_is_refused_before_training(tmp_path, capsys):
+    assert main(["bench", "quality", "--variants", "gpt2", "--data", str(tmp_path)]) == 2
+    assert "has no manifest.json: run tinyllm prepare" in capsys.readouterr().err

@@ -8,6 +8,11 @@ Why it is shaped this way:
 - Variants run one after another in this process, never side by side: they would share the cores.
   Each run's log goes to its own run directory (kept with --keep), so a curve can be looked at.
 - Data preparation is done once before the first variant and counts against none.
+- `--data DIR` compares the recipes on any prepared dataset (real text, a user's own): the score
+  is then one whole pass over DIR's val split after training (`evaluate_loss`, every val row
+  once, outside the budget), in nats/token and bits per byte, against a floor only if the data
+  has one. The trainer's own val loss is a fixed budget of rows, fine for a curve but a sample;
+  on the built-in corpus the figure stays that, as before.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from pathlib import Path
 
 from tinyllm.errors import UserError
 
-HELP = "final val loss vs the corpus floor in equal wall-clock time: GPT-2 recipe, modern blocks, Muon"
+HELP = ("final val loss in equal wall-clock time, vs the corpus floor or on any prepared --data: GPT-2 recipe, "
+        "modern blocks, Muon")
 
 # name -> (what it is, --set overrides on the preset)
 _MODERN = {"model.pos_emb": "rope", "model.norm": "rmsnorm", "model.qk_norm": True, "model.mlp": "relu2",
@@ -42,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="an override applied to every variant (e.g. train.dtype=fp32); repeatable")
     p.add_argument("--keep", metavar="DIR", help="keep each variant's run directory under DIR (default: discarded)")
+    p.add_argument("--data", metavar="DIR", help="a dataset made by tinyllm prepare to compare on; each variant is "
+                   "scored by a whole pass over its val split (default: the built-in corpus, scored by the "
+                   "trainer's final val loss against its floor)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -55,6 +64,11 @@ def run(args: argparse.Namespace) -> dict:
     if not args.minutes > 0:
         raise UserError(f"--minutes must be positive, got {args.minutes}")
     common = [(k, v, "--set") for k, v in map(parse_set, args.set)]
+    if args.data:
+        from tinyllm.data.manifest import load_manifest
+
+        load_manifest(args.data)  # a missing or foreign dataset fails before any minutes are spent
+        common.append(("data.dir", str(Path(args.data).resolve()), "--data"))
     budget = f"{args.minutes * 60:.0f}s"
     configs = {}
     for name in names:  # resolve all first: a bad --set fails before any minutes are spent
@@ -73,16 +87,19 @@ def run(args: argparse.Namespace) -> dict:
         _say("preparing the built-in corpus (cached after the first run) ...")
         data_dir = default_builtin_dataset(max_tokens=first.data.builtin_tokens)
     results = {}
+    full_pass = bool(first.data.dir)  # a prepared dataset: score a whole pass over its val split
     with tempfile.TemporaryDirectory(prefix="tinyllm-bench-quality-") as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
         for name in names:
             configs[name].data.dir = str(data_dir)
-            results[name] = _train(name, configs[name], root / name)
-    return {"preset": args.preset, "minutes": args.minutes, "threads": _threads(), "variants": results,
-            "best": min(results, key=lambda n: results[n]["val_loss"]), "load_avg_end": round(os.getloadavg()[0], 2)}
+            results[name] = _train(name, configs[name], root / name, full_pass)
+    return {"preset": args.preset, "minutes": args.minutes, "threads": _threads(),
+            "data": str(data_dir) if full_pass else "builtin", "score": "val pass" if full_pass else "trainer val loss",
+            "variants": results, "best": min(results, key=lambda n: results[n]["val_loss"]),
+            "load_avg_end": round(os.getloadavg()[0], 2)}
 
 
-def _train(name: str, cfg, run_dir: Path) -> dict:
+def _train(name: str, cfg, run_dir: Path, full_pass: bool) -> dict:
     from tinyllm.train.device import keep_freed_memory
     from tinyllm.train.trainer import Trainer
 
@@ -93,13 +110,29 @@ def _train(name: str, cfg, run_dir: Path) -> dict:
     if trainer.device.type == "cpu":  # as `tinyllm train` does for its process: variants train alike
         keep_freed_memory()
     result = trainer.run()
+    seconds = time.monotonic() - started
     params = trainer.model.num_params()
+    loss, floor, bpb, scored = result.val_loss, result.floor, None, None
+    if full_pass:
+        _say(f"{name}: scoring a whole pass over {cfg.data.dir}'s val split ...")
+        scored = _val_pass(trainer, cfg)
+        loss, floor, bpb = scored.loss, scored.floor, scored.bits_per_byte
     out = {"description": VARIANTS[name][0], "parameters": params, "steps": result.steps, "tokens": result.tokens,
-           "seconds": round(time.monotonic() - started, 1), "val_loss": round(result.val_loss, 4),
-           "floor": result.floor, "gap": round(result.val_loss - result.floor, 4) if result.floor else None,
+           "seconds": round(seconds, 1), "val_loss": round(loss, 4),
+           "floor": floor, "gap": round(loss - floor, 4) if floor else None,
+           "bits_per_byte": None if bpb is None else round(bpb, 4), "val_tokens": scored.tokens if scored else None,
            "precision": "bf16" if trainer.amp is not None else "fp32", "load_avg_start": round(load, 2)}
     _say(f"{name}: val loss {out['val_loss']:.4f} after {out['steps']} steps ({out['tokens']:,} tokens)")
     return out
+
+
+def _val_pass(trainer, cfg):  # -> tinyllm.eval.EvalResult
+    """Every val row of the run's dataset once, as `tinyllm eval` scores it (the model as trained)."""
+    from tinyllm.eval import evaluate_loss
+
+    return evaluate_loss(trainer.model, cfg.data.dir, split="val", batch_size=cfg.train.micro_batch,
+                         context=cfg.context, device=trainer.device, autocast_dtype=trainer.amp,
+                         mode=cfg.data.mode, loss_on=cfg.data.loss_on)
 
 
 def _threads() -> int:
@@ -113,13 +146,14 @@ def _say(text: str) -> None:
 
 
 def format(r: dict) -> str:
-    lines = [f"preset {r['preset']}, {r['minutes']:g} minutes per variant, {r['threads']} threads", "",
-             f"{'variant':<13}{'steps':>7}{'tokens':>11}{'val loss':>10}{'floor':>8}{'gap':>8}{'precision':>10}"
-             f"{'load':>6}  what"]
+    scored = ("the trainer's final val loss (nats/token)" if r["score"] == "trainer val loss" else
+              f"a whole pass over {r['data']}'s val split (nats/token, bits/byte)")
+    lines = [f"preset {r['preset']}, {r['minutes']:g} minutes per variant, {r['threads']} threads; score: {scored}", "",
+             f"{'variant':<13}{'steps':>7}{'tokens':>11}{'val loss':>10}{'bits/B':>8}{'floor':>8}{'gap':>8}"
+             f"{'precision':>10}{'load':>6}  what"]
     for name, v in r["variants"].items():
-        floor = f"{v['floor']:.4f}" if v["floor"] is not None else "-"
-        gap = f"{v['gap']:.4f}" if v["gap"] is not None else "-"
-        lines.append(f"{name:<13}{v['steps']:>7}{v['tokens']:>11,}{v['val_loss']:>10.4f}{floor:>8}{gap:>8}"
+        floor, gap, bpb = (f"{v[k]:.4f}" if v[k] is not None else "-" for k in ("floor", "gap", "bits_per_byte"))
+        lines.append(f"{name:<13}{v['steps']:>7}{v['tokens']:>11,}{v['val_loss']:>10.4f}{bpb:>8}{floor:>8}{gap:>8}"
                      f"{v['precision']:>10}{v['load_avg_start']:>6.1f}  {v['description']}")
     lines += ["", f"best: {r['best']}"]
     return "\n".join(lines)
