@@ -191,6 +191,20 @@ def test_val_sources_hold_all_of_val_and_train_sources_all_of_train(tmp_path, qu
         quiet_prepare([ListSource("mine", train), ListSource("held", held)], tmp_path)
 
 
+def test_an_interrupted_run_with_val_sources_resumes_to_the_same_dataset(tmp_path, quiet_prepare, monkeypatch):
+    monkeypatch.setattr("tinyllm.data.ingest.CHUNK_DOCS", 16)
+    train, held = make_docs(200), make_docs(120, seed=7)
+
+    def sources(fail_after=None):
+        return [ListSource("mine", train, split="train"), ListSource("held", held, split="val", fail_after=fail_after)]
+
+    whole = quiet_prepare(sources(), tmp_path / "whole", shard_tokens=800)
+    with pytest.raises(KeyboardInterrupt):  # in the val source, after some of its shards are done
+        quiet_prepare(sources(fail_after=90), tmp_path / "resumed", shard_tokens=800)
+    assert json.loads((tmp_path / "resumed" / "progress.json").read_text())["sources"]["held"]["position"] > 0
+    assert quiet_prepare(sources(), tmp_path / "resumed", shard_tokens=800)["sources"] == whole["sources"]
+
+
 def test_hash_split_datasets_record_no_split_so_older_ones_still_match(tmp_path, quiet_prepare):
     m = quiet_prepare([ListSource("toy", make_docs(30))], tmp_path)
     assert "split" not in m["sources"]["toy"] and "split" not in m["config"]["sources"][0]
