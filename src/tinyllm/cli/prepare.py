@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the field holding the text (or a chat message list) in local .jsonl/.json/.parquet files (default: text)")
     p.add_argument("--max-tokens", type=int, metavar="N",
                    help="stop each source after N tokens (default: builtin 2,000,000, hub sources 50,000,000, "
-                   "local files all; 0 = no cap)")
+                   "local files and python-docs all; 0 = no cap)")
     p.add_argument("--max-docs", type=int, metavar="N", help="stop each source after N documents (default: no cap)")
     p.add_argument("--val-fraction", type=float, metavar="F",
                    help=f"share of documents held out for validation, chosen by a hash of each document "
@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.stray:
-        raise UserError(f"unexpected {' '.join(args.stray)}: each --source takes one SPEC; if your shell expanded "
+        raise UserError(f"unexpected {' '.join(args.stray)}: each --source or --val-source takes one SPEC; if your shell expanded "
                         "a glob into these paths, quote the pattern (--source 'notes/*.txt') so that tinyllm "
                         "expands it, as one source")
     if args.list_sources:
