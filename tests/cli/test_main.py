@@ -2,6 +2,8 @@
 
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -28,3 +30,15 @@ def test_any_other_os_error_is_a_bug_and_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(tinyllm.cli.tokenize, "get_tokenizer", fails)
     with pytest.raises(FileNotFoundError):
         main(["tokenize", "Hello"])
+
+
+def test_output_piped_into_a_reader_that_quits_ends_quietly(tmp_path):
+    # `tinyllm ... | head`: the reader is gone before the command writes.
+    err = tmp_path / "stderr"
+    with open(err, "w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "tinyllm", "tokenize", "Hello world " * 5000],
+                             stdout=subprocess.PIPE, stderr=f)
+        p.stdout.close()
+        code = p.wait(timeout=120)
+    assert err.read_text() == ""  # no BrokenPipeError traceback, no "Exception ignored" at exit
+    assert code == 141  # as a tool killed by SIGPIPE reports it

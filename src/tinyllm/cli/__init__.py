@@ -13,6 +13,7 @@ import argparse
 import errno
 import faulthandler
 import importlib
+import os
 import sys
 
 from tinyllm import __version__
@@ -57,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"tinyllm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`tinyllm eval ... | head`): stop as a tool killed by SIGPIPE would,
+        # quietly; stdout goes to /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         if e.errno not in _ENVIRONMENT_ERRNOS or not e.filename:
             raise
