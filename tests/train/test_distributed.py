@@ -23,6 +23,7 @@ from tinyllm.cli import build_parser, main
 from tinyllm.cli.train import command_line
 from tinyllm.config import resolve
 from tinyllm.data.loader import default_builtin_dataset
+from tinyllm.data.prompts import opening_prompts
 from tinyllm.errors import UserError
 from tinyllm.train import distributed
 from tinyllm.train.checkpoint import latest_checkpoint, load_model
@@ -171,7 +172,8 @@ def test_fsdp_trains_and_its_checkpoint_is_one_ordinary_file(tmp_path, data, one
     got = curve(run)
     assert got[8][1] < got[0][1] - 0.5  # val loss falls
     assert_same_curve(got, one_process)
-    assert (run / "train_output.txt").read_text().count("--- sample at step 4 ---") == 1  # rank 0 samples
+    # Rank 0 alone samples: one continuation of each default prompt (the openings of val documents).
+    assert (run / "train_output.txt").read_text().count("--- sample at step 4 ---") == len(opening_prompts(data))
     model, _, ckpt = load_model(run)  # what sample, eval and export read
     assert ckpt.name == "step-00000008" and model.num_params() > 0
 
