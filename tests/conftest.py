@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 from tinyllm.model.gpt import GPT, GPTConfig
+from tinyllm.train.logs import METRICS, PLOT, TEXT_LOG
 
 
 def model_preferring(token_id: int) -> GPT:
@@ -27,3 +32,27 @@ def model_preferring(token_id: int) -> GPT:
 def preferring():
     """`preferring(token_id)`: see `model_preferring`; forces a token (a special one) into output."""
     return model_preferring
+
+
+def fill_disk_under(log, which: str) -> Path:
+    """From now on, writes to the run log's `which` file fail as on a full disk (ENOSPC from the
+    kernel: /dev/full); returns the path the error should name."""
+    if which == "text":
+        log._text = open("/dev/full", "w", encoding="utf-8")  # the run log closes it
+        return log.run_dir / TEXT_LOG
+    if which == "metrics":
+        log._metrics = open("/dev/full", "a", encoding="utf-8")
+        return log.run_dir / METRICS
+    if which == "tensorboard":
+        log._tb._records = RecordWriter(open("/dev/full", "ab"))
+        return log._tb.path
+    (log.run_dir / f".{PLOT}.tmp").symlink_to("/dev/full")  # the plot's temporary name, before its rename
+    return log.run_dir / PLOT
+
+
+@pytest.fixture
+def disk_full():
+    """`disk_full(log, which)`: see `fill_disk_under`; skips where there is no /dev/full (not Linux)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    return fill_disk_under

@@ -18,11 +18,10 @@ import resource
 from pathlib import Path
 
 import pytest
-from tensorboard.summary.writer.record_writer import RecordWriter
 
 import tinyllm.train.checkpoint as ckpt
 from tinyllm.errors import UserError
-from tinyllm.train.logs import METRICS, PLOT, TEXT_LOG
+from tinyllm.train.logs import METRICS
 from tinyllm.train.trainer import Trainer
 
 from .conftest import TINY, assert_user_error, cli, snapshot, tiny_config
@@ -129,25 +128,8 @@ def test_a_real_write_failure_in_a_real_process(run_copy):
 needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 
 
-def disk_full(log, which: str) -> Path:
-    """From now on, writes to the run log's `which` file fail as on a full disk (ENOSPC from the
-    kernel: /dev/full); returns the path the error should name."""
-    if which == "text":
-        log._text = open("/dev/full", "w", encoding="utf-8")  # the run log closes it
-        return log.run_dir / TEXT_LOG
-    if which == "metrics":
-        log._metrics = open("/dev/full", "a", encoding="utf-8")
-        return log.run_dir / METRICS
-    if which == "tensorboard":
-        log._tb._records = RecordWriter(open("/dev/full", "ab"))
-        return log._tb.path
-    (log.run_dir / f".{PLOT}.tmp").symlink_to("/dev/full")  # the plot's temporary name, before its rename
-    return log.run_dir / PLOT
-
-
-@needs_dev_full
 @pytest.mark.parametrize(("which", "stops_at"), [("text", 3), ("metrics", 3), ("tensorboard", 3), ("plot", 4)])
-def test_a_log_on_a_full_disk_stops_the_run_saved_and_it_resumes(data, tmp_path, which, stops_at):
+def test_a_log_on_a_full_disk_stops_the_run_saved_and_it_resumes(data, tmp_path, which, stops_at, disk_full):
     run = tmp_path / "run"
     cfg = tiny_config(data, max_steps=6, checkpoint_every=2, eval_every=2)  # the plot is drawn at each eval
     trainer = Trainer(cfg, run, echo=False)

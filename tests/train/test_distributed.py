@@ -178,20 +178,23 @@ def test_fsdp_trains_and_its_checkpoint_is_one_ordinary_file(tmp_path, data, one
     assert ckpt.name == "step-00000008" and model.num_params() > 0
 
 
-def test_checkpoints_resume_with_another_number_of_processes(tmp_path, data):
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_checkpoints_resume_with_another_number_of_processes(tmp_path, data, parallel):
+    # A DDP checkpoint is rank 0's whole model and optimizer, an FSDP2 one is gathered whole; the
+    # loader counts rows globally: one process continues what two started, and two what one did.
     values = settings(data, 8, **CONSTANT)
     whole = tmp_path / "whole"
     train_here(whole, values)
 
     two_then_one = tmp_path / "two_then_one"
-    torchrun(two_then_one, {**values, "train.max_steps": 4}, "--parallel", "fsdp")
+    torchrun(two_then_one, {**values, "train.max_steps": 4}, "--parallel", parallel)
     assert train_here(two_then_one, values, resume=True).steps == 8
     assert_same_curve(curve(two_then_one), curve(whole))
 
     one_then_two = tmp_path / "one_then_two"
     train_here(one_then_two, {**values, "train.max_steps": 4})
     r = subprocess.run([sys.executable, "-m", "tinyllm", "train", *cli_flags(one_then_two, values), "--nproc", "2",
-                        "--parallel", "fsdp"], capture_output=True, text=True, timeout=300)
+                        "--parallel", parallel], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming at step 4" in r.stdout
     assert_same_curve(curve(one_then_two), curve(whole))

@@ -2,12 +2,9 @@
 
 import contextlib
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
-from tensorboard.summary.writer.record_writer import RecordWriter
 
 from tinyllm.train.logs import METRICS, PLOT, TEXT_LOG, LogWriteError, RunLog
 
@@ -75,24 +72,6 @@ def test_tensorboard_reads_the_events_back_and_a_resume_replaces_later_steps(tmp
 
 # -- a file that cannot be written: one UserError naming it, not a traceback from inside a writer ---
 
-needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
-
-
-def disk_full(log: RunLog, which: str) -> Path:
-    """From now on, writes to the log's `which` file fail as on a full disk; returns that file's path."""
-    if which == "text":
-        log._text = open("/dev/full", "w", encoding="utf-8")  # RunLog closes it
-        return log.run_dir / TEXT_LOG
-    if which == "metrics":
-        log._metrics = open("/dev/full", "a", encoding="utf-8")
-        return log.run_dir / METRICS
-    if which == "tensorboard":
-        log._tb._records = RecordWriter(open("/dev/full", "ab"))
-        return log._tb.path
-    (log.run_dir / f".{PLOT}.tmp").symlink_to("/dev/full")  # the plot's temporary name, before its rename
-    return log.run_dir / PLOT
-
-
 def log_a_step(log: RunLog, step: int) -> None:
     log.metrics({"step": step, "loss": 1.0, "lr": 0.1, "tokens": 8 * step, "val_loss": 1.1})
     log.write(f"step {step}")
@@ -100,9 +79,8 @@ def log_a_step(log: RunLog, step: int) -> None:
     log.plot()
 
 
-@needs_dev_full
 @pytest.mark.parametrize("which", ["text", "metrics", "tensorboard", "plot"])
-def test_a_full_disk_is_a_user_error_naming_the_file(tmp_path, which):
+def test_a_full_disk_is_a_user_error_naming_the_file(tmp_path, which, disk_full):
     log = RunLog(tmp_path, echo=False)
     log_a_step(log, 1)
     plot = (tmp_path / PLOT).read_bytes()
