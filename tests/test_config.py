@@ -106,6 +106,8 @@ def test_context_longer_than_block_size_is_rejected():
     ("train.micro_batch", "0", r"train\.micro_batch must be at least 1"),
     ("optim.lr", "-1", r"optim\.lr must be a positive number"),
     ("optim.min_lr_ratio", "2", r"min_lr_ratio must be between 0 and 1"),
+    ("optim.decay_fraction", "0", r"optim\.decay_fraction must be in \(0, 1\]"),
+    ("optim.schedule", "linear", r"optim\.schedule"),
     ("train.max_time", "ten minutes", r"cannot read 'ten minutes' as a duration"),
     ("model.vocab_size", "100", r"vocab_size \(100\) is smaller than the tokenizer's 50260"),
 ])
@@ -156,8 +158,19 @@ def test_set_needs_an_equals_sign():
 
 def test_no_time_budget_can_be_asked_for():
     for raw in ('""', "none"):
-        cfg = resolve("cpu", overrides=[cli("train.max_time", raw), cli("train.fit_steps_to_time", "false")])
+        cfg = resolve("cpu", overrides=[cli("train.max_time", raw)])
         assert time_budget(cfg.train) is None
     assert time_budget(resolve("cpu", overrides=[cli("train.max_time", "2h")]).train) == 7200
-    with pytest.raises(UserError, match="fit_steps_to_time needs a budget"):
-        resolve("cpu", overrides=[cli("train.max_time", "none")])
+
+
+@pytest.mark.parametrize("fitted", [True, False])
+def test_an_older_runs_config_with_fit_steps_to_time_loads_with_the_same_meaning(tmp_path, fitted):
+    saved = tmp_path / "config.toml"
+    save_toml(resolve("cpu"), saved)
+    old = read_toml(saved)
+    del old["train"]["budget_drives_schedule"], old["optim"]["decay_fraction"]
+    old["train"]["fit_steps_to_time"] = fitted  # what runs wrote before a budget drove the schedule
+    old["optim"]["schedule"] = "cosine"
+    cfg = resolve(base=old)
+    assert cfg.train.budget_drives_schedule is fitted and cfg.optim.schedule == "cosine"
+    assert cfg.train.max_time == "8m" and "fit_steps_to_time" not in read_toml(saved)["train"]

@@ -60,10 +60,15 @@ class OptimConfig:
     # AdamW's RMS, so one `lr` and schedule drive both.
     optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 3e-4
-    schedule: Literal["cosine", "constant"] = "cosine"
+    # After warmup: "cosine" to the floor, "constant", or "wsd" (warmup-stable-decay: the peak
+    # until the last decay_fraction of the run, then down to the floor). With train.max_time the
+    # schedule follows the fraction of the budget spent, else the fraction of max_steps.
+    schedule: Literal["cosine", "constant", "wsd"] = "cosine"
     warmup_steps: int = 100
-    # The cosine ends at lr * min_lr_ratio (the floor), reached at the last step.
+    # The schedule ends at lr * min_lr_ratio (the floor), reached at the last step.
     min_lr_ratio: float = 0.1
+    # wsd: the last part of the run (a fraction of it) spent decaying to the floor.
+    decay_fraction: float = 0.35
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -82,11 +87,13 @@ class TrainConfig:
     micro_batch: int = 16
     grad_accum: int = 4
     max_steps: int = 5000
-    # Wall-clock budget ("90s", "10m", "2h", "1h30m"); "" or "none" for none. Stops with a checkpoint.
+    # Wall-clock budget ("90s", "10m", "2h", "1h30m"); "" or "none" for none. The learning-rate
+    # schedule then follows the fraction of it spent (max_steps still caps the run), so the rate
+    # reaches its floor on the last step that fits, and the run stops with a checkpoint.
     max_time: str = ""
-    # Shorten the schedule's horizon to the steps that fit in max_time, measured after a few steps,
-    # so the learning rate still reaches its floor when the budget ends.
-    fit_steps_to_time: bool = False
+    # false: max_time only stops this process (a job's time limit, as under SLURM; a resumed run
+    # gets the budget afresh) and the schedule follows max_steps. Older runs: fit_steps_to_time.
+    budget_drives_schedule: bool = True
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # "auto": bf16 autocast on CUDA with bf16 and on CPUs with native bf16 units, else fp32.
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
@@ -141,6 +148,9 @@ class Config:
 SECTIONS: dict[str, type] = {"model": GPTConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 # Top-level keys that are not sections. `description` documents a preset and is dropped.
 TOP_LEVEL = ("preset", "description")
+# Keys that older runs' config.toml files hold, under the name that now means the same: fitting
+# the schedule once to train.max_time gave way to the schedule following the time spent.
+RENAMED = {("train", "fit_steps_to_time"): "budget_drives_schedule"}
 
 
 # -- presets ------------------------------------------------------------------------------------
@@ -240,6 +250,7 @@ def _merge(into: dict, layer: dict, source: str) -> None:
             raise UserError(f"{source}: {key} must be a table ([{key}]), got a {type(value).__name__}")
         hints = typing.get_type_hints(SECTIONS[key])
         for name, v in value.items():
+            name = RENAMED.get((key, name), name)
             if name not in hints:
                 raise UserError(f"{source}: unknown key {key}.{name}{_did_you_mean_key(f'{key}.{name}')}")
             into[key][name] = coerce(v, hints[name], f"{key}.{name}", source)
@@ -312,9 +323,10 @@ def validate(cfg: Config) -> None:
             raise UserError(f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
     if t.sample_temperature < 0:
         raise UserError(f"train.sample_temperature must be >= 0 (0 is greedy), got {t.sample_temperature}")
-    budget = time_budget(t)  # raises on an unreadable duration
-    if t.fit_steps_to_time and budget is None:
-        raise UserError("train.fit_steps_to_time needs a budget: set train.max_time (e.g. --max-time 8m)")
+    if not 0 < o.decay_fraction <= 1:
+        raise UserError(f"optim.decay_fraction must be in (0, 1] (the part of the run spent decaying), "
+                        f"got {o.decay_fraction}")
+    time_budget(t)  # raises on an unreadable duration
 
 
 def _positive(section: Any, *names: str) -> None:

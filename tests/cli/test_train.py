@@ -5,10 +5,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from tinyllm.cli.train import summary
 from tinyllm.data.loader import default_builtin_dataset
+from tinyllm.train.trainer import TrainResult
 
 
 def tinyllm(*args: str) -> subprocess.CompletedProcess:
@@ -26,6 +29,14 @@ def test_help_documents_every_flag():
     for flag in ("--preset", "--config", "--data", "--out", "--max-steps", "--seed", "--resume", "--checkpoint-every",
                  "--eval-every", "--sample-every", "--max-time", "--set", "--list-presets"):
         assert flag in r.stdout
+
+
+def test_the_summary_says_how_to_continue_a_run_its_budget_ended():
+    result = TrainResult(Path("runs/x"), 900, 1_843_200, 479.0, 0.95, 0.79, "time budget", None, val_bpb=1.3)
+    text = summary(result, 480.0)
+    assert "final val loss 0.9500 nats/token (1.3000 bits/byte)" in text
+    assert "tinyllm train --out runs/x --max-time 960s   # continue training" in text  # its seconds are spent
+    assert "--max-steps 200 " in summary(TrainResult(Path("runs/x"), 100, 1, 9.0, 1.0, None, "finished", None), 480.0)
 
 
 def test_list_presets():

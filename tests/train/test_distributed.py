@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,6 +154,24 @@ def test_nproc_gives_the_workers_their_threads_and_leaves_this_process_as_it_was
     assert logging.getLogger("torch.distributed").level == level
 
 
+def _agree_in(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        d = distributed.Dist(rank, rank, 2, "ddp")
+        # Each rank's own clock would give its own progress; rank 1 alone has been asked to stop.
+        first = distributed.agree_on_next_step("interrupted" if rank else None, 0.9 if rank else 0.25, d)
+        second = distributed.agree_on_next_step(None, None, d)  # no budget: no progress
+        (Path(out_dir) / f"{rank}.json").write_text(json.dumps([first, second]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_takes_rank_0s_progress_in_the_stop_agreement(tmp_path):
+    torch.multiprocessing.spawn(_agree_in, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == [["interrupted", 0.25], [None, None]]
+
+
 # -- two processes ----------------------------------------------------------------------------
 
 
@@ -198,6 +217,16 @@ def test_checkpoints_resume_with_another_number_of_processes(tmp_path, data, par
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming at step 4" in r.stdout
     assert_same_curve(curve(one_then_two), curve(whole))
+
+
+def test_under_a_time_budget_every_process_ends_at_the_same_step_at_the_floor(tmp_path, data):
+    run = tmp_path / "run"
+    r = torchrun(run, settings(data, 100_000, **{"train.max_time": "8s", "train.eval_every": 0}))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    cfg = resolve("tiny")
+    assert records[-1]["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio)
+    assert r.stdout.count(f"time budget: {records[-1]['step']:,} steps") == 1
+    assert latest_checkpoint(run).name == f"step-{records[-1]['step']:08d}"
 
 
 def test_ctrl_c_stops_every_process_at_the_same_step_with_a_checkpoint(tmp_path, data):

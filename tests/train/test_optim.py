@@ -1,14 +1,13 @@
-"""Parameter groups and the learning-rate schedule."""
+"""Parameter groups, AdamW and Muon + AdamW."""
 
 import copy
-import math
 
 import pytest
 import torch
 
 from tinyllm.config import OptimConfig
 from tinyllm.model.gpt import GPT, GPTConfig
-from tinyllm.train.optim import LRSchedule, build_optimizer, param_groups
+from tinyllm.train.optim import build_optimizer, param_groups
 
 
 def tiny_gpt(**kw) -> GPT:
@@ -46,34 +45,6 @@ def test_optimizer_is_fused_on_cpu_when_asked():
     assert opt.defaults["fused"] is True
     opt = build_optimizer(tiny_gpt(), OptimConfig(fused=False), torch.device("cpu"))
     assert not opt.defaults["fused"]
-
-
-def test_warmup_then_cosine_to_the_floor():
-    s = LRSchedule(OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1), total_steps=110)
-    assert s.lr_at(0) == pytest.approx(0.1)  # linear ramp, never a zero first step
-    assert s.lr_at(9) == pytest.approx(1.0)
-    assert s.lr_at(10) == pytest.approx(1.0)
-    assert s.lr_at(60) == pytest.approx(0.55, abs=0.01)  # half way down the cosine
-    assert s.lr_at(109) == pytest.approx(0.1)  # the last step is exactly the floor
-    assert s.lr_at(500) == pytest.approx(0.1)
-    lrs = [s.lr_at(i) for i in range(10, 110)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
-
-
-def test_constant_schedule_and_state_roundtrip():
-    s = LRSchedule(OptimConfig(lr=2.0, warmup_steps=0, schedule="constant"), total_steps=5)
-    assert s.lr_at(0) == s.lr_at(99) == 2.0
-    cos = LRSchedule(OptimConfig(lr=1.0, warmup_steps=0, min_lr_ratio=0.0), total_steps=100)
-    other = LRSchedule(OptimConfig(lr=1.0, warmup_steps=0, min_lr_ratio=0.0), total_steps=7)
-    other.load_state_dict(cos.state_dict())
-    assert other.lr_at(50) == cos.lr_at(50) == pytest.approx(0.5 * (1 + math.cos(math.pi * 50 / 99)))
-
-
-def test_apply_sets_every_group():
-    model = tiny_gpt()
-    opt = build_optimizer(model, OptimConfig(lr=1.0, warmup_steps=4), torch.device("cpu"))
-    lr = LRSchedule(OptimConfig(lr=1.0, warmup_steps=4), 10).apply(opt, 1)
-    assert lr == 0.5 and all(g["lr"] == 0.5 for g in opt.param_groups)
 
 
 def test_muon_takes_block_matrices_and_adamw_the_rest():

@@ -82,6 +82,8 @@ def test_periodic_val_loss_scores_each_row_once_as_tinyllm_eval_does(tmp_path, m
     seen = evaluate_loss(trainer.model, mix, batch_size=cfg.train.micro_batch, context=cfg.context,
                          max_batches=EVAL_BATCHES, mode="padded")
     assert sorted(seen.sources) == ["builtin", "local-notes"]  # the small source has its share
-    assert trainer.evaluate() == pytest.approx(seen.loss, rel=1e-6)
+    ours = trainer.evaluate()
+    assert ours.loss == pytest.approx(seen.loss, rel=1e-6)
+    assert ours.bits_per_byte == pytest.approx(seen.bits_per_byte, rel=1e-6)
     batch = trainer.loader.next_batch()
     assert batch.inputs.dtype == torch.int64 and not (batch.targets == PAD).any()

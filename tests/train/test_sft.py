@@ -24,7 +24,10 @@ from tinyllm.eval.qa import qa_accuracy
 from tinyllm.tokenizer import IM_END, IM_START, PAD, get_tokenizer
 from tinyllm.train.checkpoint import latest_checkpoint, load_model, read_config
 from tinyllm.train.run_dir import plan_run
+from tinyllm.train.sft import SFT_DEFAULTS
 from tinyllm.train.trainer import Trainer
+
+from .test_trainer import records, timed_trainer
 
 CONTEXT = 64
 PRETRAIN_STEPS = 20
@@ -54,7 +57,7 @@ def sft_plan(run_dir, pretrained, **settings):
 
 
 QUIET = {"train.eval_every": 0, "train.qa_questions": 0, "train.checkpoint_every": 0, "train.max_time": "none",
-         "train.fit_steps_to_time": False, "train.micro_batch": 4, "train.eval_batches": 4}
+         "train.micro_batch": 4, "train.eval_batches": 4}
 
 
 def metrics(run) -> list[dict]:
@@ -146,7 +149,20 @@ def test_periodic_val_loss_agrees_with_tinyllm_eval(tmp_path, pretrained):
     trainer = Trainer(cfg, tmp_path, echo=False)
     full = evaluate_loss(trainer.model, cfg.data.dir, batch_size=cfg.train.micro_batch, context=cfg.context,
                          max_batches=cfg.train.eval_batches, mode="padded", loss_on="assistant")
-    assert trainer.evaluate() == pytest.approx(full.loss, rel=1e-6)
+    ours = trainer.evaluate()
+    assert ours.loss == pytest.approx(full.loss, rel=1e-6)
+    assert ours.bits_per_byte == pytest.approx(full.bits_per_byte, rel=1e-6)
+
+
+def test_sft_uses_its_time_budget_to_the_end_after_slow_first_steps(tmp_path, pretrained, monkeypatch):
+    """Its schedule follows the time spent: slow first steps (a cold machine) no longer fit a short
+    horizon that ends the run with half the budget left."""
+    plan = sft_plan(tmp_path, pretrained, **{**QUIET, "train.max_time": "40s"})
+    assert plan.config.train.max_steps == SFT_DEFAULTS["train"]["max_steps"]
+    result = timed_trainer(monkeypatch, plan.config, tmp_path, lambda c: 2.0 if c.now < 12 else 0.5).run()
+    assert result.stopped == "time budget" and 40.0 - 4 * 0.5 < result.seconds <= 40.0
+    last = records(tmp_path)[-1]
+    assert last["step"] == result.steps and last["lr"] == pytest.approx(plan.config.optim.lr * 0.1)
 
 
 def test_sft_val_loss_falls_and_resumes_exactly(tmp_path, pretrained):

@@ -1,6 +1,8 @@
 """The training loop on the `tiny` preset: learning, exact resume, time budget, NaN handling."""
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,8 +11,10 @@ import tinyllm.train.trainer as trainer_module
 from tinyllm.config import resolve
 from tinyllm.data.loader import default_builtin_dataset
 from tinyllm.errors import UserError
+from tinyllm.eval.loss import LossSum, token_bytes
 from tinyllm.train.checkpoint import latest_checkpoint, list_checkpoints
 from tinyllm.train.run_dir import plan_run
+from tinyllm.train.schedule import LRSchedule
 from tinyllm.train.trainer import Trainer
 
 
@@ -71,15 +75,15 @@ def test_ctrl_c_during_the_ranks_agreement_is_not_lost(tmp_path, data, monkeypat
     """A signal handler runs between bytecodes, so it can fire inside the all-reduce that agrees on
     the stop; the request it makes must survive that call's return value."""
     trainer = Trainer(config(data, max_steps=100, eval_every=0, sample_every=0), tmp_path, echo=False)
-    agree = trainer_module.distributed.agree_on_stop
+    agree = trainer_module.distributed.agree_on_next_step
 
-    def interrupted_midway(reason, d):
-        agreed = agree(reason, d)
+    def interrupted_midway(reason, progress, d):
+        agreed = agree(reason, progress, d)
         if trainer.step == 3:
             trainer.stop()  # what report.install_sigint's handler does
         return agreed
 
-    monkeypatch.setattr(trainer_module.distributed, "agree_on_stop", interrupted_midway)
+    monkeypatch.setattr(trainer_module.distributed, "agree_on_next_step", interrupted_midway)
     result = trainer.run()
     assert result.stopped == "interrupted" and result.steps == 4
     assert latest_checkpoint(tmp_path).name == "step-00000004"
@@ -98,7 +102,7 @@ def test_ctrl_c_saves_before_the_last_evaluation(tmp_path, data):
 
     def evaluate():
         seen.append(latest_checkpoint(tmp_path))
-        return 1.0
+        return LossSum(1.0, 1, 1).result()
 
     trainer._train_step = stop_at_3
     trainer.evaluate = evaluate
@@ -121,7 +125,7 @@ def test_max_time_stops_with_a_checkpoint(tmp_path, data):
 
 
 class FakeClock:
-    """time.monotonic for the trainer, moved on only by training steps."""
+    """time.monotonic for the trainer, moved on only by what the test says things cost."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -130,25 +134,120 @@ class FakeClock:
         return self.now
 
 
-def test_schedule_is_fitted_to_the_time_budget(tmp_path, data, monkeypatch):
+def timed_trainer(monkeypatch, cfg, run, step_seconds, eval_seconds: float = 0.0, **kwargs) -> Trainer:
+    """A Trainer on a fake clock: each step costs `step_seconds(clock)`, each evaluation `eval_seconds`."""
     clock = FakeClock()
     monkeypatch.setattr(trainer_module, "time", clock)
-    cfg = config(data, max_steps=100_000, max_time="10s", fit_steps_to_time=True, eval_every=0, sample_every=0,
-                 checkpoint_every=0)
-    trainer = Trainer(cfg, tmp_path, echo=False)
-    step = trainer._train_step
+    trainer = Trainer(cfg, run, echo=False, **kwargs)
+    step, evaluate = trainer._train_step, trainer.evaluate
 
-    def half_a_second_step():
-        clock.now += 0.5
+    def timed_step():
+        clock.now += step_seconds(clock)
         return step()
 
-    trainer._train_step = half_a_second_step
+    def timed_evaluate():
+        clock.now += eval_seconds
+        return evaluate()
+
+    trainer._train_step, trainer.evaluate = timed_step, timed_evaluate
+    return trainer
+
+
+def records(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("shape", ["wsd", "cosine"])
+def test_a_run_slowed_down_halfway_ends_on_time_with_the_lr_at_its_floor(tmp_path, data, monkeypatch, shape):
+    cfg = config(data, max_steps=100_000, max_time="40s", eval_every=10, sample_every=0, checkpoint_every=0)
+    cfg = replace(cfg, optim=replace(cfg.optim, schedule=shape))
+    # 1 s a step until half the budget, then 2 s (a second process competing for the cores); 3 s an eval.
+    trainer = timed_trainer(monkeypatch, cfg, tmp_path, lambda c: 1.0 if c.now < 20 else 2.0, eval_seconds=3.0)
     result = trainer.run()
-    # 10 s at 0.5 s a step, less what is kept back for the end of the run (a few steps' worth).
-    assert 12 <= trainer.schedule.total_steps < 20
-    assert result.stopped == "finished" and result.steps == trainer.schedule.total_steps
-    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio)  # the schedule ran its course
+    assert result.stopped == "time budget" and result.seconds <= 40.0  # the last eval and save included
+    logged = records(tmp_path)
+    assert all(r["elapsed_s"] <= 40.0 for r in logged if "elapsed_s" in r)  # no step overran
+    # The budget was used, less what was kept back and not spent (a step's worth for the plot and a
+    # save estimated at two, both free on this clock) and less than a step left over.
+    assert logged[-1]["step"] == result.steps and result.seconds > 40.0 - 4 * 2.0
+    assert logged[-1]["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio)  # the schedule ran its course
+    lrs = [r["lr"] for r in logged if r["step"] > cfg.optim.warmup_steps]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False)) and lrs[0] > 2 * lrs[-1]
+
+
+def test_a_fast_run_under_a_budget_is_capped_by_max_steps_and_ends_annealed(tmp_path, data, monkeypatch):
+    cfg = config(data, max_steps=15, max_time="1h", eval_every=0, sample_every=0, checkpoint_every=0)
+    result = timed_trainer(monkeypatch, cfg, tmp_path, lambda c: 0.5).run()
+    assert result.stopped == "finished" and result.steps == 15
+    assert records(tmp_path)[-1]["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio)
+
+
+def test_a_run_killed_under_a_budget_resumes_its_schedule_where_it_was(tmp_path, data, monkeypatch):
+    cfg = config(data, max_steps=100_000, max_time="30s", eval_every=0, sample_every=0, checkpoint_every=5)
+    whole = tmp_path / "whole"
+    timed_trainer(monkeypatch, cfg, whole, lambda c: 1.0).run()
+
+    killed = tmp_path / "killed"
+    trainer = timed_trainer(monkeypatch, cfg, killed, lambda c: 1.0)
+    step = trainer._train_step
+
+    def killed_at_12():
+        if trainer.step == 12:
+            raise SystemExit("killed")  # as SIGKILL: nothing saved after the checkpoint at step 10
+        return step()
+
+    trainer._train_step = killed_at_12
+    with pytest.raises(SystemExit):
+        trainer.run()
+    plan = plan_run(killed)
+    assert plan.resume_from.name == "step-00000010"
+    # A new process: its clock starts again; the 10 s spent come from the checkpoint.
+    timed_trainer(monkeypatch, plan.config, killed, lambda c: 1.0, resume_from=plan.resume_from).run()
+    want = {r["step"]: r for r in records(whole)}
+    got = {r["step"]: r for r in records(killed)}
+    assert got.keys() == want.keys() and got[max(got)]["elapsed_s"] == want[max(want)]["elapsed_s"] <= 30.0
+    assert got[11]["lr"] == want[10]["lr"]  # the first step after the resume takes the progress saved
+    # Then the seconds spent carry it: the uninterrupted run planned step 11 past the save at step 10
+    # (free on this clock, estimated at two steps), so the two runs meet again at step 13.
+    assert all(got[s]["lr"] == want[s]["lr"] for s in got if s <= 10 or s >= 13)
+    assert got[max(got)]["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio)
+
+
+def test_a_run_its_budget_ended_goes_on_only_with_a_longer_budget(tmp_path, data, monkeypatch):
+    cfg = config(data, max_steps=100_000, max_time="10s", eval_every=0, sample_every=0, checkpoint_every=0)
+    first = timed_trainer(monkeypatch, cfg, tmp_path, lambda c: 1.0).run()
+    again = timed_trainer(monkeypatch, cfg, tmp_path, lambda c: 1.0, resume_from=latest_checkpoint(tmp_path)).run()
+    assert again.stopped == "already finished" and again.steps == first.steps
+    longer = replace(cfg, train=replace(cfg.train, max_time="20s"))
+    more = timed_trainer(monkeypatch, longer, tmp_path, lambda c: 1.0, resume_from=latest_checkpoint(tmp_path)).run()
+    assert more.stopped == "time budget" and more.steps > first.steps + 5
+    assert 15.0 < records(tmp_path)[-1]["elapsed_s"] <= 20.0  # the first 10 s count
+
+
+def test_a_budget_that_only_stops_the_process_leaves_the_schedule_to_the_steps(tmp_path, data, monkeypatch):
+    """train.budget_drives_schedule = false: a job's time limit; each resumed job gets it afresh."""
+    cfg = config(data, max_steps=40, max_time="10s", budget_drives_schedule=False, eval_every=0, sample_every=0,
+                 checkpoint_every=0)
+    first = timed_trainer(monkeypatch, cfg, tmp_path, lambda c: 1.0).run()
+    assert first.stopped == "time budget" and first.steps == 10
+    second = timed_trainer(monkeypatch, cfg, tmp_path, lambda c: 1.0, resume_from=latest_checkpoint(tmp_path)).run()
+    assert second.stopped == "time budget" and second.steps == 20
+    by_steps = LRSchedule(cfg.optim, 40)
+    assert [r["lr"] for r in records(tmp_path)] == [by_steps.lr_at(i) for i in range(20)]
+
+
+def test_val_loss_is_also_logged_in_bits_per_byte_of_its_targets(tmp_path, data):
+    trainer = Trainer(config(data, max_steps=4, eval_every=2, sample_every=0), tmp_path, echo=False)
+    result = trainer.run()
+    scored = torch.cat([y[y != -1] for _, y in trainer.val_batches])
+    tokens, n_bytes = scored.numel(), int(token_bytes()[scored].sum())
+    evals = [r for r in records(tmp_path) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    log = (tmp_path / "train_output.txt").read_text()
+    for r in evals:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) * tokens / n_bytes, rel=1e-9)
+        assert f"val loss {r['val_loss']:.4f} ({r['val_bpb']:.4f} bits/byte)" in log
+    assert result.val_bpb == evals[-1]["val_bpb"]
 
 
 def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, data):

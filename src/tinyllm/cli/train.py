@@ -7,7 +7,7 @@ import importlib.util
 import shlex
 from pathlib import Path
 
-from tinyllm.config import DEFAULT_PRESET, list_presets, parse_set
+from tinyllm.config import DEFAULT_PRESET, list_presets, parse_set, time_budget
 from tinyllm.errors import UserError
 
 # Flags every user expects, each a shorthand for one config key.
@@ -47,7 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue from RUN_DIR's newest checkpoint (an error if it has none), or from the given checkpoint directory")
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps in total (train.max_steps)")
-    p.add_argument("--max-time", metavar="DURATION", help="wall-clock budget, e.g. 90s, 10m, 2h (none: no limit): stop with a checkpoint when it is spent (train.max_time)")
+    p.add_argument("--max-time", metavar="DURATION",
+                   help="wall-clock budget, e.g. 90s, 10m, 2h (none: no limit): the lr schedule follows the "
+                   "time spent, reaching its floor as the budget ends, then the run stops with a checkpoint "
+                   "(train.max_time)")
     p.add_argument("--seed", type=int, metavar="N", help="random seed for initialization and data order (train.seed)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a checkpoint every N steps, 0 for only at the end (train.checkpoint_every)")
     p.add_argument("--eval-every", type=int, metavar="N", help="val loss every N steps, 0 for never (train.eval_every)")
@@ -107,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         distributed.teardown()
     if distributed.env_rank() == 0:
-        print(summary(result))
+        t = plan.config.train
+        print(summary(result, time_budget(t) if t.budget_drives_schedule else None))
     return 0
 
 
@@ -127,8 +131,8 @@ def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace, **ch
     return out
 
 
-def summary(result) -> str:
-    """What the run did, where it is, and what to try next on it."""
+def summary(result, budget: float | None = None) -> str:
+    """What the run did, where it is, and what to try next on it (`budget`: train.max_time in seconds)."""
     minutes, seconds = divmod(int(result.seconds), 60)
     run = shlex.quote(str(result.run_dir))
     lines = [
@@ -138,6 +142,8 @@ def summary(result) -> str:
     ]
     if result.val_loss is not None:
         line = f"final val loss {result.val_loss:.4f} nats/token"
+        if result.val_bpb is not None:
+            line += f" ({result.val_bpb:.4f} bits/byte)"
         if result.floor is not None:
             line += f" | corpus floor {result.floor:.4f} | gap {result.val_loss - result.floor:.4f}"
         lines.append(line)
@@ -148,7 +154,10 @@ def summary(result) -> str:
     for name, usage in (("chat", f"tinyllm chat --run {run}"), ("eval", f"tinyllm eval --run {run}")):
         if importlib.util.find_spec(f"tinyllm.cli.{name}") is not None:
             lines.append(f"  {usage}")
-    lines.append(f"  tinyllm train --out {run} --max-steps {result.steps * 2}   # continue training")
+    if result.stopped == "time budget" and budget:  # the seconds spent are the run's: a longer budget goes on
+        lines.append(f"  tinyllm train --out {run} --max-time {2 * budget:g}s   # continue training")
+    else:
+        lines.append(f"  tinyllm train --out {run} --max-steps {result.steps * 2}   # continue training")
     if result.qa_accuracy is None:
         lines.append(f"  tinyllm train --stage sft --init {run}   # chat fine-tuning")
     lines.append(f"  tensorboard --logdir {shlex.quote(str(result.run_dir / 'tb'))}")

@@ -204,14 +204,20 @@ def sum_across(values: list[float], d: Dist) -> list[float]:
     return t.tolist()
 
 
-def agree_on_stop(reason: str | None, d: Dist) -> str | None:
-    """The stop reason all ranks act on: any rank's, Ctrl-C over the time budget over none."""
+def agree_on_next_step(reason: str | None, progress: float | None, d: Dist) -> tuple[str | None, float | None]:
+    """What all ranks act on after a step: the stop reason (any rank's, Ctrl-C over the time budget
+    over none) and rank 0's `progress` (in [0, 1], or None) for the schedule's next step.
+
+    One all-reduce for both, as both are needed every step: the other ranks send -1, below any
+    progress, so the maximum is rank 0's."""
     if not d.active:
-        return reason
+        return reason, progress
     code = _STOP_REASONS.index(reason) if reason in _STOP_REASONS else len(_STOP_REASONS) - 1
-    t = torch.tensor([code], device=_device(d))
+    mine = progress if d.is_main and progress is not None else -1.0
+    t = torch.tensor([code, mine], dtype=torch.float64, device=_device(d))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return _STOP_REASONS[int(t.item())]
+    agreed_code, agreed = t.tolist()
+    return _STOP_REASONS[int(agreed_code)], (agreed if agreed >= 0 else None)
 
 
 def from_main(value: Any, d: Dist) -> Any:

@@ -1,4 +1,4 @@
-"""AdamW with the usual parameter groups, and the learning-rate schedule.
+"""AdamW with the usual parameter groups, or Muon + AdamW; the learning-rate schedule is in `schedule`.
 
 Why it is shaped this way:
 - Weight decay is for matrices that transform activations. Norm gains, biases (all 1-D) and
@@ -10,13 +10,9 @@ Why it is shaped this way:
   activations to activations, so it takes the block matrices; embeddings, the head, norms and
   biases stay on AdamW. PyTorch's own `torch.optim.Muon` (2.9+) does the work, with its updates
   rescaled to AdamW's RMS ("match_rms_adamw"), so one lr and one schedule drive both halves.
-- The schedule is a pure function of the step plus one piece of state, its horizon. The horizon
-  can be shortened once to fit a wall-clock budget, so it is saved in checkpoints with the rest.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -112,39 +108,3 @@ class MuonAdamW:
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
 
-
-class LRSchedule:
-    """Linear warmup from lr/warmup to lr, then cosine decay to lr * min_lr_ratio (or constant).
-
-    `lr_at(step)` is the rate for the update at 0-based `step`; the last step of the horizon
-    (`total_steps - 1`) gets exactly the floor, and later steps stay there.
-    """
-
-    def __init__(self, cfg: OptimConfig, total_steps: int) -> None:
-        self.base_lr = cfg.lr
-        self.kind = cfg.schedule
-        self.warmup_steps = cfg.warmup_steps
-        self.min_lr = cfg.lr * cfg.min_lr_ratio
-        self.total_steps = total_steps
-
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.base_lr * (step + 1) / self.warmup_steps
-        if self.kind == "constant":
-            return self.base_lr
-        span = max(1, self.total_steps - 1 - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        """Set every group's lr for the update at `step`; returns it."""
-        lr = self.lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    def state_dict(self) -> dict:
-        return {"total_steps": self.total_steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.total_steps = int(state["total_steps"])

@@ -37,6 +37,7 @@ from tinyllm.tokenizer import STOP_IDS, Tokenizer
 from tinyllm.train.device import describe_precision, preserved_rng
 from tinyllm.train.distributed import QuietLog, full_model
 from tinyllm.train.logs import RunLog
+from tinyllm.train.schedule import LRSchedule
 from tinyllm.train.sft import held_out_qa as score_held_out_qa
 
 if TYPE_CHECKING:  # the trainer imports this module
@@ -54,12 +55,20 @@ def announce(tr: Trainer) -> None:
         f"non-embedding), {m.n_layer} layers x {m.n_embd} wide, context {cfg.context}, on {tr.device.type} "
         f"with {describe_precision(tr.amp)}{tr.dist.describe()}; batch {t.micro_batch} x {tr.grad_accum} x "
         f"{tr.dist.describe(short=True)}{cfg.context} = "
-        f"{tr.tokens_per_step:,} tokens/step, {tr.schedule.total_steps:,} steps"
-        + (f", budget {t.max_time}" if tr.budget else "")
+        f"{tr.tokens_per_step:,} tokens/step, "
+        + (f"budget {t.max_time} (at most {t.max_steps:,} steps), the lr schedule following the time spent"
+           if tr.schedule.follows else f"{tr.schedule.total_steps:,} steps" + (f", budget {t.max_time}" if tr.budget else ""))
         + (", torch.compile (the first steps include compiling)" if tr.compiled else "")
     )
     if tr.compile_blocker:
         tr.log.write(f"train.compile is on, but {tr.compile_blocker}: training without it")
+
+
+def already_finished(run_dir: Path, step: int, schedule: LRSchedule) -> str:
+    """Why a run asked to continue does not train, and the flag that lets it."""
+    flags = "--max-steps or --max-time" if schedule.follows else "--max-steps"
+    return (f"{run_dir} is already at the end of its schedule (step {step} of at most {schedule.total_steps}): "
+            f"pass a larger {flags} to train it further")
 
 
 def after_log_failure(error: UserError, checkpoint: Path | None, run_dir: Path) -> str:
@@ -70,16 +79,22 @@ def after_log_failure(error: UserError, checkpoint: Path | None, run_dir: Path) 
 
 
 def progress_line(record: dict) -> str:
-    """One logged step as the console shows it: step | loss | val loss | lr | tok/s."""
+    """One logged step as the console shows it: step | loss | val loss (bits/byte) | lr | tok/s."""
     parts = [f"step {record['step']}"]
     if "loss" in record:
         parts.append(f"loss {record['loss']:.4f}")
     if "val_loss" in record:
-        parts.append(f"val loss {record['val_loss']:.4f}")
+        parts.append(val_text(record))
     parts.append(f"lr {record['lr']:.2e}")
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
     return " | ".join(parts)
+
+
+def val_text(record: dict) -> str:
+    """The val loss in nats/token, and in bits per byte (which compares across tokenizers) when known."""
+    bpb = f" ({record['val_bpb']:.4f} bits/byte)" if record.get("val_bpb") is not None else ""
+    return f"val loss {record['val_loss']:.4f}{bpb}"
 
 
 class ProgressBar:
@@ -99,7 +114,7 @@ class ProgressBar:
         """One step done; `loss` None (a skipped step) leaves the smoothed loss as it was."""
         if loss is not None:
             self._smooth = loss if self._smooth is None else 0.9 * self._smooth + 0.1 * loss
-        self._bar.total = total  # fitting the schedule to a time budget can shorten the run
+        self._bar.total = total  # under a time budget the steps to go are an estimate, made again each step
         self._bar.update(1)
         self._bar.set_postfix(loss=f"{self._smooth:.3f}" if self._smooth is not None else "nan", lr=f"{lr:.2e}",
                               tok_s=f"{tokens_per_s:,.0f}", refresh=False)

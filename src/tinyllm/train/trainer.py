@@ -8,6 +8,8 @@ Why it is shaped this way:
   Evaluation and sampling never move the training RNG streams or the training loader.
 - Stopping is cooperative: Ctrl-C, the time budget and the step limit are all checked between
   optimizer steps, so the state saved is always that of a whole step. A second Ctrl-C quits at once.
+  Under a time budget the schedule (`schedule`) follows the seconds spent, planned by rank 0 one
+  step ahead from the measured costs of steps, evaluations, samples and saves.
 - Long-run bookkeeping (when to log, evaluate, sample, save) lives in `_after_step`, the step
   itself in `_train_step`, so each reads in one screen. What the run says to the person watching
   it (and how it hears their Ctrl-C) is in `report`: the loop decides when, `report` what.
@@ -28,7 +30,7 @@ import torch
 from tinyllm.config import Config, save_toml, time_budget
 from tinyllm.data.loader import TokenLoader, default_builtin_dataset
 from tinyllm.errors import UserError
-from tinyllm.eval.loss import LossSum, score_batches
+from tinyllm.eval.loss import EvalResult, LossSum, score_batches
 from tinyllm.eval.qa import QAResult
 from tinyllm.tokenizer import get_tokenizer
 from tinyllm.train import checkpoint as ckpt
@@ -43,12 +45,9 @@ from tinyllm.train.device import (
     use_tf32,
 )
 from tinyllm.train.logs import LogWriteError, RunLog, writing
-from tinyllm.train.optim import LRSchedule, build_optimizer
+from tinyllm.train.optim import build_optimizer
+from tinyllm.train.schedule import LRSchedule, end_work, step_seconds, work_due
 from tinyllm.train.sft import load_init_weights
-
-# Steps timed before the schedule is fitted to a time budget; the first two touch cold memory
-# and run several times slower (PERF_NOTES.md), so they are not counted.
-_COLD_STEPS, _TIMED_STEPS = 2, 4
 
 
 @dataclass
@@ -62,6 +61,7 @@ class TrainResult:
     stopped: str  # "finished", "time budget", "interrupted"
     checkpoint: Path | None
     qa_accuracy: float | None = None  # sft: exact-answer accuracy on held-out questions
+    val_bpb: float | None = None  # the val loss in bits per byte of the scored targets
 
 
 class Trainer:
@@ -83,7 +83,8 @@ class Trainer:
         self.compiled = t.compile and self.compile_blocker is None
         self.forward = torch.compile(self.wrapped) if self.compiled else self.wrapped
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        self.schedule = LRSchedule(cfg.optim, t.max_steps)
+        self.schedule = LRSchedule(cfg.optim, t.max_steps, self.budget, follow=t.budget_drives_schedule,
+                                   clock=time.monotonic)
         data_dir = Path(cfg.data.dir) if cfg.data.dir else default_builtin_dataset(max_tokens=cfg.data.builtin_tokens)
         self.data_dir = data_dir
         self.loader = self._loader(data_dir, "train", sequential=False)
@@ -96,8 +97,8 @@ class Trainer:
         self.grad_accum = distributed.accumulation_steps(t, cfg.context, self.dist.world_size)
         self.tokens_per_step = t.micro_batch * self.grad_accum * self.dist.world_size * cfg.context
         self.step, self.tokens, self.skipped, self.bad_in_row = 0, 0, 0, 0
-        self.schedule_fitted = False
         self.last_val: float | None = None
+        self.last_bpb: float | None = None
         self.saved_step = -1  # the step of the last checkpoint this process wrote
         self.last_ckpt: Path | None = resume_from
         distributed.check_same_start(resume_from, self.dist)
@@ -151,12 +152,10 @@ class Trainer:
         state = ckpt.load_training_state(path, self.model, self.optimizer, place=place)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.skipped, self.bad_in_row = int(state["skipped_steps"]), int(state["bad_in_row"])
-        # The saved horizon holds unless the user has since changed --max-steps (to go on, say).
-        if state["max_steps"] == self.cfg.train.max_steps:
-            self.schedule.load_state_dict(state["schedule"])
-            self.schedule_fitted = bool(state["schedule_fitted"])
+        # Older checkpoints keep max_steps beside the schedule's state only.
+        self.schedule.load_state_dict({"max_steps": state["max_steps"], **state["schedule"]})
         self.loader.load_state_dict(state["loader"])
-        self.last_val = state["val_loss"]
+        self.last_val, self.last_bpb = state["val_loss"], state.get("val_bpb")
         if self.cfg.train.dtype == "auto":  # checkpoints older than train.auto_dtype record it only here
             self.amp = torch.bfloat16 if state["precision"] == "bf16" else None
 
@@ -164,9 +163,8 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train until the step limit, the time budget or Ctrl-C (or a log it cannot write); ends saved."""
-        if self.step >= self.schedule.total_steps:
-            self.log.write(f"{self.run_dir} is already at step {self.step} of {self.schedule.total_steps}: "
-                           "pass a larger --max-steps to train it further")
+        if self.schedule.finished(self.step):
+            self.log.write(report.already_finished(self.run_dir, self.step, self.schedule))
             self.log.close()
             return self._result("already finished", self.last_ckpt)
         with self._running(first_step=self.step):
@@ -177,7 +175,7 @@ class Trainer:
         t = self.cfg.train
         report.announce(self)
         restore_sigint = report.install_sigint(self)
-        bar = report.ProgressBar(self.schedule.total_steps, self.step, enabled=self.echo)
+        bar = report.ProgressBar(self.schedule.expected_steps(self.step), self.step, enabled=self.echo)
         try:
             if self.step == 0 and t.eval_every:
                 self._evaluate()
@@ -189,20 +187,20 @@ class Trainer:
                 loss, lr, grad_norm = self._train_step()
                 synchronize(self.device)
                 timed.append(time.monotonic() - started)
-                if t.fit_steps_to_time and not self.schedule_fitted and len(timed) == _COLD_STEPS + _TIMED_STEPS:
-                    self._fit_schedule(timed[_COLD_STEPS:])
                 # Decided before the bookkeeping, so the last step's record carries the final val loss.
-                self._out_of_time(timed)
+                planned = self._plan_next(timed)
                 # Read from a field nothing else assigns: a Ctrl-C handled during this call's
                 # all-reduce lands in `stop_requested` and is agreed on next step, not overwritten.
-                self.stop_reason = distributed.agree_on_stop(self.stop_requested, self.dist)
-                last = self.step >= self.schedule.total_steps or self.stop_reason is not None
+                self.stop_reason, planned = distributed.agree_on_next_step(self.stop_requested, planned, self.dist)
+                if planned is not None:  # rank 0's, on every rank
+                    self.schedule.planned = planned
+                last = self.schedule.finished(self.step) or self.stop_reason is not None
                 if self.stop_reason == "interrupted":
                     # Save before anything slow: the user wants out, and under torchrun the workers
                     # are killed 30 s after the signal is passed on; a last eval can take that long.
                     self._checkpoint()
                 self._after_step(loss, lr, grad_norm, timed[-1], last)
-                bar.update(loss, lr, self.tokens_per_step / timed[-1], self.schedule.total_steps)
+                bar.update(loss, lr, self.tokens_per_step / timed[-1], self.schedule.expected_steps(self.step))
                 if last:
                     break
         finally:
@@ -287,9 +285,9 @@ class Trainer:
         if loss is not None and (step % t.log_every == 0 or last):
             record = {"step": step, "loss": loss, "lr": lr, "tokens": self.tokens,
                       "grad_norm": round(grad_norm, 4), "tokens_per_s": round(self.tokens_per_step / seconds, 1),
-                      "elapsed_s": round(time.monotonic() - self.clock, 2)}
+                      "elapsed_s": round(self.schedule.elapsed(), 2)}
         if t.eval_every and (step % t.eval_every == 0 or last):
-            record = {"step": step, "lr": lr, "tokens": self.tokens, **record, "val_loss": self._val_loss_timed()}
+            record = {"step": step, "lr": lr, "tokens": self.tokens, **record, **self._val_loss_timed()}
         if record:
             self.log.metrics(record)
             self.log.write(report.progress_line(record))
@@ -300,13 +298,17 @@ class Trainer:
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
             self._checkpoint()
 
-    def _out_of_time(self, timed: list[float]) -> bool:
-        """True (and the run stops) when the next step would overrun the budget, or Ctrl-C came."""
-        if self.budget is not None and self.stop_requested is None:
-            recent = timed[-5:]
-            if time.monotonic() - self.clock + sum(recent) / len(recent) > self.budget:
-                self.stop("time budget")
-        return self.stop_requested is not None
+    def _plan_next(self, timed: list[float]) -> float | None:
+        """Rank 0's progress for the next step under a budget; with no room left for it, the run stops."""
+        if self.budget is None or not self.dist.is_main:
+            return None
+        t, costs, step_s = self.cfg.train, self.overhead, step_seconds(timed)
+        planned = self.schedule.plan_next(self.step, step_s, work_now=work_due(t, costs, self.step, step_s),
+                                          work_next=work_due(t, costs, self.step + 1, step_s),
+                                          end=end_work(t, costs, step_s))
+        if planned is None:
+            self.stop("time budget")
+        return planned
 
     def stop(self, reason: str = "interrupted") -> None:
         """Ask the loop to stop after the current step (it then evaluates, saves and returns).
@@ -319,28 +321,34 @@ class Trainer:
     # -- evaluation, samples, checkpoints -------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Loss over the fixed validation batches: the exact mean over their targets, as `tinyllm eval` gives."""
+    def evaluate(self) -> EvalResult:
+        """Loss over the fixed validation batches: the exact mean over their targets and its bits per
+        byte, as `tinyllm eval` gives them."""
         d = self.dist
         if not d.active:
-            return score_batches(self.forward, self.val_batches, device=self.device, autocast_dtype=self.amp).mean
+            return score_batches(self.forward, self.val_batches, device=self.device, autocast_dtype=self.amp).result()
         # DDP ranks score a share each on their own replica; FSDP ranks must run the same forwards, so all score all.
         mine = self.val_batches if d.sharded else self.val_batches[d.rank :: d.world_size]
         total = score_batches(self.model, mine, device=self.device, autocast_dtype=self.amp)
-        nats, tokens = (total.nats, total.tokens) if d.sharded else distributed.sum_across([total.nats, total.tokens], d)
-        return LossSum(nats, int(tokens)).mean
+        if not d.sharded:
+            nats, tokens, n_bytes = distributed.sum_across([total.nats, total.tokens, total.bytes], d)
+            total = LossSum(nats, int(tokens), int(n_bytes))
+        return total.result()
 
-    def _val_loss_timed(self) -> float:
+    def _val_loss_timed(self) -> dict[str, float]:
+        """Evaluate, timed (the schedule plans with the cost); the record's val_loss and val_bpb."""
         started = time.monotonic()
-        self.last_val = self.evaluate()
+        result = self.evaluate()
+        self.last_val, self.last_bpb = result.loss, result.bits_per_byte
         self.overhead["eval"] = time.monotonic() - started
-        return self.last_val
+        return {"val_loss": result.loss, **({"val_bpb": result.bits_per_byte} if self.last_bpb is not None else {})}
 
     def _evaluate(self) -> None:
         """The untrained model's val loss, the first point of the curve."""
-        val = self._val_loss_timed()
-        self.log.metrics({"step": self.step, "tokens": self.tokens, "lr": self.schedule.lr_at(self.step), "val_loss": val})
-        self.log.write(f"step {self.step}: val loss {val:.4f}")
+        record = {"step": self.step, "tokens": self.tokens, "lr": self.schedule.lr_for(self.step),
+                  **self._val_loss_timed()}
+        self.log.metrics(record)
+        self.log.write(f"step {self.step}: {report.val_text(record)}")
 
     def _sample(self) -> None:
         tok = get_tokenizer()  # before the clock starts: its one-off build is no sampling cost
@@ -354,9 +362,9 @@ class Trainer:
     def _checkpoint(self) -> Path:
         started = time.monotonic()
         state = {"tokens": self.tokens, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict(),
-                 "skipped_steps": self.skipped, "bad_in_row": self.bad_in_row, "schedule_fitted": self.schedule_fitted,
-                 "max_steps": self.cfg.train.max_steps, "precision": "bf16" if self.amp is torch.bfloat16 else "fp32",
-                 "val_loss": self.last_val}
+                 "skipped_steps": self.skipped, "bad_in_row": self.bad_in_row, "max_steps": self.cfg.train.max_steps,
+                 "precision": "bf16" if self.amp is torch.bfloat16 else "fp32", "val_loss": self.last_val,
+                 "val_bpb": self.last_bpb}
         model, optimizer = distributed.checkpoint_states(self.model, self.optimizer, self.dist)  # FSDP: gathered
         path = None
         if self.dist.is_main:  # the loader's position is global: rank 0's is every rank's
@@ -367,30 +375,15 @@ class Trainer:
         self.overhead["checkpoint"] = time.monotonic() - started
         return self.last_ckpt
 
-    def _fit_schedule(self, step_times: list[float]) -> None:
-        """Shorten the horizon to the steps that fit in the budget, counting eval/sample/save costs."""
-        t = self.cfg.train
-        per_step = sum(step_times) / len(step_times)
-        per_step += self.overhead["eval"] / t.eval_every if t.eval_every else 0.0
-        per_step += self.overhead["sample"] / t.sample_every if t.sample_every else 0.0
-        per_step += 2 * per_step / t.checkpoint_every if t.checkpoint_every else 0.0  # a save costs ~2 steps
-        # Keep back the end-of-run work: a last eval, a checkpoint and the plot.
-        left = self.budget - (time.monotonic() - self.clock) - self.overhead["eval"] - 4 * per_step
-        fitted = distributed.from_main(self.step + max(0, int(left / per_step)), self.dist)  # ranks' clocks differ
-        self.schedule_fitted = True
-        if fitted < self.schedule.total_steps:
-            self.schedule.total_steps = fitted
-            self.log.write(f"time budget {t.max_time}: {per_step:.2f} s/step, so the schedule ends at step {fitted}"
-                           f" (of max {t.max_steps})")
-
     # -- the end of the run ---------------------------------------------------------------------
 
     def _finish(self) -> TrainResult:
-        reason = self.stop_reason or "finished"
+        # A budget that runs the schedule to its end before max_steps is what stopped the run.
+        reason = self.stop_reason or ("time budget" if self.step < self.schedule.total_steps else "finished")
         evaluated_now = self.log.history and self.log.history[-1].get("step") == self.step and "val_loss" in self.log.history[-1]
         if not evaluated_now and self.cfg.train.eval_every:
-            self.log.metrics({"step": self.step, "lr": self.schedule.lr_at(max(0, self.step - 1)), "tokens": self.tokens,
-                              "val_loss": self._val_loss_timed()})
+            self.log.metrics({"step": self.step, "lr": self.schedule.last_lr, "tokens": self.tokens,
+                              **self._val_loss_timed()})
         if self.cfg.train.sample_every:
             self._sample()
         path = self.last_ckpt if self.saved_step == self.step else self._checkpoint()
@@ -402,4 +395,4 @@ class Trainer:
 
     def _result(self, reason: str, path: Path | None) -> TrainResult:
         return TrainResult(self.run_dir, self.step, self.tokens, time.monotonic() - self.clock, self.last_val,
-                           self.floor, reason, path, self.qa.accuracy if self.qa else None)
+                           self.floor, reason, path, self.qa.accuracy if self.qa else None, self.last_bpb)
