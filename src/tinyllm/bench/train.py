@@ -1,23 +1,20 @@
 """`tinyllm bench train`: training tokens/s and MFU, against the machine's limits and a common peer.
 
 Why it is shaped this way:
-- One run measures the limits (`bench.limits`: square GEMMs, and the model's own GEMM shapes),
-  the training rates, then the limits again, so MFU and the speedup are ratios from one sitting.
-  Other processes only ever slow a measurement down, so each limit is the best of its two passes
-  (both are reported, with the load average before and after, to show how much the load moved).
-- The tinyllm side is the trainer's own step, `Trainer._train_step` (the model with its fused
-  loss, AdamW from `build_optimizer`, autocast, gradient clipping) on the preset's data, one
-  micro-batch per optimizer step; nothing of the loop is rewritten here. It runs in the precision
-  `train.dtype = "auto"` picks on this device and also in the other one.
+- One run measures the limits (`bench.limits`: square GEMMs and the model's own shapes), the training
+  rates, then the limits again, so MFU and speedup are ratios from one sitting; load only slows, so
+  each limit is the best of its two passes (both reported, with the load average before and after).
+- The tinyllm side is the trainer's own step, `Trainer._train_step` (model, fused loss, the preset's
+  optimizer, autocast, clipping) on the preset's data, one micro-batch per step, in the precision
+  `train.dtype = "auto"` picks here and in the other one; nothing of the loop is rewritten here.
 - The peer is what people commonly run: transformers' `GPT2LMHeadModel` at the same dimensions and
   micro-batch, loss from `labels=`, torch's AdamW with the same clipping, fp32, eager.
 - Each side trains in its own subprocess, so its peak memory is its own: the child reads its
   VmHWM (ru_maxrss can carry the parent's peak over into a child started by vfork + exec). The
   data is prepared (and cached) by the parent first, so tokenizing is no part of any peak.
-- The first steps touch cold memory and run several times slower (shared/PERF_NOTES.md), so two
-  warm-up steps go untimed (they include torch.compile's compilation with --compile, reported
-  apart). The rate is taken from the median timed step: another process's burst slows one step,
-  not the median.
+- Two warm-up steps go untimed: the first steps touch cold memory and run several times slower
+  (shared/PERF_NOTES.md), and with --compile they compile (reported apart). The rate is the median
+  timed step: another process's burst slows one step, not the median.
 - MFU counts model FLOPs as nanoGPT and PaLM do: `GPT.flops_per_token()` (6 x matmul weights +
   attention) x tokens/s. Rates in the JSON are FLOP/s, not GFLOP/s.
 """
@@ -271,8 +268,7 @@ def _tinyllm_step(spec: dict, run_dir: Path) -> tuple[Callable[[], float | None]
                 "checkpoint_every": 0}
     cfg = resolve(spec["preset"], overrides=[(f"train.{k}", v, "tinyllm bench train") for k, v in settings.items()])
     trainer = Trainer(cfg, run_dir, echo=False)
-    # What `tinyllm train` sets for its process (this child is ours too); the steps below bypass `run`.
-    if trainer.device.type == "cpu":
+    if trainer.device.type == "cpu":  # as `tinyllm train` sets its process; the steps bypass `run`
         keep_freed_memory()
     use_tf32(trainer.device, spec["precision"])
     info = {"parameters": trainer.model.num_params(), "flops_per_token": trainer.model.flops_per_token(),
