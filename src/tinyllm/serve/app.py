@@ -25,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from tinyllm.model.gpt import GPT
 from tinyllm.serve.endpoints import MODEL_ALIAS, OpenAIEndpoints
 from tinyllm.serve.errors import BodyLimitMiddleware, install_error_handlers
+from tinyllm.serve.tokenizer_routes import add_tokenizer_routes
 from tinyllm.serve.worker import GenerationWorker
 from tinyllm.tokenizer import Tokenizer
 
@@ -90,6 +91,7 @@ def create_app(
     static = resources.files("tinyllm.serve") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     _add_routes(app, api, worker, str(static / "index.html"))
+    add_tokenizer_routes(app, tokenizer, model.config.block_size)
     return app
 
 

@@ -6,6 +6,8 @@ Why it is shaped this way:
 - The worker calls back on its own thread; `call_soon_threadsafe` moves each event onto the
   request's asyncio queue, so everything after that (decoding, stop strings, counting) runs on
   the event loop, single-threaded.
+- Scoring (`logprobs`, `echo`) is a job too (`ChoiceSpec.score`), so it runs on the model's
+  thread in turn with generation; its result arrives as `scores` before the choice ends.
 - Whoever reads the deltas owns the jobs: leaving the loop early for any reason (the client went
   away, an error, a stop string) cancels the jobs still running, so no slot outlives its reader.
 """
@@ -16,6 +18,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from tinyllm.inference.logprobs import TokenScores
 from tinyllm.serve.errors import APIError
 from tinyllm.serve.textstream import TextStream
 from tinyllm.serve.worker import GenerationWorker, Job, Overloaded, SamplingParams, Unavailable
@@ -29,6 +32,7 @@ class ChoiceSpec:
     prompt_ids: list[int]
     params: SamplingParams
     stop_strings: Sequence[str] = ()
+    score: int | None = None  # set: score prompt_ids with this many alternatives, generate nothing
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,13 @@ class ChoiceRun:
         self._queue: asyncio.Queue[tuple[int, str, object]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self._jobs = [
-            Job(s.prompt_ids, s.params, _forward_to(loop, self._queue, i))
+            Job(s.prompt_ids, s.params, _forward_to(loop, self._queue, i), score=s.score)
             for i, s in enumerate(specs)
         ]
         self._texts = [TextStream(tokenizer, s.stop_strings) for s in specs]
         self.completion_tokens = [0] * len(specs)  # tokens the client was charged for, per choice
+        self.token_ids: list[list[int]] = [[] for _ in specs]  # what each choice generated
+        self.scores: list[TokenScores | None] = [None] * len(specs)  # a scoring choice's result
 
     def start(self) -> None:
         try:
@@ -80,8 +86,11 @@ class ChoiceRun:
                 i, kind, value = await self._queue.get()
                 if done[i]:
                     continue  # late events of a choice already cut by a stop string
-                if kind == "token":
+                if kind == "scores":
+                    self.scores[i] = value
+                elif kind == "token":
                     self.completion_tokens[i] += 1
+                    self.token_ids[i].append(value)
                     text = self._texts[i].push(value)
                     if self._texts[i].stopped:
                         done[i] = True

@@ -9,6 +9,11 @@ Why it is shaped this way:
 - Every check that depends on the model (the model name, the context length, the vocabulary, how
   many choices one request may run) happens here, before any job is queued, so a refused request
   costs no generation and always gets its 4xx before a stream begins.
+- Log-probabilities are a second pass: once a choice's tokens are known, a scoring job runs the
+  prompt and those tokens through the model once (`tinyllm.inference.logprobs`), the same
+  function `tinyllm eval --task` scores with. `echo` with `max_tokens: 0` is that pass alone,
+  which is how lm-evaluation-harness asks for a continuation's log-likelihood. A text prompt's
+  leading `<|endoftext|>` (added by `prompt_ids`) is context, not part of the echoed tokens.
 - A non-streaming request also watches its connection: if the client leaves while it waits, its
   jobs are cancelled, just as a stream's are.
 """
@@ -71,26 +76,32 @@ class OpenAIEndpoints:
     async def chat_completions(self, request: Request) -> Response:
         req = parse_body(ChatCompletionRequest, await request.body())
         self.check_request(req)
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(
+                400,
+                "invalid 'top_logprobs': it needs 'logprobs': true",
+                param="top_logprobs",
+                code="invalid_value",
+            )
         try:
             ids = self.tokenizer.prompt_ids(messages=[m.as_chatml() for m in req.messages])
         except UserError as e:
             raise APIError(400, str(e), param="messages") from None
-        return await self._respond(request, req, R.CHAT, [ids], STOP_IDS, echo=None)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        return await self._respond(request, req, R.CHAT, [ids], STOP_IDS, None, top)
 
     async def completions(self, request: Request) -> Response:
         req = parse_body(CompletionRequest, await request.body())
         self.check_request(req)
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
         if req.suffix:
             raise APIError(
                 400, "suffix (insertion) is not supported by this server", param="suffix"
             )
-        prompts = self._text_prompts(req.prompt)
+        prompts, added = self._text_prompts(req.prompt)
         echo = [self.tokenizer.decode_text(p) for p in prompts] if req.echo else None
-        return await self._respond(request, req, R.TEXT, prompts, STOP_IDS, echo=echo)
+        return await self._respond(
+            request, req, R.TEXT, prompts, STOP_IDS, echo, req.logprobs, added
+        )
 
     # -- checks ---------------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
@@ -125,11 +136,15 @@ class OpenAIEndpoints:
                 code="invalid_value",
             )
 
-    def _text_prompts(self, prompt: str | list) -> list[list[int]]:
+    def _text_prompts(self, prompt: str | list) -> tuple[list[list[int]], list[int]]:
+        """The prompts' ids, and per prompt how many leading ids the server added (not echoed)."""
         items = prompt if isinstance(prompt, list) and not isinstance(prompt[0], int) else [prompt]
-        prompts = []
+        prompts, added = [], []
         for item in items:
-            if isinstance(item, str):  # token ids are the client's own and go in as given
+            # A text gets prompt_ids' leading <|endoftext|>; token ids are the client's own and
+            # go in as given (lm-evaluation-harness counts its context in them).
+            added.append(1 if isinstance(item, str) else 0)
+            if isinstance(item, str):
                 prompts.append(self.tokenizer.prompt_ids(item))
                 continue
             bad = [t for t in item if not 0 <= t < self.vocab_size]
@@ -142,7 +157,7 @@ class OpenAIEndpoints:
                     code="invalid_value",
                 )
             prompts.append(list(item))
-        return prompts
+        return prompts, added
 
     def _max_tokens(
         self, limit: int | None, prompt_len: int, default: int | None, prompt_param: str
@@ -150,8 +165,11 @@ class OpenAIEndpoints:
         """The completion budget: the client's limit, else the default, else the rest of the context."""
         room = self.context_length - prompt_len
         wanted = limit if limit is not None else default
-        if room >= 1 and (wanted is None or wanted <= room):
-            return room if wanted is None else wanted
+        if wanted is None and room >= 1:
+            return room
+        # max_tokens 0 (scoring only) may fill the context
+        if wanted is not None and wanted <= room:
+            return wanted
         if room < 1:
             problem, param = f"the prompt alone is {prompt_len} tokens", prompt_param
         else:
@@ -207,7 +225,19 @@ class OpenAIEndpoints:
         prompts: list[list[int]],
         stop_ids: frozenset[int],
         echo: list[str] | None,
+        logprobs: int | None = None,
+        added: list[int] | None = None,
     ) -> Response:
+        """Run the choices; `logprobs` (alternatives per token) also scores them, not streamed.
+
+        `added`: per prompt, how many leading ids the server put there (not echoed).
+        """
+        if req.stream and logprobs is not None:
+            raise APIError(
+                400,
+                "logprobs are not supported with stream: true by this server; send stream: false",
+                param="logprobs",
+            )
         specs = self._specs(req, kind, prompts, stop_ids)
         meta = R.ResponseMeta(kind, self.model_name)
         prompt_tokens = sum(len(p) for p in prompts)
@@ -227,10 +257,65 @@ class OpenAIEndpoints:
         results = await _collect_unless_disconnected(request, run)
         if results is None:  # nobody is listening; 499 is only for the access log
             return Response(status_code=499)
+        lps = None
+        if logprobs is not None:
+            lps = await self._logprobs(
+                request,
+                kind,
+                specs,
+                run.token_ids,
+                results,
+                logprobs,
+                echo,
+                added or [0] * len(prompts),
+            )
+            if lps is None:
+                return Response(status_code=499)
         if echo:
             results = [(echo[i // n] + text, reason) for i, (text, reason) in enumerate(results)]
-        body = R.completion_body(meta, results, R.usage(prompt_tokens, sum(run.completion_tokens)))
-        return JSONResponse(body)
+        usage = R.usage(prompt_tokens, sum(run.completion_tokens))
+        return JSONResponse(R.completion_body(meta, results, usage, lps))
+
+    async def _logprobs(
+        self,
+        request: Request,
+        kind: str,
+        specs: list[ChoiceSpec],
+        generated: list[list[int]],
+        results: list[tuple[str, str]],
+        top: int,
+        echo: list[str] | None,
+        added: list[int],
+    ) -> list[dict] | None:
+        """Each choice's logprobs object, from one scoring job per choice (None: client left)."""
+        scoring = [
+            ChoiceSpec(s.prompt_ids + ids, s.params, score=top)
+            for s, ids in zip(specs, generated, strict=True)
+        ]
+        run = ChoiceRun(self.worker, self.tokenizer, scoring)
+        run.start()
+        if await _collect_unless_disconnected(request, run) is None:
+            return None
+        out, n = [], len(specs) // len(added)
+        for i, (spec, scores, (text, _)) in enumerate(zip(specs, run.scores, results, strict=True)):
+            assert scores is not None  # every scoring job reports before it ends
+            prompt_len, begin = len(spec.prompt_ids), added[i // n]
+            offsets = R.text_offsets(self.tokenizer, list(scores.ids[begin:]))
+            shown = len(self.tokenizer.decode_text(spec.prompt_ids)) + len(text)
+            # Tokens past a stop string that cut the text are not part of the answer.
+            stop = begin + sum(
+                1 for t, o in enumerate(offsets) if t + begin < prompt_len or o < shown
+            )
+            if kind == R.CHAT:
+                out.append(R.chat_logprobs(self.tokenizer, scores, prompt_len, stop))
+            else:
+                start = begin if echo else prompt_len
+                out.append(
+                    R.completion_logprobs(
+                        self.tokenizer, scores, start, stop, offsets[start - begin : stop - begin]
+                    )
+                )
+        return out
 
 
 async def _stream(

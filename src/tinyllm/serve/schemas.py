@@ -21,6 +21,8 @@ from tinyllm.serve.errors import APIError
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit on `stop`
 MAX_LOGIT_BIAS = 100  # OpenAI's range for a logit_bias value: [-100, 100]
+MAX_LOGPROBS = 5  # OpenAI's limit on /v1/completions' `logprobs`
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on /v1/chat/completions' `top_logprobs`
 _TOKEN_ID = re.compile(r"^[0-9]+$")
 
 # Seeds torch.Generator.manual_seed accepts.
@@ -119,6 +121,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @property
     def token_limit(self) -> int | None:
@@ -132,8 +135,10 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     # A string, a batch of strings, a list of token ids, or a batch of lists of token ids.
     prompt: str | list[str] | list[int] | list[list[int]]
+    # 0 is allowed here: with echo it scores the prompt alone (what lm-evaluation-harness sends).
+    max_tokens: int | None = Field(None, ge=0)
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
 
     @field_validator("prompt")

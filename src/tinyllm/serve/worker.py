@@ -30,12 +30,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tinyllm.inference.logprobs import token_logprobs
 from tinyllm.inference.sampling import generate
 from tinyllm.model.gpt import GPT
 
 log = logging.getLogger("tinyllm.serve")
 
-# Event kinds passed to Job.on_event: ("token", id), ("end", "stop" | "length"), ("error", message).
+# Event kinds passed to Job.on_event: ("token", id), ("end", "stop" | "length"), ("error", message),
+# and for a scoring job ("scores", TokenScores) before its end.
 EventCallback = Callable[[str, object], None]
 
 
@@ -51,14 +53,23 @@ class SamplingParams:
 
 
 class Job:
-    """One sequence to generate: a prompt, how to sample it, and where its events go."""
+    """One sequence to generate: a prompt, how to sample it, and where its events go.
+
+    With `score` set the job generates nothing: it scores every token of the prompt, with the
+    `score` best alternatives per position (`token_logprobs`), in one forward on this thread.
+    """
 
     def __init__(
-        self, prompt_ids: Sequence[int], params: SamplingParams, on_event: EventCallback
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        on_event: EventCallback,
+        score: int | None = None,
     ) -> None:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.on_event = on_event
+        self.score = score
         self.generated = 0
         self._cancelled = threading.Event()
         self._tokens: Generator[int, None, None] | None = (
@@ -198,6 +209,13 @@ class GenerationWorker:
                 self._jobs_cancelled += 1
             return False
         try:
+            if job.score is not None:
+                scores = token_logprobs(self.model, job.prompt_ids, job.score)
+                return _notify(job, "scores", scores) and self._finish(job, "length")
+            if (
+                job.params.max_new_tokens == 0
+            ):  # max_tokens 0 (echo alone) is cut by the length limit
+                return self._finish(job, "length")
             if job._tokens is None:
                 p = job.params
                 job._tokens = generate(
