@@ -54,6 +54,11 @@ def test_serve_answers_an_openai_client_and_stops_on_ctrl_c(tiny_run):
         url = out.wait_for(r"Uvicorn running on (http://127\.0\.0\.1:\d+)").group(1)
         health = httpx.get(url + "/health", timeout=10).json()
         assert health["status"] == "ok" and health["model"] == name
+        # The page's run facts and curve, from the files the trainer wrote: 20 steps logged, val at 0/10/20.
+        run = httpx.get(url + "/run", timeout=10).json()
+        assert (run["name"], run["checkpoint"], run["step"]) == (name, "step-00000020", 20)
+        assert run["curve"]["step"] == list(range(21)) and run["val_loss"] == run["curve"]["val_loss"][-1]
+        assert [s for s, v in zip(run["curve"]["step"], run["curve"]["val_loss"], strict=True) if v] == [0, 10, 20]
 
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
         assert [m.id for m in client.models.list()] == [name]

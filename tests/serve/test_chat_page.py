@@ -7,8 +7,10 @@ both paths, so nothing is downloaded at run time.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,6 +21,9 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from tinyllm.serve import BackgroundServer  # noqa: E402
+from tinyllm.serve.runinfo import read_run_info  # noqa: E402
+from tinyllm.train.checkpoint import CHECKPOINTS, checkpoint_name  # noqa: E402
+from tinyllm.train.logs import METRICS  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -150,3 +155,62 @@ def test_chat_page_streams_keeps_the_conversation_and_starts_over(page_server, b
     send(browser, "Hello there")
     _, again = wait_streamed_answer(browser, 1)
     assert again == answer  # a fresh conversation: same prompt, same greedy answer
+
+
+def write_run(root: Path, *, step: int, log: list[dict] | None) -> Path:
+    """A run directory with checkpoint `step` (its state.json: the page needs no weights)."""
+    ckpt = root / CHECKPOINTS / checkpoint_name(step)
+    ckpt.mkdir(parents=True)
+    state = {"step": step, "tokens": 64 * step, "val_loss": 2.5, "val_bpb": 1.25}
+    (ckpt / "state.json").write_text(json.dumps(state))
+    if log is not None:
+        lines = [json.dumps(record) for record in log] + ['{"step": 12, "loss": 3.']  # torn
+        (root / METRICS).write_text("\n".join(lines))
+    return ckpt
+
+
+def drawn_steps(driver, series: str) -> tuple[int, list[int], list[float]]:
+    """A curve's vertex count, the steps it says it drew, and its x coordinates."""
+    return driver.execute_script(
+        "const line = document.querySelector(`#loss-curve polyline.${arguments[0]}`);"
+        "const xs = Array.from({length: line.points.numberOfItems}, (_, i) => line.points.getItem(i).x);"
+        "return [line.points.numberOfItems, line.dataset.steps.split(',').map(Number), xs];",
+        series,
+    )
+
+
+def test_chat_page_shows_the_served_run_and_its_loss_curve(tmp_path, tokenizer, make_model, browser):
+    # Train loss at steps 1..40, val loss every 10 (step 0: the untrained model); the checkpoint
+    # served is step 30, so the page's curve has steps 0..30, one point per logged step.
+    log = [{"step": 0, "tokens": 0, "val_loss": 10.5}]
+    log += [{"step": s, "tokens": 64 * s, "loss": 10 - s / 5, **({"val_loss": 10.2 - s / 5} if s % 10 == 0 else {})}
+            for s in range(1, 41)]
+    info = read_run_info(write_run(tmp_path / "story-run", step=30, log=log))
+    with BackgroundServer(make_model(), tokenizer, model_name="tiny-test", run_info=info) as srv:
+        browser.get(srv.url + "/")
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "run").is_displayed())
+        assert browser.find_element(By.ID, "run-name").text == "run story-run"
+        assert browser.find_element(By.ID, "run-step").text.startswith("checkpoint step 30 ")
+        assert browser.find_element(By.ID, "run-val-loss").text.startswith("val loss 2.5000")
+        assert not browser.find_element(By.ID, "curve-note").is_displayed()
+
+        n, steps, xs = drawn_steps(browser, "train")
+        assert n == 30 and steps == list(range(1, 31)) and xs == sorted(xs)
+        n, steps, _ = drawn_steps(browser, "val")
+        assert n == 4 and steps == [0, 10, 20, 30]
+        chart = browser.find_element(By.ID, "loss-curve")
+        assert not chart.is_displayed()  # folded away until asked for: the chat keeps the room
+        browser.find_element(By.CSS_SELECTOR, "#curve-panel summary").click()
+        assert chart.is_displayed() and chart.size["width"] > 300
+
+    # A run with no metrics file: what there is, and why there is no curve.
+    info = read_run_info(write_run(tmp_path / "quiet-run", step=5, log=None))
+    with BackgroundServer(make_model(), tokenizer, model_name="tiny-test", run_info=info) as srv:
+        browser.get(srv.url + "/")
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "run").is_displayed())
+        assert [span.text for span in browser.find_elements(By.CSS_SELECTOR, "#run-facts span")] == [
+            "run quiet-run", "checkpoint step 5 (320 tokens)", "val loss 2.5000, 1.250 bits/byte"]
+        note = browser.find_element(By.ID, "curve-note").text
+        assert note == f"Loss curve not available: the run has no {METRICS}."
+        assert not browser.find_element(By.ID, "curve-panel").is_displayed()
+        assert browser.find_elements(By.CSS_SELECTOR, "#loss-curve polyline") == []

@@ -11,13 +11,9 @@ then re-raises the signal: Ctrl-C, the normal way to stop a server, ends the com
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
 from tinyllm.cli.run_args import add_run_arguments, load_run
 from tinyllm.errors import UserError
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 # The library's defaults, repeated so that --help can show them without importing the server.
 MODEL_ALIAS = "tinyllm"  # the name every server also answers to (tinyllm.serve.endpoints)
@@ -53,15 +49,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_flags(args)
     from tinyllm.serve import serve  # torch, uvicorn: after --help
+    from tinyllm.serve.runinfo import read_run_info
     from tinyllm.tokenizer import get_tokenizer
 
     model, _, ckpt = load_run(args, "serve")
-    name = args.model_name or run_name(ckpt)
+    info = read_run_info(ckpt)  # the page's run name, step, val loss and loss curve
+    name = args.model_name or info.name
     print(f"serving {ckpt} as model {name!r}: chat page at /, OpenAI API at /v1 (Ctrl-C stops)", flush=True)
     try:
         serve(model, get_tokenizer(), host=args.host, port=args.port, model_name=name,
               max_active=args.max_active, max_queued=args.max_queued, max_body_bytes=args.max_body_bytes,
-              threads=args.threads)
+              threads=args.threads, run_info=info)
     except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C it caught
         pass
     print("server stopped", flush=True)
@@ -77,11 +75,3 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
     if args.model_name is not None and not args.model_name.strip():
         raise UserError("--model-name must not be empty")
-
-
-def run_name(ckpt: Path) -> str:
-    """The name of the run a checkpoint belongs to: RUN in RUN/checkpoints/step-N."""
-    from tinyllm.train.checkpoint import CHECKPOINTS  # torch: after --help
-
-    ckpt = ckpt.resolve()
-    return ckpt.parent.parent.name if ckpt.parent.name == CHECKPOINTS else ckpt.name

@@ -25,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from tinyllm.model.gpt import GPT
 from tinyllm.serve.endpoints import MODEL_ALIAS, OpenAIEndpoints
 from tinyllm.serve.errors import BodyLimitMiddleware, install_error_handlers
+from tinyllm.serve.runinfo import RunInfo, add_run_route
 from tinyllm.serve.tokenizer_routes import add_tokenizer_routes
 from tinyllm.serve.worker import GenerationWorker
 from tinyllm.tokenizer import Tokenizer
@@ -43,6 +44,7 @@ def create_app(
     max_queued: int = 256,
     max_choices: int = 16,
     threads: int | None = None,
+    run_info: RunInfo | None = None,
 ) -> FastAPI:
     """An ASGI app serving `model` under the OpenAI API as `model_name`, plus a chat page at `/`.
 
@@ -55,7 +57,8 @@ def create_app(
     with 32 slots rather than 16). Each slot holds a KV cache. max_queued: waiting sequences
     beyond which requests get 429; max_choices: n x prompts allowed in one request;
     max_body_bytes: larger request bodies get 413; threads: PyTorch threads for generation
-    (default: one less than PyTorch's, leaving a core to the HTTP loop).
+    (default: one less than PyTorch's, leaving a core to the HTTP loop). run_info: what the page
+    shows about the run at GET /run (`runinfo.read_run_info`; default: nothing but a note).
     """
     if not model_name:
         raise ValueError("model_name must be a non-empty string")
@@ -91,6 +94,7 @@ def create_app(
     static = resources.files("tinyllm.serve") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     _add_routes(app, api, worker, str(static / "index.html"))
+    add_run_route(app, run_info or RunInfo())
     add_tokenizer_routes(app, tokenizer, model.config.block_size)
     return app
 
