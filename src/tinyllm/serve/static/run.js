@@ -6,7 +6,8 @@
 (() => {
   const SVG = "http://www.w3.org/2000/svg";
   // The chart's own units (viewBox); CSS scales it to the page's width.
-  const BOX = { width: 640, height: 200, left: 48, right: 12, top: 10, bottom: 28 };
+  const BOX = { width: 640, height: 200, left: 48, right: 16, top: 10, bottom: 28 };
+  const MAX_MARKERS = 60; // more val points than this and their markers would hide the lines
   const SERIES = [
     { key: "loss", cls: "train", label: "train" },
     { key: "val_loss", cls: "val", label: "val" },
@@ -86,14 +87,16 @@
         .textContent = String(v);
     }
     for (const s of ticks(sc.x0, sc.x1, 6).filter(Number.isInteger)) {
-      svg("text", { class: "tick", x: sc.x(s), y: H - B + 16, "text-anchor": "middle" }, chart)
+      const anchor = sc.x(s) > W - R - 16 ? "end" : "middle"; // the last label stays in the box
+      svg("text", { class: "tick", x: sc.x(s), y: H - B + 16, "text-anchor": anchor }, chart)
         .textContent = compact(s);
     }
     svg("text", { class: "axis", x: 4, y: 12 }, chart).textContent = "loss by step";
   }
 
   // One polyline per series with a vertex per logged step that has that loss; val points (few,
-  // and the ones the checkpoint is judged by) also get a marker naming their value.
+  // and the ones the checkpoint is judged by) also get a marker naming their value, unless they
+  // are so many that the markers would bury the lines.
   function drawSeries(chart, curve, sc) {
     for (const { key, cls, label } of SERIES) {
       const at = curve.step.map((_, i) => i).filter((i) => curve[key][i] !== null);
@@ -102,7 +105,7 @@
       const points = at.map(xy);
       const line = svg("polyline", { class: `series ${cls}`, points: points.join(" ") }, chart);
       line.dataset.steps = at.map((i) => curve.step[i]).join(",");
-      if (key !== "val_loss" && at.length > 1) continue;
+      if (at.length > 1 && (key !== "val_loss" || at.length > MAX_MARKERS)) continue;
       for (const i of at) {
         const [step, loss] = [curve.step[i], curve[key][i]];
         const dot = svg("circle", { class: `dot ${cls}`, cx: sc.x(step), cy: sc.y(loss), r: 2.5 },
