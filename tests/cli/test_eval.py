@@ -75,3 +75,20 @@ def test_a_mix_is_reported_per_source_and_in_total(tiny_run, tmp_path):
     text = tiny_run.tinyllm("eval", "--run", str(tiny_run.path), "--data", str(data)).stdout
     assert "its 2 sources together" in text and "\nby source:\n" in text
     assert f"  local-notes: {sources['local-notes']['loss']:.4f} nats/token" in text
+
+
+def test_eval_task_scores_a_multiple_choice_file(tiny_run, tmp_path):
+    items = [{"context": "Tom has a", "choices": ["kite.", "the the the"], "gold": 0}] * 2
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in items))
+    r = tiny_run.tinyllm("eval", "--run", str(tiny_run.path), "--task", f"mc={path}", "--json")
+    assert r.returncode == 0, r.stderr
+    task = json.loads(r.stdout)["tasks"]["mc"]
+    assert task["items"] == 2 and task["acc"] in (0.0, 1.0) and task["acc_norm"] in (0.0, 1.0)
+    text = tiny_run.tinyllm("eval", "--run", str(tiny_run.path), "--task", f"mc={path}")
+    assert text.returncode == 0 and "mc: acc " in text.stdout and "(2 items)" in text.stdout
+
+
+def test_eval_task_errors_are_one_line(tiny_run):
+    r = tiny_run.tinyllm("eval", "--run", str(tiny_run.path), "--task", "mc")
+    assert r.returncode == 2 and "give --task mc=PATH" in r.stderr and "Traceback" not in r.stderr

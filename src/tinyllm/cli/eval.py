@@ -41,17 +41,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="score every token, or only the assistant's tokens of chat data (default: as the run trained)")
     p.add_argument("--qa", type=int, default=0, metavar="N", help="also ask N held-out questions of the built-in "
                    "corpus, answered greedily, and report the share answered exactly (default 0: none)")
+    p.add_argument("--task", action="append", metavar="NAME[=PATH]", help="instead of the loss, score a multiple-choice "
+                   "task as lm-evaluation-harness does (acc, acc_norm): hellaswag or arc_easy from the Hugging Face hub, "
+                   "or =PATH a local JSON-lines/parquet file in that dataset's schema; mc=PATH your own task, one "
+                   '{"context": ..., "choices": [...], "gold": INDEX} per line. Repeatable')
+    p.add_argument("--max-items", type=int, metavar="N", help="with --task: score only each task's first N items")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    for flag in ("max_batches", "batch_size"):
+    for flag in ("max_batches", "batch_size", "max_items"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     if args.qa < 0:
         raise UserError(f"--qa must be >= 0, got {args.qa}")
+    if args.task:
+        return run_tasks(args)
     from tinyllm.eval import evaluate_loss, qa_accuracy  # torch: after --help
 
     model, cfg, ckpt = load_run(args, "evaluate")
@@ -69,6 +76,27 @@ def run(args: argparse.Namespace) -> int:
         qa = qa_accuracy(model, data_dir, max_questions=args.qa, split=args.split)
         report["qa"] = {"correct": qa.correct, "total": qa.total, "accuracy": qa.accuracy, "skipped": qa.skipped}
     print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    """--task: each task's acc and acc_norm, as lm-evaluation-harness reports them."""
+    from tinyllm.eval.tasks import evaluate_task, load_items, parse_task
+
+    tasks = [parse_task(t) for t in args.task]  # every flag checked before the model loads
+    model, _, ckpt = load_run(args, "evaluate")
+    report = {"checkpoint": str(ckpt), "tasks": {}}
+    for name, path in tasks:
+        r = evaluate_task(model, name, load_items(name, path), args.max_items)
+        report["tasks"][name] = {"acc": r.acc, "acc_norm": r.acc_norm, "items": r.items, "skipped": r.skipped,
+                                 "data": str(path) if path else "hub"}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"checkpoint: {ckpt}")
+    for name, t in report["tasks"].items():
+        skipped = f", {t['skipped']} skipped (gold index outside the choices)" if t["skipped"] else ""
+        print(f"{name}: acc {t['acc']:.4f}  acc_norm {t['acc_norm']:.4f}  ({t['items']} items{skipped})")
     return 0
 
 
