@@ -14,14 +14,14 @@ import json
 
 import pytest
 import torch
+from lm_eval import simple_evaluate  # the [dev] extra's lm_eval[api]
+from lm_eval.tasks import TaskManager
 
 from tinyllm.eval.tasks import evaluate_task, load_items, loglikelihood
 from tinyllm.inference.sampling import generate
 from tinyllm.model.gpt import GPT, GPTConfig
 from tinyllm.serve import BackgroundServer
 from tinyllm.tokenizer import get_tokenizer
-
-lm_eval = pytest.importorskip("lm_eval", reason="lm_eval is in the [dev] extra")
 
 CONTEXTS = [
     "The man opens the door",
@@ -94,9 +94,6 @@ def hellaswag_records(model: GPT) -> list[dict]:
 
 @pytest.mark.slow
 def test_the_harness_through_the_server_equals_tinyllm_eval(model, tmp_path, monkeypatch):
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     data = tmp_path / "hellaswag.jsonl"

@@ -137,9 +137,13 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
 
 
 def loglikelihood(model: GPT, tok: Tokenizer, context: str, continuation: str) -> float:
-    """log p(continuation | context), the context cut from the left to fit the model's context."""
+    """log p(continuation | context), the context cut from the left to fit the model's context.
+
+    Cut to one token less than the context, as the harness cuts (`max_length - 1`: it asks the
+    server for one generated token too) when given the run's context as `max_length`.
+    """
     context_ids, cont_ids = encode_pair(tok, context, continuation)
-    ids = (context_ids + cont_ids)[-model.config.block_size :]
+    ids = (context_ids + cont_ids)[-(model.config.block_size - 1) :]
     scores = token_logprobs(model, ids)
     return sum(scores.logprobs[len(ids) - len(cont_ids) :])
 
