@@ -182,3 +182,18 @@ def test_streamed_choices_arrive_interleaved_and_match_the_whole_answer(client, 
     assert order.index(1) < len(order) - 1 - order[::-1].index(
         0
     )  # choice 1 began before choice 0 ended
+
+
+def test_the_client_reads_logprobs_of_both_endpoints(client, model_name):
+    r = client.chat.completions.create(
+        model=model_name, messages=HELLO, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.bytes for t in content)
+    text = client.completions.create(
+        model=model_name, prompt="Once upon", max_tokens=0, echo=True, logprobs=1
+    )
+    lp = text.choices[0].logprobs
+    assert text.choices[0].text == "Once upon" and lp.tokens == ["Once", " upon"]
+    assert lp.text_offset == [0, 4] and len(lp.token_logprobs) == len(lp.top_logprobs) == 2
