@@ -7,6 +7,8 @@ positions, not merely that it returns numbers.
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -102,6 +104,36 @@ def test_chat_logprobs_follow_the_chat_shape(server, model_name):
         assert c["logprob"] == c["top_logprobs"][0]["logprob"]  # greedy: the best alternative
     plain = ok(server, CHAT, {**body, "logprobs": False, "top_logprobs": None})["choices"][0]
     assert plain["logprobs"] is None and plain["message"] == choice["message"]
+
+
+def test_streamed_logprobs_equal_the_non_streamed_ones(server, model_name):
+    chat = {
+        "model": model_name,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 1,
+    }
+    text = {
+        "model": model_name,
+        "prompt": "Once",
+        "max_tokens": 3,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 1,
+    }
+    for path, body in ((CHAT, chat), (TEXT, text)):
+        whole = ok(server, path, body)["choices"][0]
+        r = post(server, path, {**body, "stream": True, "stream_options": {"include_usage": True}})
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+        chunks = [
+            json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")
+        ]
+        choices = [c["choices"][0] for c in chunks if c["choices"]]
+        assert [c["logprobs"] for c in choices if c["logprobs"]] == [whole["logprobs"]]
+        assert choices[-1]["finish_reason"] == whole["finish_reason"]
+        assert chunks[-1]["usage"]["completion_tokens"] == body["max_tokens"]
 
 
 def test_a_stop_string_cuts_the_logprobs_with_the_text(server, model_name):

@@ -21,7 +21,6 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -29,8 +28,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from tinyllm.errors import UserError
 from tinyllm.serve import responses as R
 from tinyllm.serve.choices import ChoiceRun, ChoiceSpec, GenerationFailed
-from tinyllm.serve.errors import APIError, error_body
+from tinyllm.serve.errors import APIError
 from tinyllm.serve.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from tinyllm.serve.streams import replay_events, stream_events
 from tinyllm.serve.worker import GenerationWorker, SamplingParams
 from tinyllm.tokenizer import STOP_IDS, Tokenizer
 
@@ -228,24 +228,18 @@ class OpenAIEndpoints:
         logprobs: int | None = None,
         added: list[int] | None = None,
     ) -> Response:
-        """Run the choices; `logprobs` (alternatives per token) also scores them, not streamed.
+        """Run the choices; `logprobs` (alternatives per token) also scores them.
 
         `added`: per prompt, how many leading ids the server put there (not echoed).
         """
-        if req.stream and logprobs is not None:
-            raise APIError(
-                400,
-                "logprobs are not supported with stream: true by this server; send stream: false",
-                param="logprobs",
-            )
         specs = self._specs(req, kind, prompts, stop_ids)
         meta = R.ResponseMeta(kind, self.model_name)
         prompt_tokens = sum(len(p) for p in prompts)
         n = req.n or 1
         run = ChoiceRun(self.worker, self.tokenizer, specs)
         run.start()
-        if req.stream:
-            events = _stream(
+        if req.stream and logprobs is None:
+            events = stream_events(
                 run,
                 meta,
                 len(specs),
@@ -274,6 +268,9 @@ class OpenAIEndpoints:
         if echo:
             results = [(echo[i // n] + text, reason) for i, (text, reason) in enumerate(results)]
         usage = R.usage(prompt_tokens, sum(run.completion_tokens))
+        if req.stream:  # with logprobs: a choice is scored once whole, so it comes as one chunk
+            events = replay_events(meta, results, lps, usage if req.include_usage else None)
+            return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
         return JSONResponse(R.completion_body(meta, results, usage, lps))
 
     async def _logprobs(
@@ -316,39 +313,6 @@ class OpenAIEndpoints:
                     )
                 )
         return out
-
-
-async def _stream(
-    run: ChoiceRun,
-    meta: R.ResponseMeta,
-    n_choices: int,
-    prompt_tokens: int,
-    include_usage: bool,
-    echo: list[str] | None,
-) -> AsyncIterator[str]:
-    """The SSE body: a first chunk per choice, text deltas, finishes, optional usage, [DONE]."""
-    try:
-        for i in range(n_choices):
-            if meta.kind == R.CHAT:
-                yield R.sse(R.chunk(meta, i, role=True, text="", with_usage_field=include_usage))
-            elif echo:
-                yield R.sse(R.chunk(meta, i, text=echo[i], with_usage_field=include_usage))
-        async for d in run.deltas():
-            if d.text:
-                yield R.sse(R.chunk(meta, d.index, text=d.text, with_usage_field=include_usage))
-            if d.finish_reason:
-                yield R.sse(
-                    R.chunk(
-                        meta, d.index, finish_reason=d.finish_reason, with_usage_field=include_usage
-                    )
-                )
-        if include_usage:
-            yield R.sse(R.usage_chunk(meta, R.usage(prompt_tokens, sum(run.completion_tokens))))
-    except GenerationFailed as e:
-        yield R.sse(error_body(500, str(e)))
-    finally:
-        run.cancel()  # also reached when the client disconnects and the stream is cancelled
-    yield R.SSE_DONE
 
 
 async def _collect_unless_disconnected(

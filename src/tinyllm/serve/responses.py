@@ -92,6 +92,7 @@ def chunk(
     role: bool = False,
     finish_reason: str | None = None,
     with_usage_field: bool = False,
+    logprobs: dict | None = None,
 ) -> dict:
     """One streamed piece of choice `index`: the role (chat's first chunk), text, or the finish."""
     if meta.kind == CHAT:
@@ -100,13 +101,18 @@ def chunk(
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+        }
         obj = "chat.completion.chunk"
     else:
         choice = {
             "text": text or "",
             "index": index,
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish_reason,
         }
         obj = "text_completion"
