@@ -77,6 +77,7 @@ def test_tf32_only_when_the_dtype_allows_it_and_only_until_restored(dtype, durin
     restore()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(("dtype", "during"), [("fp32", "highest"), ("bf16", "high")])
 def test_a_cuda_run_uses_tf32_as_its_dtype_allows_and_puts_it_back(data, tmp_path, dtype, during):

@@ -97,7 +97,7 @@ def test_only_assistant_tokens_reach_the_loss(tmp_path, pretrained):
     weights = load_model(pretrained)[0].state_dict()
     assert all(torch.equal(p, weights[n]) for n, p in initial.state_dict().items())  # starts from --init
     seen, forward = [], trainer.forward
-    trainer.forward = lambda x, y: seen.append((x, y)) or forward(x, y)
+    trainer.forward = lambda x, y, **kw: seen.append((x, y)) or forward(x, y, **kw)
     trainer.run()
     assert len(seen) == 4
     tok = get_tokenizer()

@@ -255,9 +255,9 @@ def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, data):
     model_forward = trainer.forward
     calls = {"n": 0}
 
-    def flaky(x, y):
+    def flaky(x, y, **kw):
         calls["n"] += 1
-        loss = model_forward(x, y)
+        loss = model_forward(x, y, **kw)
         # Micro-batches 5-6 (step 3) are NaN once; from micro-batch 11 (step 6) on, always.
         return loss * float("nan") if calls["n"] in (5, 6) or calls["n"] >= 11 else loss
 

@@ -257,13 +257,16 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         *,
         last_only: bool = False,
+        known_valid: bool = False,
     ) -> Tensor:
         """idx [B, T] token ids.
 
         With targets [B, T] (-1 = no target): the scalar mean cross-entropy. Without: fp32 logits
         [B, T, vocab_size], or [B, 1, vocab_size] for the last position when `last_only`.
+        known_valid: the caller checked on the host that all ids and targets are in the vocabulary
+        (none -1), so no check reads them back from the device (the trainer's hot path).
         """
-        x = self._hidden(idx, kv_cache)  # [B, T, C]
+        x = self._hidden(idx, kv_cache, known_valid)  # [B, T, C]
         if targets is not None:
             if targets.shape != idx.shape:
                 raise ValueError(
@@ -274,16 +277,17 @@ class GPT(nn.Module):
                 self.head_weight,
                 targets.reshape(-1),
                 vocab_size=self.config.vocab_size,
+                known_valid=known_valid,
             )
         if last_only:
             x = x[:, -1:, :]
         # Only the real vocabulary: padded ids can never be sampled.
         return F.linear(x, self.head_weight[: self.config.vocab_size]).float()
 
-    def _hidden(self, idx: Tensor, kv_cache: KVCache | None) -> Tensor:
+    def _hidden(self, idx: Tensor, kv_cache: KVCache | None, known_valid: bool = False) -> Tensor:
         """Final-norm hidden states [B, T, C] for idx [B, T], appending to kv_cache if given."""
         cfg = self.config
-        self._check_inputs(idx, kv_cache)
+        self._check_inputs(idx, kv_cache, known_valid)
         T = idx.shape[1]
         past = 0 if kv_cache is None else kv_cache.length  # positions continue after the cache
 
@@ -300,7 +304,7 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         return self.ln_f(x)
 
-    def _check_inputs(self, idx: Tensor, kv_cache: KVCache | None) -> None:
+    def _check_inputs(self, idx: Tensor, kv_cache: KVCache | None, known_valid: bool = False) -> None:
         cfg = self.config
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx must be [batch, time] with time >= 1, got {tuple(idx.shape)}")
@@ -318,8 +322,9 @@ class GPT(nn.Module):
                 )
             kv_cache.check_room(T)
         # Ids in the padding rows would silently embed as untrained vectors. Skipped under
-        # torch.compile, where reading the ids back would split the graph.
-        if torch.compiler.is_compiling():
+        # torch.compile, where reading the ids back would split the graph, and for ids the caller
+        # checked on the host (a read here would make the host wait for the device).
+        if known_valid or torch.compiler.is_compiling():
             return
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= cfg.vocab_size:

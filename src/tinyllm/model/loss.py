@@ -76,16 +76,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        # The usual caller backpropagates 1.0 (or 1/accumulation_steps): skip the copy for 1.0.
-        if grad_output.numel() == 1 and float(grad_output) == 1.0:
-            return grad_h, grad_w, None, None, None
-        return (
-            grad_h * grad_output.to(grad_h.dtype),
-            grad_w * grad_output.to(grad_w.dtype),
-            None,
-            None,
-            None,
-        )
+        # Always scaled, even by the usual 1.0: testing for it would read grad_output back, and
+        # on a GPU that makes the host wait for the device (a pass over grad_W costs less). Not in
+        # place: a second backward through the same graph must find the saved gradients intact.
+        return grad_h * grad_output.to(grad_h.dtype), grad_w * grad_output.to(grad_w.dtype), None, None, None
 
 
 def _loss_and_grads(
@@ -100,7 +94,7 @@ def _loss_and_grads(
     """Loss and (optionally) its gradients wrt h [N, d] and weight [Vp, d], chunk by chunk."""
     n_rows, vp = h.shape[0], weight.shape[0]
     valid = targets != IGNORE_INDEX  # [N]
-    n_valid = int(valid.sum())
+    n_valid = valid.sum().clamp(min=1)  # a device scalar: counting on the host would wait for the device
     h_c, w_c = h.to(cdtype), weight.to(cdtype)
     logits_buf = torch.empty(min(chunk_size, n_rows), vp, dtype=cdtype, device=h.device)
     # fp32 rows for the softmax of low-precision logits; fp32 logits are worked on in place.
@@ -115,7 +109,7 @@ def _loss_and_grads(
         # Each chunk's low-precision grad_W product [Vp, d] lands here before the fp32 sum.
         gw_low = None if cdtype == torch.float32 else torch.empty_like(w_c)
     ids = targets.clamp(min=0).unsqueeze(1)  # [N, 1]; ignored rows point at 0
-    scale_all = (valid.to(torch.float32) / max(n_valid, 1)).unsqueeze(1)  # [N, 1]: d loss / d row-loss
+    scale_all = (valid.to(torch.float32) / n_valid).unsqueeze(1)  # [N, 1]: d loss / d row-loss
 
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
@@ -128,7 +122,7 @@ def _loss_and_grads(
         if with_grads:  # `logits` now holds d loss / d logits
             _accumulate_chunk_grads(logits, h_c[start:end], w_c, grad_h[start:end], grad_w, gw_low)
 
-    loss = loss_sum / n_valid if n_valid > 0 else loss_sum
+    loss = loss_sum / n_valid  # no valid row: loss_sum is 0
     if with_grads:
         grad_w = grad_w.to(weight.dtype)
     return loss, grad_h, grad_w
@@ -185,6 +179,7 @@ def fused_linear_cross_entropy(
     *,
     vocab_size: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    known_valid: bool = False,
 ) -> Tensor:
     """Mean cross-entropy of `h @ weight.T` against `targets`, without the full logits.
 
@@ -192,6 +187,9 @@ def fused_linear_cross_entropy(
     targets: [N] ids in [0, vocab_size) or -1 (ignored). Columns >= `vocab_size` (default: all of
     Vp) are excluded from the softmax. Returns a scalar fp32 loss that backpropagates into `h` and
     `weight`. Under autocast the matmuls run in autocast's dtype and the softmax in fp32.
+
+    known_valid: the caller has checked on the host that every target is in [0, vocab_size) (none
+    ignored), so nothing here reads the targets back (on a GPU each read waits for the device).
     """
     if h.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
         raise ValueError(
@@ -208,9 +206,10 @@ def fused_linear_cross_entropy(
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
     if not 0 < vocab_size <= weight.shape[0]:
         raise ValueError(f"vocab_size {vocab_size} must be in [1, {weight.shape[0]}]")
-    _check_targets(targets, vocab_size)
+    if not known_valid:
+        _check_targets(targets, vocab_size)
     keep = targets != IGNORE_INDEX
-    if not bool(keep.all()):
+    if not known_valid and not bool(keep.all()):
         # Chat fine-tuning scores assistant tokens only (~5% of positions on the builtin corpus):
         # the vocabulary projection, most of the step, runs on those rows alone. Indexing is
         # differentiable: the dropped rows get zero gradient.

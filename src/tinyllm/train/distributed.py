@@ -164,10 +164,10 @@ def grad_sync(wrapped: nn.Module, d: Dist, enabled: bool) -> Iterator[None]:
             wrapped.set_requires_gradient_sync(True)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, d: Dist) -> float:
-    """The global gradient norm (clipped to max_norm); equal on every rank."""
+def clip_grad_norm(model: nn.Module, max_norm: float, d: Dist) -> torch.Tensor:
+    """The global gradient norm (clipped to max_norm), a device scalar (not read back); equal on every rank."""
     if not d.sharded:  # DDP gradients are already identical on every rank
-        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     from torch.distributed.tensor import DTensor
 
     params = list(model.parameters())
@@ -176,7 +176,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, d: Dist) -> float:
         norm = norm.full_tensor()
     if math.isfinite(max_norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return float(norm)
+    return norm
 
 
 # -- agreeing -----------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from tinyllm.train.logs import LogWriteError, RunLog, writing
 from tinyllm.train.optim import build_optimizer
 from tinyllm.train.schedule import LRSchedule, end_work, step_seconds, work_due
 from tinyllm.train.sft import load_init_weights
+from tinyllm.train.step import Diverged, StepRecords, check_ids, reads_after, step_if_finite
 
 
 @dataclass
@@ -96,7 +97,8 @@ class Trainer:
         self.floor = self.loader.manifest.get("floor") if cfg.data.loss_on == "all" else None
         self.grad_accum = distributed.accumulation_steps(t, cfg.context, self.dist.world_size)
         self.tokens_per_step = t.micro_batch * self.grad_accum * self.dist.world_size * cfg.context
-        self.step, self.tokens, self.skipped, self.bad_in_row = 0, 0, 0, 0
+        self.step, self.tokens = 0, 0
+        self.records = StepRecords(t.max_bad_steps)  # losses and norms stay on the device until read
         self.last_val: float | None = None
         self.last_bpb: float | None = None
         self.saved_step = -1  # the step of the last checkpoint this process wrote
@@ -151,7 +153,7 @@ class Trainer:
         place = partial(distributed.load_sharded, self.model, self.optimizer) if self.dist.sharded else None
         state = ckpt.load_training_state(path, self.model, self.optimizer, place=place)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        self.skipped, self.bad_in_row = int(state["skipped_steps"]), int(state["bad_in_row"])
+        self.records.skipped, self.records.bad_in_row = int(state["skipped_steps"]), int(state["bad_in_row"])
         # Older checkpoints keep max_steps beside the schedule's state only.
         self.schedule.load_state_dict({"max_steps": state["max_steps"], **state["schedule"]})
         self.loader.load_state_dict(state["loader"])
@@ -184,8 +186,9 @@ class Trainer:
             timed: list[float] = []
             while self.stop_reason is None:
                 started = time.monotonic()
-                loss, lr, grad_norm = self._train_step()
-                synchronize(self.device)
+                lr = self._train_step()
+                if self.budget is not None or reads_after(t, self.step):  # else the GPU runs on
+                    synchronize(self.device)
                 timed.append(time.monotonic() - started)
                 # Decided before the bookkeeping, so the last step's record carries the final val loss.
                 planned = self._plan_next(timed)
@@ -199,7 +202,7 @@ class Trainer:
                     # Save before anything slow: the user wants out, and under torchrun the workers
                     # are killed 30 s after the signal is passed on; a last eval can take that long.
                     self._checkpoint()
-                self._after_step(loss, lr, grad_norm, timed[-1], last)
+                loss = self._after_step(lr, timed, last)
                 bar.update(loss, lr, self.tokens_per_step / timed[-1], self.schedule.expected_steps(self.step))
                 if last:
                     break
@@ -228,12 +231,13 @@ class Trainer:
         finally:
             restore_tf32()
 
-    def _train_step(self) -> tuple[float | None, float, float]:
-        """One optimizer step over `grad_accum` micro-batches; a NaN/Inf step is skipped."""
-        o = self.cfg.optim
-        lr = self.schedule.apply(self.optimizer, self.step)
+    def _train_step(self) -> float:
+        """One optimizer step over `grad_accum` micro-batches; a NaN/Inf step is skipped. Its loss
+        and gradient norm stay on the device (`records`) until a step that reads them; the lr."""
+        lr, clip = self.schedule.apply(self.optimizer, self.step), self.cfg.optim.grad_clip
         total = torch.zeros((), device=self.device)
-        batches = [self.loader.next_batch() for _ in range(self.grad_accum)]
+        # Ids checked on the CPU, before the copy: the model then need not read them back.
+        batches = [check_ids(self.loader.next_batch(), self.cfg.model.vocab_size) for _ in range(self.grad_accum)]
         # The step's loss is the mean over its targets: each micro-batch's mean counts by its share
         # of them. In packed pretraining every target counts, so shares are equal: 1/grad_accum.
         counts = [int((b.targets != -1).sum()) for b in batches] if self.token_weighted else []
@@ -244,47 +248,40 @@ class Trainer:
             y = batch.targets.to(self.device, non_blocking=True)  # [B, T], -1 = no loss
             with distributed.grad_sync(self.wrapped, self.dist, enabled=i == len(batches) - 1):
                 with autocast(self.device, self.amp):
-                    loss = self.forward(x, y)
-                if self.token_weighted:
-                    loss = loss * (counts[i] / n_targets)
-                    loss.backward()
-                else:
-                    (loss / self.grad_accum).backward()
+                    loss = self.forward(x, y, known_valid=not self.token_weighted)
+                loss = loss * (counts[i] / n_targets) if self.token_weighted else loss / self.grad_accum
+                loss.backward()
             total += loss.detach()
         total = distributed.mean_across(total, self.dist)  # every rank logs, and judges NaN by, the same loss
-        loss_value = total.item() if self.token_weighted else total.item() / self.grad_accum
-        max_norm = o.grad_clip if o.grad_clip > 0 else math.inf
-        grad_norm = distributed.clip_grad_norm(self.model, max_norm, self.dist)
+        grad_norm = distributed.clip_grad_norm(self.model, clip if clip > 0 else math.inf, self.dist)
         self.step += 1
         self.tokens += self.tokens_per_step
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            self._bad_step(loss_value, grad_norm)
-            return None, lr, grad_norm
-        self.optimizer.step()
+        self.records.add(self.step, total, grad_norm)
+        step_if_finite(self.optimizer, torch.isfinite(total) & torch.isfinite(grad_norm))
         self.optimizer.zero_grad(set_to_none=True)
-        self.bad_in_row = 0
-        return loss_value, lr, grad_norm
+        return lr
 
-    def _bad_step(self, loss: float, grad_norm: float) -> None:
-        self.skipped += 1
-        self.bad_in_row += 1
-        self.log.write(f"step {self.step}: loss {loss} / grad norm {grad_norm} is not finite; step skipped "
-                       f"({self.bad_in_row} in a row, {self.skipped} in all)")
-        if self.bad_in_row >= self.cfg.train.max_bad_steps:
-            raise UserError(
-                f"training diverged: {self.bad_in_row} steps in a row had a NaN/Inf loss or gradient "
-                f"(up to step {self.step}). Lower optim.lr (now {self.cfg.optim.lr:g}) or raise optim.warmup_steps, "
-                f"then resume from the last checkpoint ({self.last_ckpt or 'none yet'})"
-            )
+    def _read_steps(self) -> tuple[float | None, float]:
+        """The last step's loss (None when skipped) and gradient norm; skipped steps logged and counted."""
+        try:
+            return self.records.read(self.log.write)
+        except Diverged as e:
+            raise e.for_user(self.cfg.optim.lr, self.last_ckpt) from None
 
-    def _after_step(self, loss: float | None, lr: float, grad_norm: float, seconds: float, last: bool) -> None:
-        """Log, evaluate, sample and save as their intervals (and the last step) ask."""
+    @property
+    def skipped(self) -> int:  # steps skipped for a NaN/Inf loss or gradient, as of the last read
+        return self.records.skipped
+
+    def _after_step(self, lr: float, timed: list[float], last: bool) -> float | None:
+        """Log, evaluate, sample and save as their intervals (and the last step) ask; the loss when read."""
         t, step = self.cfg.train, self.step
         record: dict = {}
+        loss, grad_norm = self._read_steps() if reads_after(t, step, last) else (None, math.nan)
         if loss is not None and (step % t.log_every == 0 or last):
-            record = {"step": step, "loss": loss, "lr": lr, "tokens": self.tokens,
-                      "grad_norm": round(grad_norm, 4), "tokens_per_s": round(self.tokens_per_step / seconds, 1),
+            # Steps between reads are queued, not waited for: their rate is the interval's.
+            since = timed[-min(step % t.log_every or t.log_every, len(timed)):]
+            record = {"step": step, "loss": loss, "lr": lr, "tokens": self.tokens, "grad_norm": round(grad_norm, 4),
+                      "tokens_per_s": round(self.tokens_per_step * len(since) / sum(since), 1),
                       "elapsed_s": round(self.schedule.elapsed(), 2)}
         if t.eval_every and (step % t.eval_every == 0 or last):
             record = {"step": step, "lr": lr, "tokens": self.tokens, **record, **self._val_loss_timed()}
@@ -297,6 +294,7 @@ class Trainer:
             self._sample()
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
             self._checkpoint()
+        return loss
 
     def _plan_next(self, timed: list[float]) -> float | None:
         """Rank 0's progress for the next step under a budget; with no room left for it, the run stops."""
@@ -361,8 +359,9 @@ class Trainer:
 
     def _checkpoint(self) -> Path:
         started = time.monotonic()
+        self._read_steps()  # the skip counts saved are those of every step taken
         state = {"tokens": self.tokens, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict(),
-                 "skipped_steps": self.skipped, "bad_in_row": self.bad_in_row, "max_steps": self.cfg.train.max_steps,
+                 "skipped_steps": self.skipped, "bad_in_row": self.records.bad_in_row, "max_steps": self.cfg.train.max_steps,
                  "precision": "bf16" if self.amp is torch.bfloat16 else "fp32", "val_loss": self.last_val,
                  "val_bpb": self.last_bpb}
         model, optimizer = distributed.checkpoint_states(self.model, self.optimizer, self.dist)  # FSDP: gathered
