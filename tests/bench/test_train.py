@@ -15,7 +15,7 @@ from tinyllm.cli import main
 
 KEYS = {"square_limit_fp32", "square_limit_bf16", "shape_limit", "tokens_per_s", "mfu", "mfu_shapes",
         "peer_tokens_per_s", "speedup_vs_peer", "peak_rss_gb", "peer_peak_rss_gb", "allocator", "precision",
-        "model_flops_per_s", "flops_per_token", "by_precision", "load_avg"}
+        "model_flops_per_s", "flops_per_token", "by_precision", "load_avg", "gpu", "mfu_peak_source"}
 ALLOCATORS = ("glibc", "glibc, freed memory kept", "jemalloc", "tcmalloc", "mimalloc", "system (unknown)")
 
 

@@ -54,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from tinyllm.bench.limits import model_gemms
+    from tinyllm.bench.peaks import mfu_peaks
     from tinyllm.config import resolve
     from tinyllm.train.device import pick_device
 
@@ -73,10 +74,10 @@ def run(args: argparse.Namespace) -> dict:
     ours = {p: _in_subprocess({**spec, "side": "tinyllm", "precision": p}) for p in (chosen, _other(chosen))}
     peer = None if args.no_peer else _in_subprocess({**spec, "side": "peer", "precision": "fp32"})
     limits = _limit_figures(_measure_limits(gemms, device, "after", measured), device)
-    fpt = ours[chosen]["flops_per_token"]
+    fpt, (peaks, peak_info) = ours[chosen]["flops_per_token"], mfu_peaks(device, limits)  # GPU: vendor bf16 peak
     for p, r in ours.items():
         r["model_flops_per_s"] = _sig(r["tokens_per_s"] * fpt)
-        r["mfu"] = round(r["tokens_per_s"] * fpt / limits[f"square_limit_{p}"], 4)
+        r["mfu"] = round(r["tokens_per_s"] * fpt / peaks[p], 4)
         r["mfu_shapes"] = round(r["tokens_per_s"] * fpt / limits[f"shape_limit_{p}"], 4)
     main = ours[chosen]
     return {
@@ -85,10 +86,8 @@ def run(args: argparse.Namespace) -> dict:
         "parameters": main["parameters"],
         "device": device.type,
         "threads": main["threads"],
-        "micro_batch": batch,
-        "context": cfg.context,
-        "warmup_steps": WARMUP_STEPS,
-        "steps": args.steps,
+        "micro_batch": batch, "context": cfg.context, "warmup_steps": WARMUP_STEPS, "steps": args.steps,
+        **peak_info,
         "compile": args.compile,
         "flops_per_token": fpt,
         **limits,
@@ -274,7 +273,7 @@ def _tinyllm_step(spec: dict, run_dir: Path) -> tuple[Callable[[], float | None]
     info = {"parameters": trainer.model.num_params(), "flops_per_token": trainer.model.flops_per_token(),
             "tokens_per_step": trainer.tokens_per_step, "device": trainer.device,
             "cuda": trainer.device.type == "cuda", "compile": spec["compile"]}
-    return (lambda: trainer._train_step()[0]), info
+    return (lambda: (trainer._train_step(), trainer._read_steps()[0])[1]), info  # the loss read: a sync, as timed
 
 
 def _peer_step(spec: dict, run_dir: Path) -> tuple[Callable[[], float], dict]:
@@ -364,9 +363,10 @@ def format(r: dict) -> str:
     square = f"  square {size} x {size}"
     lines = [
         f"preset {r['preset']}: {r['model']}, {r['parameters'] / 1e6:.1f}M parameters; micro-batch {r['micro_batch']} "
-        f"x {r['context']}; {r['device']}, {r['threads']} threads, allocator {r['allocator']}",
+        f"x {r['context']}; {r.get('gpu') or r['device']}, {r['threads']} threads, allocator {r['allocator']}",
         f"load average {r['load_avg']['before'][0]:.1f} before, {r['load_avg']['after'][0]:.1f} after; "
-        f"model FLOPs per token {r['flops_per_token'] / 1e6:.1f}M (6 x matmul weights + attention)",
+        f"model FLOPs per token {r['flops_per_token'] / 1e6:.1f}M (6 x matmul weights + attention); mfu vs "
+        f"{r.get('mfu_peak_source')}" + (f" {r['mfu_peak_flops_per_s'] / 1e12:.1f} TFLOP/s" if r.get("gpu") else ""),
         "",
         f"{'machine limit, GFLOP/s (best of 2 passes)':<44}{'fp32':>9}{'bf16':>9}",
         f"{square:<44}"
