@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tinyllm.model import GPT, GPTConfig, KVCache
+from tinyllm.model.kv_cache import BatchKVCache
 
 TINY = dict(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -77,3 +78,39 @@ def test_cached_decoding_works_under_bf16_autocast():
         ]
     assert full.dtype == torch.float32
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("options", [{}, dict(pos_emb="rope"), dict(qk_norm=True, norm="rmsnorm")])
+def test_batch_cache_rows_of_different_lengths_each_decode_as_alone(options):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, **options)).eval()
+    seqs = [torch.randint(0, 256, (1, n)) for n in (3, 9, 5)]
+    batch = None
+    for seq in seqs:  # each row joins with all but its last token prefilled alone
+        one = model.make_kv_cache()
+        model(seq[:, :-1], kv_cache=one)
+        batch = batch or BatchKVCache(like=one)
+        batch.put(batch.batch, one)
+    assert batch.lengths == [2, 8, 4] and batch.length == 8
+    last = torch.cat([seq[:, -1:] for seq in seqs])  # [3, 1]
+    got = model(last, kv_cache=batch)  # [3, 1, V]: each row at its own position
+    for row, seq in enumerate(seqs):
+        torch.testing.assert_close(got[row], model(seq)[0, -1:], atol=1e-5, rtol=1e-5)
+    assert batch.lengths == [3, 9, 5]
+    batch.remove(0)  # the last row moves into the gap, its keys with it
+    assert batch.lengths == [5, 9]
+    nxt = torch.randint(0, 256, (2, 1))
+    got = model(nxt, kv_cache=batch)
+    for row, seq in enumerate([seqs[2], seqs[1]]):
+        full = model(torch.cat([seq, nxt[row : row + 1]], dim=1))
+        torch.testing.assert_close(got[row], full[0, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_batch_cache_takes_one_token_per_row():
+    model = GPT(GPTConfig(**TINY)).eval()
+    one = model.make_kv_cache()
+    model(torch.zeros(1, 4, dtype=torch.long), kv_cache=one)
+    batch = BatchKVCache(like=one)
+    batch.put(0, one)
+    with pytest.raises(ValueError, match="one new token per row"):
+        model(torch.zeros(1, 2, dtype=torch.long), kv_cache=batch)

@@ -105,19 +105,19 @@ def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, bias=config.bias)
 
 
-def rope_cos_sin(
-    head_dim: int, start: int, length: int, theta: float, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """cos and sin [length, head_dim/2] of the rotation angles for positions start..start+length-1.
+def rope_cos_sin(head_dim: int, pos: Tensor, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation angles for positions pos [T] ([T, hd/2] each), or pos [B, T]
+    (rows at their own positions: [B, 1, T, hd/2], to broadcast over heads).
 
     Computed per forward rather than stored: it is tiny, and keeps the tables fp32 whatever dtype
     the model is cast to.
     """
     inv_freq = theta ** (
-        -torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+        -torch.arange(0, head_dim, 2, dtype=torch.float32, device=pos.device) / head_dim
     )
-    pos = torch.arange(start, start + length, dtype=torch.float32, device=device)
-    angles = torch.outer(pos, inv_freq)  # [length, head_dim/2]
+    angles = pos.float()[..., None] * inv_freq  # [..., T, head_dim/2]
+    if pos.dim() == 2:
+        angles = angles[:, None]
     return angles.cos(), angles.sin()
 
 
@@ -154,19 +154,20 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # Norms and rope compute in fp32; under autocast v is bf16 and SDPA wants one dtype.
         q, k = q.to(v.dtype), k.to(v.dtype)
-        past = 0
+        past, mask = 0, None
         if kv_cache is not None:
-            past = kv_cache.length
+            # mask: [B, 1, 1, keys] when the cache's rows have different lengths (one query each)
+            past, mask = kv_cache.length, kv_cache.key_mask
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, H, past + T, hd]
             k, v = k.to(q.dtype), v.to(q.dtype)
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:
+        if past == 0 and mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             # Query i sits at position past + i and sees keys 0 .. past + i. (SDPA's is_causal
-            # aligns the triangle top-left, which is wrong once keys outnumber queries.)
-            mask = None  # a single query sees every key
-            if T > 1:
+            # aligns the triangle top-left, which is wrong once keys outnumber queries.) A single
+            # query sees every key, unless the cache masks each row's own.
+            if mask is None and T > 1:
                 mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
@@ -289,14 +290,15 @@ class GPT(nn.Module):
         cfg = self.config
         self._check_inputs(idx, kv_cache, known_valid)
         T = idx.shape[1]
-        past = 0 if kv_cache is None else kv_cache.length  # positions continue after the cache
+        # [T] continuing after the cache, or [B, 1] when its rows sit at different positions
+        pos = torch.arange(T, device=idx.device) if kv_cache is None else kv_cache.positions(T)
 
         x = self.wte(idx)  # [B, T, C]
         rope = None
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(past, past + T, device=idx.device))
+            x = x + self.wpe(pos)
         else:
-            rope = rope_cos_sin(cfg.head_dim, past, T, cfg.rope_theta, idx.device)
+            rope = rope_cos_sin(cfg.head_dim, pos, cfg.rope_theta)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, kv_cache)
