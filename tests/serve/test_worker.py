@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from tinyllm.inference.sampling import generate
+from tinyllm.model.gpt import GPT
 from tinyllm.serve.worker import GenerationWorker, Job, Overloaded, SamplingParams, Unavailable
 
 
@@ -126,3 +127,60 @@ def test_stop_fails_waiting_jobs_and_refuses_new_ones(make_model):
     assert rec.until_ended({"w"}) == [("w", "error", "the server is shutting down")]
     with pytest.raises(Unavailable):
         w.submit([rec.job("late", [1], max_new_tokens=1)])
+
+
+class CountingGPT(GPT):
+    """A GPT that records the batch size of every forward."""
+
+    def forward(self, idx, *args, **kwargs):
+        self.batches.append(idx.shape[0])
+        return super().forward(idx, *args, **kwargs)
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_running_jobs_decode_in_one_forward_with_the_tokens_they_get_alone(make_model, pos_emb):
+    model = make_model(CountingGPT, pos_emb=pos_emb)
+    model.batches = []
+    w = GenerationWorker(model, max_active=4)
+    w.start()
+    try:
+        rec = Recorder()
+        prompts = {"a": [1, 2, 3], "b": [4, 5, 6, 7, 8, 9, 10], "c": [11, 12]}
+        lengths = {"a": 6, "b": 3, "c": 9}  # b leaves first, then a; c runs on alone
+        w.submit([rec.job(k, p, max_new_tokens=lengths[k], temperature=0) for k, p in prompts.items()])
+        events = rec.until_ended(set(prompts))
+    finally:
+        w.stop()
+    batches = model.batches[:]
+    for key, prompt in prompts.items():
+        got = [v for name, kind, v in events if name == key and kind == "token"]
+        assert got == list(generate(model, prompt, lengths[key], temperature=0)), key
+    # Three prefills alone, then one forward per token for all running jobs: 3 rows until b
+    # leaves, 2 until a leaves, then c alone. (Taking turns, every forward had batch 1.)
+    assert batches == [1, 1, 1] + [3] * 2 + [2] * 3 + [1] * 3
+
+
+def test_a_job_cancelled_or_gone_mid_batch_leaves_the_others_running(worker):
+    rec = Recorder()
+    got: dict[str, list[int]] = {"cancelled": [], "gone": []}
+
+    def cancel_after_three(kind, value):
+        got["cancelled"].append(value)
+        if len(got["cancelled"]) == 3:
+            worker.cancel(cancelled)
+
+    def gone_after_two(kind, value):
+        got["gone"].append(value)
+        if len(got["gone"]) == 2:
+            raise RuntimeError("event loop closed")  # what a vanished client's callback does
+
+    cancelled = Job([3, 4], SamplingParams(max_new_tokens=50, temperature=0), cancel_after_three)
+    gone = Job([5], SamplingParams(max_new_tokens=50, temperature=0), gone_after_two)
+    worker.submit([rec.job("a", [1, 2], max_new_tokens=12, temperature=0), cancelled, gone])
+    events = rec.until_ended({"a"})
+    assert [v for _, kind, v in events if kind == "token"] == list(
+        generate(worker.model, [1, 2], 12, temperature=0)
+    )
+    assert len(got["cancelled"]) == 3 and len(got["gone"]) == 2  # nothing after they left
+    stats = worker.stats()
+    assert stats.active == 0 and stats.jobs_cancelled == 1 and stats.jobs_finished == 1

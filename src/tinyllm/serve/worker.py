@@ -1,23 +1,26 @@
-"""The generation worker: one thread owns the model and advances every running request in turn.
+"""The generation worker: one thread owns the model and advances every running request at once.
 
 Why it is shaped this way:
 - One thread, one model. PyTorch already spreads each forward over the cores, so running
   requests on several threads would only make them fight; and the HTTP event loop never blocks on
   a forward, because it never runs one.
-- Requests take turns token by token (round robin over up to `max_active` running jobs, each
-  with its own KV cache inside `tinyllm.inference.sampling.generate`). Every client sees its
-  first token after at most one round instead of after everybody queued ahead has finished, and
-  a short request is not stuck behind a long one. Jobs beyond `max_active` wait in a FIFO queue;
-  beyond `max_queued` the worker refuses work (`Overloaded`) rather than let latency grow without
-  bound. True batched decoding (one forward for all jobs) would raise throughput further, but
-  needs per-row positions and padding masks in the model; this class is the one place to add it.
+- Work goes in rounds. A round first starts the jobs admitted since the last one: each prompt is
+  prefilled alone and its first token sent (a scoring job is scored whole). Then one forward
+  decodes the next token of every running job together (`tinyllm.inference.batch.BatchDecoder`:
+  per-row positions and padding masks, per-row sampling). Decoding is bound by reading the
+  weights, so one forward for 8 jobs costs little more than one for 1: throughput grows with the
+  number of clients, where taking turns one forward each kept it flat. Every client sees its first
+  token after at most one round, and a short request is not stuck behind a long one. Jobs beyond
+  `max_active` wait in a FIFO queue; beyond `max_queued` the worker refuses work (`Overloaded`)
+  rather than let latency grow without bound.
 - The worker sees token ids only. It reports each job's progress through the job's `on_event`
   callback, called on the worker thread; the server passes one that hops onto its event loop.
 - The worker thread sets its own PyTorch thread count (thread-local under OpenMP), by default one
   less than PyTorch's: on a small CPU the HTTP event loop needs a core too, and OpenMP threads
   that spin while another thread holds their core made decoding >10x slower on a busy 2-core machine.
-- Cancelling is a flag the worker checks before each step, so a client that disconnects frees
-  its slot within one round, and a queued job that is cancelled never starts.
+- Cancelling is a flag the worker checks before each forward, so a client that disconnects frees
+  its slot (its row of the batch) within one round, and a queued job that is cancelled never
+  starts. Jobs join and leave the batch only between forwards.
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from tinyllm.inference.batch import BatchDecoder
 from tinyllm.inference.logprobs import token_logprobs
-from tinyllm.inference.sampling import generate
 from tinyllm.model.gpt import GPT
 
 log = logging.getLogger("tinyllm.serve")
@@ -72,9 +75,7 @@ class Job:
         self.score = score
         self.generated = 0
         self._cancelled = threading.Event()
-        self._tokens: Generator[int, None, None] | None = (
-            None  # the running generator, once admitted
-        )
+        self._done = False  # finished, failed or dropped: the worker forgets it this round
 
     @property
     def cancelled(self) -> bool:
@@ -119,6 +120,7 @@ class GenerationWorker:
         self._cond = threading.Condition()
         self._pending: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []  # touched only by the worker thread
+        self._decoder = BatchDecoder(model)  # the running jobs' rows, keyed by job
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._tokens_generated = 0
@@ -129,7 +131,7 @@ class GenerationWorker:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("the worker is already running")
-        self.model.eval()  # once for all jobs: generate() restores whatever mode it found
+        self.model.eval()  # once for all jobs: the batch decoder needs eval mode
         self._thread = threading.Thread(target=self._run, name="tinyllm-generation", daemon=True)
         self._thread.start()
 
@@ -191,76 +193,105 @@ class GenerationWorker:
                     self._cond.wait()
                 if self._stopping:
                     break
+                joining = []
                 while self._pending and len(self._active) < self.max_active:
-                    self._active.append(self._pending.popleft())
-            self._active = [job for job in self._active if self._step(job)]
+                    joining.append(self._pending.popleft())
+                self._active.extend(joining)
+            self._round(joining)
         with self._cond:
             leftover = self._active + list(self._pending)
             self._active, self._pending = [], collections.deque()
+        self._decoder = BatchDecoder(self.model)
         for job in leftover:
-            self._close(job)
             _notify(job, "error", "the server is shutting down")
 
-    def _step(self, job: Job) -> bool:
-        """Advance `job` by one token; False once it is finished, failed or cancelled."""
-        if job.cancelled:
-            self._close(job)
-            with self._cond:  # cancel() counts queued jobs from other threads
-                self._jobs_cancelled += 1
-            return False
+    def _round(self, joining: list[Job]) -> None:
+        """Start the jobs just admitted, then decode one token of every running job together."""
+        self._drop_cancelled()
+        for job in joining:
+            if not job._done:
+                self._start(job)
+        self._drop_cancelled()  # a client may have gone while the prompts were prefilled
+        if len(self._decoder):
+            try:
+                tokens = self._decoder.step()
+            except Exception as e:  # a bug: every job in the forward fails, the server goes on
+                for job in self._active:
+                    if job in self._decoder:
+                        self._fail(job, e)
+                self._decoder = BatchDecoder(self.model)
+            else:
+                for job in self._active:
+                    if job in tokens:
+                        self._emit(job, tokens[job])
+        self._active = [job for job in self._active if not job._done]
+
+    def _drop_cancelled(self) -> None:
+        for job in self._active:
+            if job.cancelled and not job._done:
+                self._retire(job)
+                with self._cond:  # cancel() counts queued jobs from other threads
+                    self._jobs_cancelled += 1
+
+    def _start(self, job: Job) -> None:
+        """Score a scoring job, or prefill a generating one and send its first token."""
+        p = job.params
         try:
             if job.score is not None:
                 scores = token_logprobs(self.model, job.prompt_ids, job.score)
-                return _notify(job, "scores", scores) and self._finish(job, "length")
-            if (
-                job.params.max_new_tokens == 0
-            ):  # max_tokens 0 (echo alone) is cut by the length limit
-                return self._finish(job, "length")
-            if job._tokens is None:
-                p = job.params
-                job._tokens = generate(
-                    self.model,
-                    job.prompt_ids,
-                    p.max_new_tokens,
-                    temperature=p.temperature,
-                    top_k=p.top_k,
-                    top_p=p.top_p,
-                    seed=p.seed,
-                    stop_ids=p.stop_ids,
-                    logit_bias=p.logit_bias,
-                )
-            token = next(job._tokens, None)
+                if _notify(job, "scores", scores):
+                    self._finish(job, "length")
+                else:
+                    self._retire(job)
+                return
+            if p.max_new_tokens == 0:  # max_tokens 0 (echo alone) is cut by the length limit
+                self._finish(job, "length")
+                return
+            token = self._decoder.add(
+                job,
+                job.prompt_ids,
+                temperature=p.temperature,
+                top_k=p.top_k,
+                top_p=p.top_p,
+                seed=p.seed,
+                stop_ids=p.stop_ids,
+                logit_bias=p.logit_bias,
+            )
         except Exception as e:  # a bug, or a job the server should have refused: fail this job only
-            log.exception("generation failed")
-            self._close(job)
-            _notify(job, "error", f"generation failed: {type(e).__name__}: {e}")
-            return False
+            self._fail(job, e)
+            return
+        self._emit(job, token)
+
+    def _emit(self, job: Job, token: int | None) -> None:
+        """Send `job` its next token (None: it ended) and finish it at its length limit."""
         if token is None:
-            return self._finish(job, self._end_reason(job))
+            self._finish(job, self._end_reason(job))
+            return
         job.generated += 1
         self._tokens_generated += 1
         if not _notify(job, "token", token):
-            self._close(job)
-            return False
-        if job.generated >= job.params.max_new_tokens:
-            return self._finish(job, "length")
-        return True
+            self._retire(job)
+        elif job.generated >= job.params.max_new_tokens:
+            self._finish(job, "length")
 
     def _end_reason(self, job: Job) -> str:
-        # generate() ends early on a stop id, or when the context is full (learned positions).
+        # The decoder ends a row early on a stop id, or when the context is full (learned positions).
         full = len(job.prompt_ids) + job.generated >= self.model.config.block_size
         return "length" if full and self.model.config.pos_emb == "learned" else "stop"
 
-    def _finish(self, job: Job, reason: str) -> bool:
-        self._close(job)
+    def _finish(self, job: Job, reason: str) -> None:
+        self._retire(job)
         self._jobs_finished += 1
         _notify(job, "end", reason)
-        return False
 
-    @staticmethod
-    def _close(job: Job) -> None:
-        if job._tokens is not None:
-            job._tokens.close()
+    def _fail(self, job: Job, e: Exception) -> None:
+        log.exception("generation failed", exc_info=e)
+        self._retire(job)
+        _notify(job, "error", f"generation failed: {type(e).__name__}: {e}")
+
+    def _retire(self, job: Job) -> None:
+        job._done = True
+        self._decoder.remove(job)
 
 
 def _notify(job: Job, kind: str, value: object) -> bool:
