@@ -13,6 +13,7 @@ from types import ModuleType
 BENCHMARKS = {
     "data": "tinyllm.bench.data",
     "decode": "tinyllm.bench.decode",
+    "gpu": "tinyllm.bench.gpu",
     "quality": "tinyllm.bench.quality",
     "serve": "tinyllm.bench.serve",
     "train": "tinyllm.bench.train",

@@ -27,4 +27,4 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     result = args.bench_module.run(args)
     print(json.dumps(result) if args.json else args.bench_module.format(result))
-    return 0
+    return 1 if result.get("ok") is False else 0  # bench gpu: a part failed (the summary says which)

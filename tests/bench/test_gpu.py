@@ -1,0 +1,106 @@
+"""`tinyllm bench gpu` checks a machine end to end and prints one JSON summary: each part's failure
+is recorded there (the command goes on, then exits 1), a missing pytest is said and skipped, and the
+killed-and-resumed run continues its losses. Run here with `--device cpu`, as CI does."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tinyllm.bench import gpu
+from tinyllm.cli import main
+
+
+def plan(tmp_path: Path, **kw) -> gpu.Plan:
+    args = argparse.Namespace(device="cpu", quick=True, kill_after=None, checkpoint_every=None,
+                              tests=str(kw.pop("tests", tmp_path / "tests")))
+    return gpu._plan(args, tmp_path, gpu.time.monotonic())
+
+
+def run_cli(*argv: str) -> tuple[int, dict]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["bench", "gpu", "--device", "cpu", *argv])
+    return code, json.loads(out.getvalue())
+
+
+def test_a_failing_part_is_recorded_the_rest_run_and_the_command_exits_1(monkeypatch):
+    def broken(p):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu, "PARTS", [("first", broken), ("second", lambda p: {"ok": True, "figure": 1.0}),
+                                       ("third", lambda p: {"ok": None, "skipped": "not here"})])
+    code, summary = run_cli("--quick")
+    assert code == 1 and summary["ok"] is False and summary["failed"] == ["first"]
+    assert summary["parts"]["first"]["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert summary["parts"]["second"]["figure"] == 1.0 and summary["parts"]["third"]["ok"] is None
+    assert summary["device"] == "cpu" and summary["environment"]["gpu"] is None  # the parts see no GPU
+
+
+def test_without_pytest_the_tests_part_says_so_and_the_check_goes_on(tmp_path, monkeypatch):
+    real = gpu.importlib.util.find_spec
+    monkeypatch.setattr(gpu.importlib.util, "find_spec", lambda name: None if name == "pytest" else real(name))
+    part = gpu._cuda_tests(plan(tmp_path))
+    assert part["ok"] is None and "pytest is not installed" in part["skipped"]
+
+
+def test_the_tests_part_runs_the_cuda_marked_tests_and_reports_a_failure(tmp_path):
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_marked.py").write_text(textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.cuda
+        def test_on_the_gpu():
+            assert True
+
+        @pytest.mark.cuda
+        def test_broken_on_the_gpu():
+            assert False
+
+        def test_unmarked():
+            assert False
+    """))
+    (tests / "test_other.py").write_text("def test_never_collected():\n    assert False\n")
+    part = gpu._cuda_tests(plan(tmp_path, tests=tests))
+    assert part["ok"] is False and (part["passed"], part["failed"], part["deselected"]) == (1, 1, 1)
+    assert "test_broken_on_the_gpu" in part["output"]
+
+
+def test_the_project_marks_its_cuda_tests():
+    tests = Path(__file__).resolve().parents[1]
+    marked = [f.name for f in tests.rglob("test_*.py") if "mark.cuda" in f.read_text() and f.name != "test_gpu.py"]
+    assert {"test_step.py", "test_process_state.py"} <= set(marked)
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(tmp_path):
+    part = gpu._kill_and_resume(plan(tmp_path))
+    assert part["ok"] is True, part
+    assert part["compared_steps"] >= 3 and part["killed_after_step"] > part["checkpoint_step"]
+    assert part["bitwise_equal"] and part["max_relative_difference"] == 0.0  # on a CPU: exactly
+
+
+@pytest.mark.slow
+def test_the_whole_check_runs_on_a_cpu_in_quick_mode(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the checkout: its tests/ is the default
+    monkeypatch.setenv("TINYLLM_CACHE", str(tmp_path / "cache"))
+    code, summary = run_cli("--quick", "--json")
+    assert code == 0, json.dumps(summary, indent=1)
+    parts = summary["parts"]
+    assert list(parts) == ["cuda_tests", "train_eager", "train_compiled", "decode", "kill_and_resume"]
+    assert parts["cuda_tests"]["ok"] and parts["cuda_tests"]["skipped"] >= 1  # no GPU: skipped, not failed
+    eager = parts["train_eager"]
+    assert eager["tokens_per_s"] > 0 and 0 < eager["mfu"] < 1.5 and eager["mfu_peak_source"].startswith("measured")
+    assert all(v["peak_gb"] > 0 for v in eager["by_precision"].values())
+    assert parts["train_compiled"]["ok"] is None  # compiling on a CPU would take minutes
+    assert parts["decode"]["result"]["tokens_per_s"]["kv_cache"]["1"] > 0
+    assert parts["kill_and_resume"]["bitwise_equal"]
+    assert summary["environment"]["python"] == ".".join(map(str, sys.version_info[:3]))
