@@ -19,6 +19,8 @@ def test_bench_serve_json(capsys):
         # Random weights never stop early: every request runs to --max-tokens.
         assert level["completion_tokens"] == 4 * level["requests"]
         assert level["tokens_per_s"] > 0 and 0 < level["ttft_p50_ms"] <= level["ttft_max_ms"]
+    one, three = (level["tokens_per_s"] for level in result["levels"])
+    assert result["speedup_vs_1"] == {"3": three / one}
 
 
 def test_bad_concurrency_is_a_clear_error(capsys):

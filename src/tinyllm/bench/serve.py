@@ -58,7 +58,19 @@ def run(args: argparse.Namespace) -> dict:
         "max_tokens": args.max_tokens,
         "requests_per_client": args.requests_per_client,
         "levels": [r.as_dict() for r in results],
+        **_speedups(results),
     }
+
+
+def _speedups(results: list) -> dict:
+    """Each level's aggregate tokens/s over one client's, when 1 was measured: what batching buys.
+
+    Keyed by client count as a string (JSON object keys); empty without a 1-client level.
+    """
+    one = next((r.tokens_per_s for r in results if r.clients == 1), None)
+    if not one:
+        return {}
+    return {"speedup_vs_1": {str(r.clients): r.tokens_per_s / one for r in results if r.clients != 1}}
 
 
 def _levels(text: str) -> list[int]:
@@ -76,4 +88,6 @@ def format(result: dict) -> str:
 
     head = (f"{result['model']}: {result['size']}, {result['parameters']:,} parameters; streaming chat completions "
             f"of up to {result['max_tokens']} tokens, {result['requests_per_client']} per client")
-    return head + "\n" + format_results([ServeBenchResult(**level) for level in result["levels"]])
+    table = format_results([ServeBenchResult(**level) for level in result["levels"]])
+    ratios = ", ".join(f"{n} clients {x:.2f}x" for n, x in result.get("speedup_vs_1", {}).items())
+    return head + "\n" + table + (f"\naggregate tokens/s over 1 client's: {ratios}" if ratios else "")
