@@ -164,3 +164,12 @@ def test_bad_prompts_are_user_errors():
         generate(tiny(), [], 3)
     with pytest.raises(UserError, match="vocabulary"):
         generate(tiny(), [1, 250], 3)
+
+
+def test_draws_follow_the_distribution():
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    drawn = sample_next(LOGITS.expand(n, -1), temperature=1.0, generator=g)
+    freq = torch.bincount(drawn, minlength=4).double() / n
+    # 3 standard errors of a frequency near 0.5 over 20,000 draws is ~0.011.
+    torch.testing.assert_close(freq, LOGITS.exp()[0].double(), atol=0.012, rtol=0)

@@ -139,7 +139,9 @@ class BatchDecoder:
         assert self._cache is not None
         device = self.model.wte.weight.device
         last = torch.tensor([[self._rows[k].ids[-1]] for k in self._keys], device=device)  # [B, 1]
-        logits = self.model(last, kv_cache=self._cache, last_only=True)[:, -1, :]  # [B, V]
+        # Ids were checked at add or drawn from the vocabulary: no need to read them back.
+        logits = self.model(last, kv_cache=self._cache, last_only=True, known_valid=True)
+        logits = logits[:, -1, :]  # [B, V]
         for i, key in enumerate(list(self._keys)):
             row = self._rows[key]
             out[key] = token = self._draw(row, logits[i : i + 1])

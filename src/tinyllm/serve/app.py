@@ -51,10 +51,10 @@ def create_app(
     Requests may name the model `model_name` or `MODEL_ALIAS`; responses and GET /v1/models say
     `model_name`.
 
-    max_active: sequences generated at once, taking turns token by token (the rest wait in a
-    queue). Total tokens/s does not depend on it; a larger value shortens the wait for a first
-    token and slows each stream (32 clients on 2 cores: ~0.4 s instead of ~5 s to a first token
-    with 32 slots rather than 16). Each slot holds a KV cache. max_queued: waiting sequences
+    max_active: sequences generated at once, decoded together in one forward a token (the rest
+    wait in a queue). A larger value raises total tokens/s (a forward for more rows costs little
+    more) and shortens the wait for a first token, and slows each stream. Each slot holds a row
+    of the KV cache (the context's keys and values for every layer). max_queued: waiting sequences
     beyond which requests get 429; max_choices: n x prompts allowed in one request;
     max_body_bytes: larger request bodies get 413; threads: PyTorch threads for generation
     (default: one less than PyTorch's, leaving a core to the HTTP loop). run_info: what the page
