@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the model id listed by GET /v1/models and named in answers (default: the run "
                    f"directory's name); requests may also ask for {MODEL_ALIAS!r}")
     p.add_argument("--max-active", type=int, default=_DEFAULTS["max_active"], metavar="N",
-                   help=f"sequences generated at once, taking turns token by token (default {_DEFAULTS['max_active']})")
+                   help=f"sequences generated at once, decoded together, one forward a token (default {_DEFAULTS['max_active']})")
     p.add_argument("--max-queued", type=int, default=_DEFAULTS["max_queued"], metavar="N",
                    help=f"sequences waiting for a slot before requests get HTTP 429 (default {_DEFAULTS['max_queued']})")
     p.add_argument("--max-body-bytes", type=int, default=_DEFAULTS["max_body_bytes"], metavar="N",
