@@ -13,7 +13,8 @@ Shape of the design:
   fp32 logits, optionally for the last position only (what decoding needs).
 - Attention goes through `F.scaled_dot_product_attention`. With a `KVCache` the T new tokens take
   positions cache.length .. cache.length + T - 1 and attend to every cached position plus, causally,
-  to each other.
+  to each other. With a `BatchKVCache` (independent rows of different lengths) each row feeds one
+  token at its own position and attends to its own keys only (the cache's `key_mask`).
 
 Module names (for checkpoint conversion): wte, wpe, blocks.{i}.{ln_1, attn.{c_attn, c_proj, q_norm,
 k_norm}, ln_2, mlp.{c_fc, c_proj}}, ln_f, lm_head (absent when tied). SwiGLU's c_fc holds [gate; up].
