@@ -120,8 +120,6 @@ class BatchDecoder:
         A row ends (and is removed) on a stop id, or when it fills the context with learned
         positions.
         """
-        if self.model.training:
-            raise RuntimeError("BatchDecoder needs the model in eval mode")
         cfg = self.model.config
         out: dict[Hashable, int | None] = {}
         for key in list(self._keys):
@@ -133,10 +131,13 @@ class BatchDecoder:
                     continue
                 del row.ids[: len(row.ids) - max(1, cfg.block_size // 2)]
                 cache, _ = self._prefill(row.ids[:-1])  # the step feeds the last one
+                assert self._cache is not None
                 self._cache.put(self._keys.index(key), cache)
         if not self._keys:
             return out
         assert self._cache is not None
+        if self.model.training:  # dropout would make every row differ from its request alone
+            raise RuntimeError("BatchDecoder needs the model in eval mode")
         device = self.model.wte.weight.device
         last = torch.tensor([[self._rows[k].ids[-1]] for k in self._keys], device=device)  # [B, 1]
         # Ids were checked at add or drawn from the vocabulary: no need to read them back.
@@ -154,7 +155,9 @@ class BatchDecoder:
 
     def _prefill(self, ids: list[int]) -> tuple[KVCache, Tensor | None]:
         """A batch-1 cache holding `ids`, and the logits [1, V] after them (None for no ids)."""
-        cache = self.model.make_kv_cache(batch_size=1)
+        if self.model.training:
+            raise RuntimeError("BatchDecoder needs the model in eval mode")
+        cache = self.model.make_kv_cache(batch_size=1)  # block_size long, as the batch's rows
         if not ids:
             return cache, None
         x = torch.tensor([ids], dtype=torch.long, device=cache.k.device)
