@@ -31,8 +31,11 @@ Why it is shaped this way:
   special tokens marked CONTROL, so `llama_tokenize(..., parse_special=false)` keeps their text
   as plain text exactly like `Tokenizer.encode`. bos is `<|endoftext|>` and added to every
   prompt (`Tokenizer.prompt_ids`); eos and eot are `<|im_end|>`; llama.cpp also ends generation
-  at `<|endoftext|>` by its name. The chat template is the Hugging Face export's, so llama.cpp's
-  Jinja chat mode renders `Tokenizer.prompt_ids(messages=...)`'s text.
+  at `<|endoftext|>` by its name. tinyllm ends an answer at `<|im_start|>` too (the model opened
+  the next message itself): that is the file's eom ("end of message"), the one other id llama.cpp
+  stops at. `<|pad|>`, never a training target, is the only stop id llama.cpp does not know. The
+  chat template is the Hugging Face export's, so llama.cpp's Jinja chat mode renders
+  `Tokenizer.prompt_ids(messages=...)`'s text.
 - The file is written under a temporary name beside `out` and renamed into place.
 """
 
@@ -55,6 +58,7 @@ from tinyllm.model.gpt import GPT, GPTConfig
 from tinyllm.tokenizer import (
     EOT,
     IM_END,
+    IM_START,
     PAD,
     SPECIAL_TOKENS,
     VOCAB_SIZE,
@@ -215,6 +219,7 @@ def _add_tokenizer(writer, gguf) -> None:
     writer.add_bos_token_id(EOT)
     writer.add_eos_token_id(IM_END)
     writer.add_eot_token_id(IM_END)
+    writer.add_eom_token_id(IM_START)
     writer.add_pad_token_id(PAD)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
