@@ -95,7 +95,7 @@ def test_the_whole_check_runs_on_a_cpu_in_quick_mode(tmp_path, monkeypatch):
     code, summary = run_cli("--quick", "--json")
     assert code == 0, json.dumps(summary, indent=1)
     parts = summary["parts"]
-    assert list(parts) == ["cuda_tests", "train_eager", "train_compiled", "decode", "kill_and_resume"]
+    assert list(parts) == ["cuda_tests", "data", "train_eager", "train_compiled", "decode", "kill_and_resume"]
     assert parts["cuda_tests"]["ok"] and parts["cuda_tests"]["skipped"] >= 1  # no GPU: skipped, not failed
     eager = parts["train_eager"]
     assert eager["tokens_per_s"] > 0 and 0 < eager["mfu"] < 1.5 and eager["mfu_peak_source"].startswith("measured")

@@ -4,7 +4,8 @@ Why it is shaped this way:
 - GPU time comes in minutes, so one command runs everything worth knowing, in an order that puts
   the cheapest verdicts first: the CUDA-marked tests, `bench train` eager and compiled (tokens/s,
   MFU, peak memory), `bench decode`, and a run killed with SIGKILL and resumed. The parts share an
-  8-minute deadline (`DEADLINE_S`); each gets at most its own share of what is left.
+  8-minute deadline (`DEADLINE_S`); on a GPU each gets at most its own share of what is left, so a
+  hang costs one part; with --quick only the deadline bounds them (a loaded CI runner is slow).
 - Every part is a subprocess of the `tinyllm` this module belongs to (its directory is put first on
   PYTHONPATH), with a timeout, so a crash, a hang or a CUDA error in one part is recorded in the
   summary as that part's failure and the next part still runs; the command exits 1 at the end if
@@ -103,7 +104,7 @@ def format(result: dict) -> str:
 
 
 def _plan(args: argparse.Namespace, work: Path, started: float) -> Plan:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TINYLLM_CACHE": os.environ.get("TINYLLM_CACHE", str(work / "cache"))}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the usual data cache: prepared once, kept for the next check
     package_root = str(Path(__file__).resolve().parents[2])  # the directory holding this tinyllm
     env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])])
     if args.device == "cpu":
@@ -131,10 +132,16 @@ def _environment(plan: Plan) -> dict:
 # -- running a part -----------------------------------------------------------------------------
 
 
+def _timeout(plan: Plan, share: float) -> float:
+    """Seconds a part may run: its `share`, within what is left before the deadline."""
+    left = plan.deadline - time.monotonic()
+    return max(1.0, left if plan.quick else min(share, left))
+
+
 def _tinyllm(plan: Plan, *argv: str, share: float) -> tuple[dict | None, dict]:
     """`tinyllm ARGV --json` in a subprocess given `share` of the time left: its JSON, or None and
     what went wrong."""
-    timeout = max(1.0, min(share, plan.deadline - time.monotonic()))
+    timeout = _timeout(plan, share)
     cmd = [sys.executable, "-m", "tinyllm", *argv, "--json"]
     try:
         proc = subprocess.run(cmd, env=plan.env, capture_output=True, text=True, timeout=timeout,
@@ -172,7 +179,7 @@ def _cuda_tests(plan: Plan) -> dict:
     files = sorted(str(f) for f in plan.tests.rglob("test_*.py") if "mark.cuda" in f.read_text(errors="replace"))
     if not files:
         return {"ok": None, "skipped": f"no test under {plan.tests} is marked cuda"}
-    timeout = max(1.0, min(120.0, plan.deadline - time.monotonic()))
+    timeout = _timeout(plan, 120.0)
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files]
     try:
         proc = subprocess.run(cmd, env=plan.env, capture_output=True, text=True, timeout=timeout,
@@ -184,6 +191,22 @@ def _cuda_tests(plan: Plan) -> dict:
     # Exit 5: nothing selected (no CUDA-marked test in this tree); that is no failure.
     ok = proc.returncode in (0, 5)
     return {"ok": ok, "exit_status": proc.returncode, **counts, **({} if ok else {"output": _tail(proc.stdout)})}
+
+
+def _data(plan: Plan) -> dict:
+    """The preset's built-in data, prepared into the cache now (cached: seconds), so that no
+    benchmark's timeout is spent tokenizing."""
+    code = ("import sys; from tinyllm.config import resolve; from tinyllm.data.loader import default_builtin_dataset; "
+            "print(default_builtin_dataset(max_tokens=resolve(sys.argv[1]).data.builtin_tokens))")
+    timeout = _timeout(plan, 150.0)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, plan.preset], env=plan.env, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s", "output": _tail(e.stderr)}
+    if proc.returncode != 0:
+        return {"ok": False, "error": f"exit status {proc.returncode}", "output": _tail(proc.stderr)}
+    return {"ok": True, "dir": proc.stdout.strip().splitlines()[-1]}
 
 
 def _train(compiled: bool) -> Callable[[Plan], dict]:
@@ -218,6 +241,7 @@ def _kill_and_resume(plan: Plan) -> dict:
 
 PARTS: list[tuple[str, Callable[[Plan], dict]]] = [
     ("cuda_tests", _cuda_tests),
+    ("data", _data),
     ("train_eager", _train(compiled=False)),
     ("train_compiled", _train(compiled=True)),
     ("decode", _decode),
