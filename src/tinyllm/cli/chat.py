@@ -21,7 +21,7 @@ import signal
 import sys
 import warnings
 
-from tinyllm.cli.run_args import add_run_arguments, load_run
+from tinyllm.cli.run_args import add_quantize_argument, add_run_arguments, load_run
 from tinyllm.errors import UserError
 
 USER_PROMPT = "you> "
@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"context the oldest turns are dropped (the --system message stays). Keys: {COMMANDS}.",
     )
     add_run_arguments(p)
+    add_quantize_argument(p)
     p.add_argument("--system", metavar="TEXT", help="a system message, kept at the start of the conversation")
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                    help="tokens per answer at most (default 256); the history keeps room for min(N, context/2)")

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tinyllm.cli.run_args import add_run_arguments, load_run
+from tinyllm.cli.run_args import add_quantize_argument, add_run_arguments, load_run
 from tinyllm.errors import UserError
 
 
@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the gap to it. Rows are cut as in training (the run's context, data mode and micro-batch).",
     )
     add_run_arguments(p)
+    add_quantize_argument(p)
     p.add_argument("--data", metavar="DIR", help="a dataset made by `tinyllm prepare` (default: the data the run was "
                    "trained on: its data.dir, or the built-in corpus, prepared again if the cache is gone)")
     p.add_argument("--split", default="val", choices=["train", "val"], help="which split to score (default val)")

@@ -11,6 +11,7 @@ import sys
 import warnings
 from collections.abc import Iterable, Iterator
 
+from tinyllm.cli.run_args import add_quantize_argument, add_run_arguments, load_run
 from tinyllm.errors import UserError
 
 
@@ -22,29 +23,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "continuation as it is generated. Generation starts a new document (after <|endoftext|>) and "
         "stops where the text ends (at <|endoftext|>, or where a chat would begin).",
     )
-    p.add_argument("--run", metavar="RUN_DIR", help="a run directory made by `tinyllm train`")
-    p.add_argument("--checkpoint", metavar="PATH", help="a checkpoint directory (RUN_DIR/checkpoints/step-N) instead of the newest")
+    add_run_arguments(p)
+    add_quantize_argument(p)
     p.add_argument("--prompt", default="", help="text to continue (default: none, a story from scratch)")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to generate at most (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="sampling temperature; 0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=50, metavar="K", help="sample among the K most likely tokens; 0 for all (default 50)")
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: the smallest set reaching probability P (default off)")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed, for a repeatable sample")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run the model (default auto)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.run and not args.checkpoint:
-        raise UserError("give --run RUN_DIR (or --checkpoint PATH) to sample from")
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     # Imported here so --help answers without loading torch.
     from tinyllm.tokenizer import get_tokenizer
-    from tinyllm.train.checkpoint import load_model
-    from tinyllm.train.device import pick_device
 
-    model, _, _ = load_model(args.checkpoint or args.run, pick_device(args.device))
+    model, _, _ = load_run(args, "sample from")
     tok = get_tokenizer()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

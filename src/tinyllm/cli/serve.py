@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from tinyllm.cli.run_args import add_run_arguments, load_run
+from tinyllm.cli.run_args import add_quantize_argument, add_run_arguments, load_run
 from tinyllm.errors import UserError
 
 # The library's defaults, repeated so that --help can show them without importing the server.
@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Any OpenAI client works: base_url=http://HOST:PORT/v1, any api_key. Ctrl-C stops it.",
     )
     add_run_arguments(p)
+    add_quantize_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only; "
                    "0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one, printed at start)")
