@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from tinyllm.bench.decode import greedy_decode, weight_bytes_per_token
+from tinyllm.bench.decode import greedy_decode
 from tinyllm.cli import main
 from tinyllm.config import resolve
+from tinyllm.inference.quantize import weight_bytes
 from tinyllm.inference.sampling import generate
 from tinyllm.model.gpt import GPT, GPTConfig
 
@@ -45,8 +46,8 @@ def test_a_decoding_step_reads_every_weight_but_the_embedding_tables_once():
     assert model.lm_head is None  # tied: the head is the token table's real rows
     tables = model.wte.weight.numel() + model.wpe.weight.numel()
     matrices = model.num_params() - tables + cfg.vocab_size * cfg.n_embd
-    assert weight_bytes_per_token(model) == 4 * matrices
-    assert weight_bytes_per_token(model.to(torch.bfloat16)) == 2 * matrices
+    assert weight_bytes(model) == 4 * matrices
+    assert weight_bytes(model.to(torch.bfloat16)) == 2 * matrices
 
 
 @pytest.mark.parametrize("options", [["--preset", "tiny"], ["--preset", "modern", "--batch-sizes", "1"]])
@@ -73,3 +74,31 @@ def test_batched_greedy_decoding_matches_generate():
     assert torch.equal(cached, greedy_decode(model, prompts, 12, use_cache=False))
     for row, out in zip(prompts.tolist(), cached.tolist(), strict=True):
         assert list(generate(model, row, 12, temperature=0)) == out
+
+
+def test_bench_decode_int8_reports_speedup_and_quality_of_a_run(capsys, restore_threads, tmp_path):
+    from tinyllm.data.loader import default_builtin_dataset
+    from tinyllm.train.trainer import Trainer
+
+    data = default_builtin_dataset(max_tokens=40_000, cache_dir=tmp_path / "cache")
+    cfg = resolve("tiny", overrides=[("data.dir", str(data), "test"), ("train.max_steps", 3, "test"),
+                                     ("train.eval_every", 0, "test"), ("train.sample_every", 0, "test")])
+    Trainer(cfg, tmp_path / "run", echo=False).run()
+    options = ["bench", "decode", "--preset", "tiny", "--new-tokens", "4", "--threads", "1", "--batch-sizes", "1",
+               "--quantize", "int8", "--json"]
+    assert main(options) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["quantize"] == "int8" and result["unquantized_tokens_per_s"] > 0
+    assert result["speedup_int8"] == pytest.approx(
+        result["tokens_per_s"]["kv_cache"]["1"] / result["unquantized_tokens_per_s"], rel=0.02)
+    assert result["int8_val_loss_ratio"] is None and result["int8_greedy_match"] is None  # random weights: no quality
+    assert main([*options, "--run", str(tmp_path / "run"), "--prompts", "4", "--match-tokens", "4",
+                 "--quality-batches", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["int8_val_loss_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert 0 <= result["int8_greedy_match"] <= 1 and result["int8_greedy_prompts"] == 4
+
+
+def test_bench_decode_bad_quantize_is_a_one_line_error(capsys):
+    assert main(["bench", "decode", "--preset", "tiny", "--quantize", "fp8"]) == 2
+    assert capsys.readouterr().err == "tinyllm bench: error: --quantize fp8: choose one of none, int8\n"

@@ -19,6 +19,13 @@ Why it is shaped this way:
   runs once. tokens/s counts the new tokens of every row: batch * new_tokens / seconds.
 - The prompt and the new tokens must fit the context: learned positions end there, and the
   cache is sized to it.
+- `--quantize int8` measures the int8 model (`tinyllm.inference.quantize`) and, beside it, the
+  same weights in the --dtype at batch 1 with the cache: `speedup_int8` is int8 over that. Its
+  `mbu` counts the int8 bytes. Quality needs trained weights, so it comes from `--run`: the
+  run's val loss int8 over unquantized on the same rows (`int8_val_loss_ratio`, rows cut as
+  `tinyllm eval` cuts them, --quality-batches batches), and the share of prompts (openings of
+  val rows, each decoded alone at batch 1 as `sample` does) whose first --match-tokens greedy
+  tokens are the same (`int8_greedy_match`). Without --run these are null.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from tinyllm.cli.run_args import add_quantize_argument, check_quantize
 from tinyllm.errors import UserError
 
 HELP = "greedy decoding tokens/s with and without the KV cache, batch 1 and 8, for a preset's model size"
@@ -42,6 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights and KV cache precision (default fp32, what sample/chat/serve use)")
     p.add_argument("--threads", type=int, metavar="N", help="PyTorch CPU threads (default: PyTorch's, one per core); "
                    "on a machine shared with other jobs 1 can be many times faster than all cores")
+    add_quantize_argument(p)
+    p.add_argument("--run", metavar="RUN_DIR", help="with --quantize int8: a trained run to measure int8's quality on "
+                   "(val loss ratio, greedy agreement); speed is still measured at --preset's size")
+    p.add_argument("--quality-batches", type=int, default=4, metavar="N",
+                   help="val batches (of the run's micro-batch) scored for int8_val_loss_ratio (default 4)")
+    p.add_argument("--prompts", type=int, default=32, metavar="N", help="prompts for int8_greedy_match (default 32)")
+    p.add_argument("--match-tokens", type=int, default=16, metavar="N",
+                   help="greedy tokens that must agree for a prompt to count in int8_greedy_match (default 16)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -49,10 +65,15 @@ def run(args: argparse.Namespace) -> dict:
 
     from tinyllm.bench.limits import gemv_bandwidth
     from tinyllm.config import resolve
+    from tinyllm.inference.quantize import quantize_int8, weight_bytes
     from tinyllm.model.gpt import GPT
     from tinyllm.train.device import pick_device
 
     batches = _batch_sizes(args.batch_sizes)
+    check_quantize(args.quantize)
+    for flag in ("quality_batches", "prompts", "match_tokens"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
@@ -67,6 +88,11 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = GPT(cfg).to(device=device, dtype=dtype).eval()
+    reference = None
+    if args.quantize == "int8":
+        reference = GPT(cfg).to(device=device, dtype=dtype).eval()
+        reference.load_state_dict(model.state_dict())
+        quantize_int8(model)
     greedy_decode(model, _prompts(cfg.vocab_size, 1, args.prompt_tokens, device), 2, use_cache=True)  # warm-up
     rates: dict[str, dict[str, float]] = {"kv_cache": {}, "no_cache": {}}
     for b in batches:
@@ -81,6 +107,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": device.type,
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
+        "quantize": args.quantize,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "tokens_per_s": rates,
@@ -88,21 +115,50 @@ def run(args: argparse.Namespace) -> dict:
     }
     if "1" in rates["kv_cache"]:
         result["speedup_kv_cache"] = result["speedup_kv_cache_by_batch"]["1"]
-        nbytes = weight_bytes_per_token(model)
+        nbytes = weight_bytes(model)
         bandwidth = gemv_bandwidth(nbytes, dtype, device)
         limit = bandwidth / nbytes
         result.update(weight_bytes_per_token=nbytes, gemv_bandwidth_gb_s=round(bandwidth / 1e9, 1),
                       limit_tokens_per_s=round(limit, 1), mbu=round(rates["kv_cache"]["1"] / limit, 3),
                       speedup_kv_cache_limit=round(limit / rates["no_cache"]["1"], 2))
+    if reference is not None:
+        prompts = _prompts(cfg.vocab_size, 1, args.prompt_tokens, device)
+        int8 = rates["kv_cache"].get("1") or args.new_tokens / _timed(model, prompts, args.new_tokens, True, device)
+        unquantized = args.new_tokens / _timed(reference, prompts, args.new_tokens, True, device)
+        result.update(unquantized_tokens_per_s=round(unquantized, 1), speedup_int8=round(int8 / unquantized, 2),
+                      **int8_quality(args, device))
     return result
 
 
-def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decoding step reads: all of the blocks', the final norm's and the
-    head's real rows. (The embedding lookups read one row each: nothing beside these.)"""
-    head = model.head_weight[: model.config.vocab_size]
-    rest = [*model.blocks.parameters(), *model.ln_f.parameters()]
-    return head.numel() * head.element_size() + sum(p.numel() * p.element_size() for p in rest)
+def int8_quality(args: argparse.Namespace, device) -> dict:
+    """int8_val_loss_ratio and int8_greedy_match of --run (null without one); see the docstring."""
+    if not args.run:
+        return {"int8_val_loss_ratio": None, "int8_greedy_match": None, "quality_run": None}
+    import torch
+
+    from tinyllm.cli.eval import run_data_dir
+    from tinyllm.data.loader import TokenLoader
+    from tinyllm.eval import evaluate_loss
+    from tinyllm.inference.quantize import quantize_int8
+    from tinyllm.train.checkpoint import load_model
+
+    reference, cfg, ckpt = load_model(args.run, device)
+    int8 = quantize_int8(load_model(args.run, device)[0])
+    data = run_data_dir(cfg)
+    rows = dict(split="val", batch_size=cfg.train.micro_batch, context=cfg.context,
+                max_batches=args.quality_batches, mode=cfg.data.mode, loss_on=cfg.data.loss_on)
+    ratio = evaluate_loss(int8, data, **rows).loss / evaluate_loss(reference, data, **rows).loss
+    length = min(args.prompt_tokens, cfg.context - args.match_tokens)
+    if length < 1:
+        raise UserError(f"--match-tokens {args.match_tokens} leave no room for a prompt in the run's context")
+    loader = TokenLoader(data, "val", args.prompts, length, mode="packed")
+    prompts = next(iter(loader.eval_pass(args.prompts)))[1].inputs  # [n, length]
+    same = 0
+    for row in prompts.to(device):
+        a, b = (greedy_decode(m, row[None], args.match_tokens, use_cache=True) for m in (reference, int8))
+        same += bool(torch.equal(a, b))
+    return {"int8_val_loss_ratio": round(ratio, 4), "int8_greedy_match": round(same / len(prompts), 3),
+            "int8_greedy_prompts": len(prompts), "quality_run": str(ckpt)}
 
 
 def greedy_decode(model, prompts, new_tokens: int, *, use_cache: bool):
@@ -148,8 +204,9 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 def format(result: dict) -> str:
+    int8 = " with int8 weights" if result["quantize"] == "int8" else ""
     lines = [f"preset {result['preset']}: {result['model']}, {result['parameters']:,} parameters, random weights, "
-             f"{result['dtype']} on {result['device']} ({result['threads']} threads)",
+             f"{result['dtype']}{int8} on {result['device']} ({result['threads']} threads)",
              f"greedy decoding of {result['new_tokens']} new tokens after a {result['prompt_tokens']}-token prompt:"]
     for b, with_cache in result["tokens_per_s"]["kv_cache"].items():
         without = result["tokens_per_s"]["no_cache"][b]
@@ -160,4 +217,13 @@ def format(result: dict) -> str:
                      f"weights, a GEMV reads {result['gemv_bandwidth_gb_s']} GB/s -> at most "
                      f"{result['limit_tokens_per_s']:,.1f} tokens/s; the cache reaches {result['mbu']:.0%} of it "
                      f"(mbu), and no cache could beat recomputation by more than {result['speedup_kv_cache_limit']}x")
+    if "speedup_int8" in result:
+        lines.append(f"int8: {result['speedup_int8']}x the {result['dtype']} weights' "
+                     f"{result['unquantized_tokens_per_s']:,.1f} tokens/s at batch 1 with the cache")
+        if result["quality_run"]:
+            lines.append(f"int8 on {result['quality_run']}: val loss {result['int8_val_loss_ratio']}x the unquantized; "
+                         f"first greedy tokens the same on {result['int8_greedy_match']:.0%} of "
+                         f"{result['int8_greedy_prompts']} prompts")
+        else:
+            lines.append("int8 quality (val loss ratio, greedy agreement): give --run RUN_DIR, a trained run")
     return "\n".join(lines)
