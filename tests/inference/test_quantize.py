@@ -124,3 +124,17 @@ def test_quantize_model_none_leaves_the_model_and_a_bad_mode_is_a_clear_error():
         quantize_model(model, "int4")
     assert CLI_CHOICES == QUANTIZE_CHOICES  # the CLI's copy (kept for a torch-free --help)
 
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_int8_rows_of_the_servers_batch_decoder_match_each_request_alone(pos_emb):
+    """serve --quantize int8 decodes its running requests in one forward: rows share fbgemm's
+    activation scale, and on a sharpened model still give each request its own greedy tokens."""
+    from tests.inference.test_batch import PROMPTS, alone, run_batched, tiny
+
+    model = quantize_int8(tiny(pos_emb=pos_emb))
+    params = {k: {"temperature": 0} for k in PROMPTS}
+    got = run_batched(model, params)
+    for key in PROMPTS:
+        expect = alone(model, key, params[key])
+        assert got[key] == expect[: len(got[key])] and got[key]

@@ -6,7 +6,8 @@ Why it is shaped this way:
   own scale, max |w| / 127; the activations, the residual stream and the logits stay fp32.
 - The kernel for a few rows (decoding) is fbgemm's `quantized::linear_dynamic`, which PyTorch
   ships for x86: it rounds the activations to 8 bits too, one scale per call (per token at batch
-  1; full 8-bit range, not the 7-bit "reduce_range" quantize_dynamic uses by default). Measured
+  1; full 8-bit range, not the 7-bit "reduce_range" quantize_dynamic uses by default); each row
+  is put on its own grid (`Int8Linear._fbgemm`), so a row's result does not depend on its batch. Measured
   side by side at one row on the seed model's shapes (README), against fp32 F.linear: fbgemm
   1.8-5.3x (4.7x on the 50,260-row head); `aten._weight_int8pack_mm` (weight-only, bf16
   activations) 3.0-5.4x on the blocks but 2.6x on the head, and with fp32 activations slower
@@ -19,7 +20,7 @@ Why it is shaped this way:
 - More rows (a prompt's prefill, `eval`, no-cache decoding) dequantize the weight to fp32 and run
   the GEMM: exactly weight-only numerics, no activation scale shared across unrelated rows, and
   at that size the GEMM's compute, not the weight's bytes, is what costs. Up to GEMV_ROWS rows
-  (a batch of server requests) stay on fbgemm, sharing one activation scale. Off x86 CPUs (no
+  (a batch of server requests) stay on fbgemm. Off x86 CPUs (no
   fbgemm) every call dequantizes: correct, not faster.
 - The token embedding stays as it was: a lookup reads one row per token, not the table. With tied
   embeddings the head gets its own int8 copy of the table (a quarter of its fp32 bytes more).
@@ -68,15 +69,32 @@ class Int8Linear(nn.Module):
                 warnings.simplefilter("ignore")
                 zeros = torch.zeros(len(scale), dtype=torch.long)
                 qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zeros, 0)
-                self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
+                self._packed = torch.ops.quantized.linear_prepack(qweight, None)  # bias after rescaling
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).float()  # [M, K]
         if self._packed is not None and rows.shape[0] <= GEMV_ROWS:
-            y = torch.ops.quantized.linear_dynamic(rows, self._packed, False)  # [M, N], bias added
+            y = self._fbgemm(rows)
         else:
             y = F.linear(rows, self.dequantized(), self.bias)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _fbgemm(self, rows: Tensor) -> Tensor:
+        """fbgemm's int8 GEMV with each row on its own 8-bit grid, [M, K] -> [M, N].
+
+        fbgemm picks one activation grid per call from the input's min and max, which would tie a
+        row's rounding to whatever else is in the batch (a server request's tokens to its
+        neighbours'). Each row is divided by its own max |x| and one extra row [1, -1, 0..]
+        pins the call's range to exactly [-1, 1]: every row's grid is then fixed, its result the
+        same alone or in any batch. The extra row costs little: at a few rows the weight's bytes,
+        not the rows, set the time.
+        """
+        peak = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # [M, 1]
+        pin = torch.zeros(1, self.in_features)
+        pin[0, :2] = torch.tensor([1.0, -1.0])
+        y = torch.ops.quantized.linear_dynamic(torch.cat([rows / peak, pin]), self._packed, False)
+        y = y[:-1] * peak  # [M, N]
+        return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> Tensor:
         """The weight [N, K] the int8 values stand for, in fp32."""
