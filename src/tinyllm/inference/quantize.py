@@ -63,7 +63,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", q.to(weight.device))
         self.register_buffer("scale", scale.to(weight.device))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self._packed = None  # fbgemm's prepacked weight (and bias), on x86 CPUs
+        self._packed = None  # fbgemm's prepacked weight, on x86 CPUs
+        self._pin = torch.zeros(1, self.in_features)  # the row that pins fbgemm's range (_fbgemm)
+        self._pin[0, :2] = torch.tensor([1.0, -1.0])
         if weight.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
             with warnings.catch_warnings():  # PyTorch marks quantized tensors as deprecated; 2.13 has them
                 warnings.simplefilter("ignore")
@@ -89,12 +91,10 @@ class Int8Linear(nn.Module):
         same alone or in any batch. The extra row costs little: at a few rows the weight's bytes,
         not the rows, set the time.
         """
-        peak = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # [M, 1]
-        pin = torch.zeros(1, self.in_features)
-        pin[0, :2] = torch.tensor([1.0, -1.0])
-        y = torch.ops.quantized.linear_dynamic(torch.cat([rows / peak, pin]), self._packed, False)
-        y = y[:-1] * peak  # [M, N]
-        return y if self.bias is None else y + self.bias
+        peak = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)  # [M, 1]
+        y = torch.ops.quantized.linear_dynamic(torch.cat([rows / peak, self._pin]), self._packed, False)
+        # (Few small ops: at one row they are a noticeable share of an int8 token.)
+        return y[:-1] * peak if self.bias is None else torch.addcmul(self.bias, y[:-1], peak)  # [M, N]
 
     def dequantized(self) -> Tensor:
         """The weight [N, K] the int8 values stand for, in fp32."""
