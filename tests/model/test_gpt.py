@@ -186,7 +186,7 @@ def test_bias_false_removes_every_bias():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_one_bf16_row_takes_the_gemv_and_matches_f_linear(bias, monkeypatch):
-    from tinyllm.model import gpt
+    from tinyllm.model import linear
 
     torch.manual_seed(0)
     w, b = torch.randn(48, 32).bfloat16(), torch.randn(48).bfloat16() if bias else None
@@ -194,10 +194,10 @@ def test_one_bf16_row_takes_the_gemv_and_matches_f_linear(bias, monkeypatch):
     calls = []
     for name in ("mv", "addmv"):
         real = getattr(torch, name)
-        monkeypatch.setattr(gpt.torch, name, lambda *a, _real=real, **k: calls.append(a) or _real(*a, **k))
-    y = gpt.linear(x, w, b)
+        monkeypatch.setattr(linear.torch, name, lambda *a, _real=real, **k: calls.append(a) or _real(*a, **k))
+    y = linear.linear(x, w, b)
     assert len(calls) == 1 and y.shape == (1, 1, 48) and y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), torch.nn.functional.linear(x, w, b).float(), rtol=2e-2, atol=2e-2)
-    gpt.linear(x.float(), w.float(), None if b is None else b.float())  # fp32 keeps F.linear
-    gpt.linear(torch.randn(1, 2, 32).bfloat16(), w, b)  # as do two rows
+    linear.linear(x.float(), w.float(), None if b is None else b.float())  # fp32 keeps F.linear
+    linear.linear(torch.randn(1, 2, 32).bfloat16(), w, b)  # as do two rows
     assert len(calls) == 1

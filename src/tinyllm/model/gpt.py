@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyllm.model.kv_cache import KVCache
-from tinyllm.model.loss import fused_linear_cross_entropy
+from tinyllm.model.linear import Linear, linear
+from tinyllm.model.loss import chunked_cross_entropy, fused_linear_cross_entropy
 
 POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -98,29 +99,6 @@ class RMSNorm(nn.Module):
         # The gain in the input's dtype: a bf16 input (QK-norm under autocast) with an fp32 gain misses
         # the fused kernel. The kernel still accumulates in fp32.
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, with a single bf16 row (batch-1 decoding) as a matrix-vector product.
-
-    PyTorch sends a one-row F.linear to its GEMM, which in bf16 reads the weights well below the
-    bandwidth torch.mv / addmv reach: a seed-size bf16 token took 1.27x less CPU time this way.
-    In fp32 it did not pay (0.96x), so fp32 keeps F.linear. Under autocast F.linear stays too:
-    CPU autocast does not cast addmv's operands.
-    """
-    if (x.numel() != x.shape[-1] or weight.dtype != torch.bfloat16
-            or torch.is_autocast_enabled(x.device.type)):
-        return F.linear(x, weight, bias)
-    v = x.reshape(-1)  # [K]
-    y = torch.mv(weight, v) if bias is None else torch.addmv(bias, weight, v)  # [N]
-    return y.view(*x.shape[:-1], weight.shape[0])
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) whose one-row inputs take `linear`'s GEMV."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
 
 
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
@@ -296,7 +274,7 @@ class GPT(nn.Module):
         """
         x = self._hidden(idx, kv_cache, known_valid)  # [B, T, C]
         if targets is not None and self.head_proj is not None:
-            return _chunked_cross_entropy(self.head_proj, x, targets)
+            return chunked_cross_entropy(self.head_proj, x, targets)
         if targets is not None:
             if targets.shape != idx.shape:
                 raise ValueError(
@@ -400,19 +378,6 @@ class GPT(nn.Module):
         matmul = sum(m.weight.numel() for m in self.blocks.modules() if isinstance(m, nn.Linear))
         matmul += self.head_weight.numel()
         return 6.0 * matmul + 12.0 * cfg.n_layer * cfg.block_size * cfg.n_embd
-
-
-def _chunked_cross_entropy(head: nn.Module, x: Tensor, targets: Tensor, rows: int = 1024) -> Tensor:
-    """Mean cross-entropy of head(x) [.., V] over targets != -1, `rows` rows of logits at a time.
-
-    For a `head_proj` (inference only): the fused loss needs the head as one weight matrix.
-    """
-    x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)  # [N, C], [N]
-    total = torch.zeros((), device=x.device)
-    for i in range(0, x.shape[0], rows):
-        logits = head(x[i : i + rows]).float()  # [n, V]
-        total += F.cross_entropy(logits, targets[i : i + rows], ignore_index=-1, reduction="sum")
-    return total / (targets != -1).sum().clamp(min=1)
 
 
 def _init_weights(module: nn.Module) -> None:

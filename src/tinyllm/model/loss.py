@@ -21,12 +21,16 @@ Conventions: targets equal to -1 are ignored; the loss is the mean over the othe
 and beyond `vocab_size` (the padding that makes the head GEMM fast) never take probability mass and
 receive zero gradient. A batch whose targets are all ignored has loss 0 and zero gradients (plain
 cross-entropy gives NaN there, which would poison a gradient-accumulation sum).
+
+`chunked_cross_entropy` is the plain loss for a head that is not one weight matrix (int8
+inference weights: `tinyllm eval --quantize int8`), a chunk of rows at a time for the same reason.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 IGNORE_INDEX = -1
 # Rows per chunk: 1024 rows x 50,304 columns is a 206 MB fp32 buffer, reused for every chunk.
@@ -224,3 +228,16 @@ def fused_linear_cross_entropy(
                 h, weight, targets, vocab_size, chunk_size, cdtype, with_grads=False
             )
     return loss
+
+
+def chunked_cross_entropy(head: nn.Module, x: Tensor, targets: Tensor, rows: int = 1024) -> Tensor:
+    """Mean cross-entropy of head(x) [.., V] over targets != -1, `rows` rows of logits at a time.
+
+    For a `head_proj` (inference only): the fused loss needs the head as one weight matrix.
+    """
+    x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)  # [N, C], [N]
+    total = torch.zeros((), device=x.device)
+    for i in range(0, x.shape[0], rows):
+        logits = head(x[i : i + rows]).float()  # [n, V]
+        total += F.cross_entropy(logits, targets[i : i + rows], ignore_index=-1, reduction="sum")
+    return total / (targets != -1).sum().clamp(min=1)
