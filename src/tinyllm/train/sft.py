@@ -81,10 +81,12 @@ def load_init_weights(model: nn.Module, init: str | Path) -> Path:
 
 
 def held_out_qa(model: nn.Module, data_dir: Path, questions: int) -> QAResult | None:
-    """Exact-answer accuracy on held-out builtin questions; None when the data has no builtin source.
+    """Exact-answer accuracy on held-out builtin questions; None when the data has no held-out
+    builtin stories (no builtin source, or its val split given to a `--val-source`).
 
     Raises UserError when no question fits the model's context.
     """
-    if questions < 1 or "builtin" not in load_manifest(data_dir)["sources"]:
+    builtin = load_manifest(data_dir)["sources"].get("builtin")
+    if questions < 1 or builtin is None or not builtin["splits"]["val"]["documents"]:
         return None
     return qa_accuracy(model, data_dir, max_questions=questions)
