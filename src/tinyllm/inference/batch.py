@@ -22,15 +22,18 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Collection, Hashable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from tinyllm.errors import UserError
-from tinyllm.inference.sampling import check_sampling_args, sample_next
+from tinyllm.inference.sampling import (
+    check_sampling_args,
+    checked_prompt,
+    logit_bias_tensor,
+    sample_next,
+)
 from tinyllm.model.gpt import GPT
 from tinyllm.model.kv_cache import BatchKVCache, KVCache
 
@@ -82,14 +85,15 @@ class BatchDecoder:
         if key in self._rows:
             raise ValueError(f"request {key!r} is already decoding")
         device = self.model.wte.weight.device
-        ids = self._checked_prompt(prompt_ids)
+        cfg = self.model.config
+        ids = checked_prompt(prompt_ids, cfg.vocab_size, cfg.block_size, stacklevel=3)
         check_sampling_args(temperature, top_k, top_p)
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         row = _Row(
             ids,
             frozenset(stop_ids),
             dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator),
-            self._bias(logit_bias, device),
+            logit_bias_tensor(logit_bias, cfg.vocab_size, device),
         )
         cache, logits = self._prefill(ids)
         token = self._draw(row, logits)
@@ -170,32 +174,3 @@ class BatchDecoder:
         token = int(sample_next(logits, **row.sampling)[0])
         return None if token in row.stop_ids else token
 
-    def _checked_prompt(self, prompt_ids: list[int]) -> list[int]:
-        cfg = self.model.config
-        if len(prompt_ids) == 0:
-            raise UserError("the prompt is empty: give at least one token")
-        bad = [t for t in prompt_ids if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise UserError(
-                f"prompt token id {bad[0]} is outside the model's vocabulary [0, {cfg.vocab_size})"
-            )
-        if len(prompt_ids) > cfg.block_size:
-            warnings.warn(
-                f"prompt of {len(prompt_ids)} tokens is longer than the model's context "
-                f"({cfg.block_size}); keeping its last {cfg.block_size} tokens",
-                stacklevel=3,
-            )
-        return list(prompt_ids[-cfg.block_size :])
-
-    def _bias(self, logit_bias: Mapping[int, float] | None, device: torch.device) -> Tensor | None:
-        if not logit_bias:
-            return None
-        vocab = self.model.config.vocab_size
-        bad = [t for t in logit_bias if not 0 <= t < vocab]
-        if bad:
-            raise UserError(
-                f"logit_bias token id {bad[0]} is outside the model's vocabulary [0, {vocab})"
-            )
-        bias = torch.zeros(vocab, device=device)  # [V]
-        bias[list(logit_bias)] = torch.tensor([float(v) for v in logit_bias.values()], device=device)
-        return bias

@@ -19,7 +19,7 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -108,35 +108,50 @@ def generate(
     cfg = model.config
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if len(prompt_ids) == 0:
-        raise UserError("the prompt is empty: give at least one token")
-    bad = [t for t in prompt_ids if not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise UserError(
-            f"prompt token id {bad[0]} is outside the model's vocabulary [0, {cfg.vocab_size})"
-        )
-    ids = list(prompt_ids)
-    if len(ids) > cfg.block_size:
-        warnings.warn(
-            f"prompt of {len(ids)} tokens is longer than the model's context ({cfg.block_size}); "
-            f"keeping its last {cfg.block_size} tokens",
-            stacklevel=2,
-        )
-        ids = ids[-cfg.block_size :]
+    ids = checked_prompt(prompt_ids, cfg.vocab_size, cfg.block_size, stacklevel=3)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    bias = None
-    if logit_bias:
-        bad = [t for t in logit_bias if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise UserError(
-                f"logit_bias token id {bad[0]} is outside the model's vocabulary [0, {cfg.vocab_size})"
-            )
-        bias = torch.zeros(cfg.vocab_size, device=device)  # [V]
-        bias[list(logit_bias)] = torch.tensor([float(v) for v in logit_bias.values()], device=device)
+    bias = logit_bias_tensor(logit_bias, cfg.vocab_size, device)
     cache = model.make_kv_cache(batch_size=1) if use_cache else None
     return _stream(model, ids, max_new_tokens, cache, frozenset(stop_ids), sampling, bias)
+
+
+def checked_prompt(prompt_ids: Sequence[int], vocab_size: int, block_size: int, *,
+                   stacklevel: int = 2) -> list[int]:
+    """The prompt's ids, refused (UserError) when empty or outside the vocabulary; a prompt longer
+    than the context keeps its last `block_size` tokens, with a warning (`stacklevel` as in
+    `warnings.warn`, from here: 2 names the caller)."""
+    if len(prompt_ids) == 0:
+        raise UserError("the prompt is empty: give at least one token")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise UserError(
+            f"prompt token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})"
+        )
+    if len(prompt_ids) > block_size:
+        warnings.warn(
+            f"prompt of {len(prompt_ids)} tokens is longer than the model's context ({block_size}); "
+            f"keeping its last {block_size} tokens",
+            stacklevel=stacklevel,
+        )
+    return list(prompt_ids[-block_size:])
+
+
+def logit_bias_tensor(logit_bias: Mapping[int, float] | None, vocab_size: int,
+                      device: torch.device) -> Tensor | None:
+    """OpenAI's logit_bias as a [V] tensor added to the logits, or None; ids outside the
+    vocabulary are a UserError."""
+    if not logit_bias:
+        return None
+    bad = [t for t in logit_bias if not 0 <= t < vocab_size]
+    if bad:
+        raise UserError(
+            f"logit_bias token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})"
+        )
+    bias = torch.zeros(vocab_size, device=device)  # [V]
+    bias[list(logit_bias)] = torch.tensor([float(v) for v in logit_bias.values()], device=device)
+    return bias
 
 
 @torch.no_grad()
