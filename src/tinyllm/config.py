@@ -110,6 +110,11 @@ class TrainConfig:
     # documents of the run's own data (tinyllm.data.prompts).
     sample_prompts: list[str] = field(default_factory=list)
     sample_tokens: int = 64
+    # Multiple-choice tasks scored at every eval, as `tinyllm eval --task` takes them (hellaswag,
+    # arc_easy, NAME=PATH, mc=PATH), on each one's first `eval_task_items` items; logged as
+    # NAME_acc and NAME_acc_norm beside the val loss.
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_task_items: int = 100
     sample_temperature: float = 0.8
     sample_top_k: int = 50
     checkpoint_every: int = 5000

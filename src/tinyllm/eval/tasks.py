@@ -18,7 +18,7 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,4 +177,30 @@ def _first(items: Iterable[Item], n: int | None) -> Iterator[Item]:
         if n is not None and i >= n:
             return
         yield item
+
+
+Probe = list[tuple[str, list[Item]]]  # (task name, its first items), scored during training
+
+
+def load_probe(specs: Sequence[str], max_items: int) -> Probe:
+    """The first `max_items` items of each task in `specs` (as `--task` takes them), loaded once
+    when a run starts, so a bad spec stops it before any step (`train.eval_tasks`)."""
+    if specs and max_items < 1:
+        raise UserError(f"train.eval_task_items is {max_items}: score at least 1 item of each task")
+    try:
+        return [(name, list(_first(load_items(name, path), max_items))) for name, path in map(parse_task, specs)]
+    except UserError as e:
+        raise UserError(f"train.eval_tasks: {e}") from None
+
+
+def probe_record(model: GPT | None, probe: Probe) -> dict[str, float]:
+    """Each task's accuracy as metrics: NAME_acc and NAME_acc_norm; none without a model (the
+    ranks other than 0 of a data-parallel run, which only help gather it)."""
+    record: dict[str, float] = {}
+    if model is None:
+        return record
+    for name, items in probe:
+        r = evaluate_task(model, name, items)
+        record[f"{name}_acc"], record[f"{name}_acc_norm"] = round(r.acc, 4), round(r.acc_norm, 4)
+    return record
 

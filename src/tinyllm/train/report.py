@@ -85,6 +85,7 @@ def progress_line(record: dict) -> str:
         parts.append(f"loss {record['loss']:.4f}")
     if "val_loss" in record:
         parts.append(val_text(record))
+    parts += [f"{key[:-4]} acc {value:.3f}" for key, value in record.items() if key.endswith("_acc")]
     parts.append(f"lr {record['lr']:.2e}")
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")

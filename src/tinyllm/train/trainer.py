@@ -2,7 +2,7 @@
 
 Why it is shaped this way:
 - Each component is built from its own config section (GPT from `model`, the loader from `data`,
-  AdamW and the schedule from `optim`); only the loop reads `train`.
+  the optimizer and schedule from `optim`); only the loop reads `train`.
 - Every piece of state is saved and restored through its own `state_dict`, so a run stopped at
   step k and resumed computes bit-for-bit the same later steps as one that never stopped (on CPU).
   Evaluation and sampling never move the training RNG streams or the training loader.
@@ -32,6 +32,7 @@ from tinyllm.data.loader import TokenLoader, default_builtin_dataset
 from tinyllm.errors import UserError
 from tinyllm.eval.loss import EvalResult, LossSum, score_batches
 from tinyllm.eval.qa import QAResult
+from tinyllm.eval.tasks import load_probe, probe_record
 from tinyllm.tokenizer import get_tokenizer
 from tinyllm.train import checkpoint as ckpt
 from tinyllm.train import distributed, report
@@ -90,6 +91,7 @@ class Trainer:
         self.data_dir = data_dir
         self.loader = self._loader(data_dir, "train", sequential=False)
         self.val_batches = self._val_batches(data_dir)
+        self.task_probe = load_probe(t.eval_tasks, t.eval_task_items)  # [] when none
         # Rows with ignored targets (pads, non-assistant tokens) make micro-batches unequal: weight by targets.
         self.token_weighted = cfg.data.mode == "padded" or cfg.data.loss_on == "assistant"
         self.qa: QAResult | None = None  # sft: the end-of-run held-out questions, answered
@@ -192,8 +194,7 @@ class Trainer:
                 timed.append(time.monotonic() - started)
                 # Decided before the bookkeeping, so the last step's record carries the final val loss.
                 planned = self._plan_next(timed)
-                # Read from a field nothing else assigns: a Ctrl-C handled during this call's
-                # all-reduce lands in `stop_requested` and is agreed on next step, not overwritten.
+                # A Ctrl-C handled in this all-reduce sets `stop_requested` (nothing else does): agreed next step.
                 self.stop_reason, planned = distributed.agree_on_next_step(self.stop_requested, planned, self.dist)
                 if planned is not None:  # rank 0's, on every rank
                     self.schedule.planned = planned
@@ -334,12 +335,14 @@ class Trainer:
         return total.result()
 
     def _val_loss_timed(self) -> dict[str, float]:
-        """Evaluate, timed (the schedule plans with the cost); the record's val_loss and val_bpb."""
+        """Evaluate, timed (the schedule plans with the cost): val_loss, val_bpb, any eval_tasks' accuracy."""
         started = time.monotonic()
         result = self.evaluate()
         self.last_val, self.last_bpb = result.loss, result.bits_per_byte
+        tasks = probe_record(distributed.full_model(self.model, self.dist), self.task_probe) if self.task_probe else {}
         self.overhead["eval"] = time.monotonic() - started
-        return {"val_loss": result.loss, **({"val_bpb": result.bits_per_byte} if self.last_bpb is not None else {})}
+        bpb = {"val_bpb": result.bits_per_byte} if self.last_bpb is not None else {}
+        return {"val_loss": result.loss, **bpb, **tasks}
 
     def _evaluate(self) -> None:
         """The untrained model's val loss, the first point of the curve."""
