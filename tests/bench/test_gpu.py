@@ -104,3 +104,16 @@ def test_the_whole_check_runs_on_a_cpu_in_quick_mode(tmp_path, monkeypatch):
     assert parts["decode"]["result"]["tokens_per_s"]["kv_cache"]["1"] > 0
     assert parts["kill_and_resume"]["bitwise_equal"]
     assert summary["environment"]["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_a_kill_just_after_a_save_resumes_from_the_checkpoint_before(tmp_path):
+    # A fast run can save again between the check and the SIGKILL: nothing is logged after that newest
+    # checkpoint, so the comparison resumes from the one before, whose later steps were logged.
+    from tinyllm.bench.killed_run import resume_point
+
+    for step in (10, 20):
+        (tmp_path / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+    losses = {s: 1.0 / s for s in range(1, 21)}
+    assert resume_point(tmp_path, losses).name == "step-00000010"
+    assert resume_point(tmp_path, {**losses, 21: 0.05}).name == "step-00000020"
+    assert resume_point(tmp_path, {}) is None

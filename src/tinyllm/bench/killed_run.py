@@ -11,13 +11,14 @@ because a smaller --max-steps would change the learning-rate schedule and with i
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tinyllm.train.checkpoint import latest_checkpoint
+from tinyllm.train.checkpoint import latest_checkpoint, list_checkpoints
 
 MIN_REPEATED = 3  # steps logged past the checkpoint before the kill: what the resume must reproduce
 _POLL_S = 0.2
@@ -39,13 +40,16 @@ def check(preset: str, env: dict, *, kill_after: float, checkpoint_every: int, r
             return {"ok": False, "error": f"the run to be killed {ready}", "output": _tail(run_dir / "killed.out")}
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    saved = latest_checkpoint(run_dir)
-    checkpoint_step = int(saved.name.split("-")[-1])
-    killed = {s: v for s, v in _losses(run_dir).items() if s > checkpoint_step}
-    if not killed:  # it saved again between the check and the kill: nothing left to repeat
-        return {"ok": False, "error": f"no step was logged after the checkpoint at step {checkpoint_step}"}
+    # A fast run may have saved again between the check and the kill, with nothing logged after that
+    # newest save: resume from the newest checkpoint that has steps after it (the one before is kept).
+    losses = _losses(run_dir)
+    saved = resume_point(run_dir, losses)
+    if saved is None:
+        return {"ok": False, "error": "no step was logged after any checkpoint"}
+    checkpoint_step = _step(saved)
+    killed = {s: v for s, v in losses.items() if s > checkpoint_step}
     last = max(killed)
-    with _process([*argv, "--resume"], env, run_dir / "resumed.out") as proc:
+    with _process([*argv, "--resume", str(saved)], env, run_dir / "resumed.out") as proc:
         ready = _wait(proc, deadline, lambda: max(_losses(run_dir), default=0) >= last)
         if ready is not True:
             return {"ok": False, "error": f"the resumed run {ready}", "checkpoint_step": checkpoint_step,
@@ -98,7 +102,16 @@ def _killable(run_dir: Path, not_before: float) -> bool:
     saved = latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
     if saved is None:
         return False
-    return max(_losses(run_dir), default=0) >= int(saved.name.split("-")[-1]) + MIN_REPEATED
+    return max(_losses(run_dir), default=0) >= _step(saved) + MIN_REPEATED
+
+
+def resume_point(run_dir: Path, losses: dict[int, float]) -> Path | None:
+    """The newest checkpoint with a step logged after it."""
+    return next((c for c in reversed(list_checkpoints(run_dir)) if max(losses, default=0) > _step(c)), None)
+
+
+def _step(ckpt: Path) -> int:
+    return int(re.match(r"step-(\d+)", ckpt.name).group(1))
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
