@@ -86,6 +86,9 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(tmp_path):
     assert part["ok"] is True, part
     assert part["compared_steps"] >= 3 and part["killed_after_step"] > part["checkpoint_step"]
     assert part["bitwise_equal"] and part["max_relative_difference"] == 0.0  # on a CPU: exactly
+    # The resumed run itself trained those steps (a Ctrl-C sent before it started would leave the
+    # killed run's own losses to compare with themselves).
+    assert f"step {part['killed_after_step']} | loss" in (tmp_path / "killed-run" / "resumed.out").read_text()
 
 
 @pytest.mark.slow

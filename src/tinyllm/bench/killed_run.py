@@ -49,6 +49,9 @@ def check(preset: str, env: dict, *, kill_after: float, checkpoint_every: int, r
     checkpoint_step = _step(saved)
     killed = {s: v for s, v in losses.items() if s > checkpoint_step}
     last = max(killed)
+    # Set the killed run's log aside: a resume cuts metrics.jsonl back to its checkpoint, but until it
+    # does, the old lines would read as steps the resumed run had already repeated.
+    (run_dir / "metrics.jsonl").replace(run_dir / "metrics-killed.jsonl")
     with _process([*argv, "--resume", str(saved)], env, run_dir / "resumed.out") as proc:
         ready = _wait(proc, deadline, lambda: max(_losses(run_dir), default=0) >= last)
         if ready is not True:
