@@ -96,6 +96,15 @@ def test_a_slow_down_halfway_still_ends_on_time_at_the_floor(shape):
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
+def test_a_stall_just_before_the_last_step_still_ends_at_the_floor_on_time():
+    # The step before the last was planned to leave room for one more; it stalled for two steps'
+    # worth, so by the plan's own reckoning the last no longer fits before the end-of-run reserve.
+    s, clock = budgeted(100.0, schedule="wsd")
+    steps = run_steps(s, clock, lambda i: 3.0 if i == 87 else 1.0, end=10.0)  # step 87 starts at 87 s
+    assert steps[-1][0] == pytest.approx(0.1) and s.finished(len(steps))
+    assert steps[-1][1] <= 100.0
+
+
 def test_max_steps_caps_a_fast_machine_and_it_still_ends_at_the_floor():
     s, clock = budgeted(100.0, max_steps=20, schedule="wsd")
     steps = run_steps(s, clock, lambda i: 0.1)

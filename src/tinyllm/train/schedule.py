@@ -11,7 +11,9 @@ Why it is shaped this way:
 - Under a budget p is planned one step ahead, from the seconds spent and the expected seconds
   of what comes next (the step, the evaluation, samples and checkpoint due after it, and the
   end-of-run work kept back: a last eval, sample, checkpoint and plot, at their measured costs).
-  When the step after next would not fit, the next is the last and gets p = 1. Rank 0 plans; the
+  When the step after next would not fit, the next is the last and gets p = 1; a step that overran
+  its estimate so far that the next no longer fits still gets that last step, at p = 1, from the
+  end-of-run reserve when the budget holds it, so the rate ends at its floor. Rank 0 plans; the
   trainer hands its p to every rank in the collective that already agrees on stopping each step,
   as ranks' clocks differ.
 - `wsd` holds the peak until the last `decay_fraction` of the run, then decays as 1 - sqrt to the
@@ -131,7 +133,10 @@ class LRSchedule:
         usable = self.budget - end
         ends = self.elapsed() + work_now + step_s
         if ends > usable:
-            return None
+            # A step that ran over its estimate by more than a step's worth (a stall, a competing
+            # process) took the room of the step planned to reach the floor: that one still runs,
+            # at the floor, on the reserve kept back for the end, when it fits in the budget.
+            return 1.0 if self.progress < 1.0 and ends <= self.budget else None
         p = 1.0 if ends + work_next + step_s > usable else ends / usable  # the one after would not fit
         return min(1.0, max(p, self.progress, (step + 1) / self.total_steps))
 
