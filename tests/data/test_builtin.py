@@ -293,9 +293,9 @@ class StoryFacts:
             assert self.objs[m[1]]["holder"] is None
             return at(self.objs[m[1]]["place"])
         if m := re.fullmatch(r"How does (\w+) feel\?", q):
-            return self.chars[m[1]]["feeling"].capitalize() + "."
+            return f"{m[1]} feels {self.chars[m[1]]['feeling']}."  # the story's own " glad", not "Glad"
         if m := re.fullmatch(r"What colour is the (\w+)\?", q):
-            return self.objs[m[1]]["colour"].capitalize() + "."
+            return f"The {m[1]} is {self.objs[m[1]]['colour']}."
         if m := re.fullmatch(r"Who has the (\w+)\?", q):
             return self.objs[m[1]]["holder"] + "."
         if m := re.fullmatch(r"Where did (\w+) find the (\w+)\?", q):

@@ -29,13 +29,17 @@ from tinyllm.errors import UserError
 HELP = ("final val loss in equal wall-clock time, vs the corpus floor or on any prepared --data: GPT-2 recipe, "
         "modern blocks, Muon")
 
-# name -> (what it is, --set overrides on the preset)
-_MODERN = {"model.pos_emb": "rope", "model.norm": "rmsnorm", "model.qk_norm": True, "model.mlp": "relu2",
-           "model.bias": False}
+# name -> (what it is, --set overrides on the preset). Each names its whole block, so a variant
+# means the same whatever the preset's own block is.
+_GPT2 = {"model.pos_emb": "learned", "model.norm": "layernorm", "model.qk_norm": False, "model.mlp": "gelu",
+         "model.bias": True}
+_ROPE = {**_GPT2, "model.pos_emb": "rope", "model.norm": "rmsnorm", "model.qk_norm": True}
+_MODERN = {**_ROPE, "model.mlp": "relu2", "model.bias": False}
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "gpt2": ("the classic GPT-2 recipe: learned positions, LayerNorm, GELU, AdamW", {"optim.optimizer": "adamw"}),
+    "gpt2": ("the classic GPT-2 recipe: learned positions, LayerNorm, GELU, AdamW", {**_GPT2, "optim.optimizer": "adamw"}),
     "modern": ("RoPE, RMSNorm, QK-norm, ReLU^2, no biases; AdamW", {**_MODERN, "optim.optimizer": "adamw"}),
-    "muon": ("the GPT-2 blocks; Muon for block matrices, AdamW for the rest", {"optim.optimizer": "muon"}),
+    "muon": ("the GPT-2 blocks; Muon for block matrices, AdamW for the rest", {**_GPT2, "optim.optimizer": "muon"}),
+    "rope-muon": ("RoPE, RMSNorm, QK-norm (GELU, biases); Muon", {**_ROPE, "optim.optimizer": "muon"}),
     "modern-muon": ("modern blocks and Muon", {**_MODERN, "optim.optimizer": "muon"}),
 }
 
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> dict:
     for name in names:  # resolve all first: a bad --set fails before any minutes are spent
         variant = [(k, v, f"variant {name}") for k, v in VARIANTS[name][1].items()]
         configs[name] = resolve(args.preset, overrides=[*variant, *common, ("train.max_time", budget, "--minutes"),
-                                                        ("train.fit_steps_to_time", True, "--minutes"),
+                                                        ("train.budget_drives_schedule", True, "--minutes"),
                                                         ("train.sample_every", 0, "bench quality")])
     if args.keep:
         taken = [str(Path(args.keep) / n) for n in names if (Path(args.keep) / n).exists()]

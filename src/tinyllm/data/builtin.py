@@ -37,7 +37,7 @@ from tinyllm.data.builtin_tape import (
 from tinyllm.data.document import Document, tokenize_document
 from tinyllm.tokenizer import Tokenizer
 
-VERSION = 1
+VERSION = 2  # 2: "The kite is red." holds the story's token " red" for attention to copy; "Red." did not
 END = "<|endoftext|>"
 _GO_ON, _ASK, _STOP = " ", "\n<|im_start|>user\n", END
 _NEXT_QUESTION = "<|im_start|>user\n"
@@ -277,9 +277,9 @@ def _facts(g: _Grammar, w: _World) -> list[tuple[str, str]]:
         if c.place is not None:
             facts.append((f"Where is {c.name}?", g.place_answer[c.place]))
         if c.feeling is not None:
-            facts.append((f"How does {c.name} feel?", c.feeling.capitalize() + "."))
+            facts.append((f"How does {c.name} feel?", f"{c.name} feels {c.feeling}."))
     for o in w.objs:
-        facts.append((f"What colour is the {o.noun}?", o.colour.capitalize() + "."))
+        facts.append((f"What colour is the {o.noun}?", f"The {o.noun} is {o.colour}."))
         if o.holder is not None:
             facts.append((f"Who has the {o.noun}?", o.holder.name + "."))
         else:
