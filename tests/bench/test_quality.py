@@ -32,6 +32,19 @@ def test_each_variant_trains_and_is_compared_to_the_floor(tmp_path, monkeypatch,
     assert 'optimizer = "muon"' in saved and 'pos_emb = "rope"' in saved
 
 
+def test_a_variant_is_the_same_block_over_any_preset():
+    from tinyllm.bench.quality import VARIANTS
+    from tinyllm.config import resolve
+
+    for preset in ("cpu", "modern"):  # the GPT-2 block, and a RoPE one with ReLU^2 and no biases
+        cfgs = {name: resolve(preset, overrides=[(k, v, name) for k, v in sets.items()]).model
+                for name, (_, sets) in VARIANTS.items()}
+        assert (cfgs["muon"].pos_emb, cfgs["muon"].norm, cfgs["muon"].mlp, cfgs["muon"].bias) == (
+            "learned", "layernorm", "gelu", True)
+        assert (cfgs["rope-muon"].pos_emb, cfgs["rope-muon"].qk_norm, cfgs["rope-muon"].mlp) == ("rope", True, "gelu")
+        assert (cfgs["modern"].mlp, cfgs["modern"].bias) == ("relu2", False)
+
+
 def test_unknown_variant_is_refused_before_training(capsys):
     assert main(["bench", "quality", "--variants", "gpt2,gpt5"]) == 2
     assert "gpt5" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from llama_cpp import Llama
 
 from tinyllm.cli import main
 from tinyllm.cli.eval import run_data_dir
+from tinyllm.config import resolve
 from tinyllm.data.loader import TokenLoader
 from tinyllm.errors import UserError
 from tinyllm.export.gguf import export_gguf, gguf_architecture
@@ -267,6 +268,13 @@ def test_unfaithful_combinations_are_refused_naming_the_option(tmp_path, options
         export_gguf(model, tmp_path / "m.gguf")
     assert named in str(err.value)
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+@pytest.mark.parametrize("preset", ["cpu", "seed", "tiny", "modern"])
+def test_every_shipped_preset_exports(preset):
+    # A default recipe whose runs llama.cpp cannot load would close that door to most users
+    # (RoPE with a plain GELU MLP learns more on the stories, and has no llama.cpp architecture).
+    assert gguf_architecture(resolve(preset).model) == ("apertus" if preset == "modern" else "gpt2")
 
 
 def test_refuses_an_existing_file_and_a_bad_dtype(tmp_path):
