@@ -41,7 +41,7 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TINYLLM_CACHE", str(cache))
         code = main(["train", "--preset", "tiny", "--out", str(out), "--max-steps", "20", "--sample-every", "0",
-                     "--set", "data.builtin_tokens=40000", "--set", "model.pos_emb=rope",
+                     "--set", "data.builtin_tokens=80000", "--set", "model.pos_emb=rope",
                      "--set", "model.norm=rmsnorm", "--set", "model.block_size=128"])
     assert code == 0
     return TinyRun(out, {**os.environ, "TINYLLM_CACHE": str(cache)})
