@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from tinyllm.config import resolve
-from tinyllm.data.builtin import BuiltinCorpus
-from tinyllm.data.builtin_lexicon import Lexicon
+from tinyllm.data.builtin import BuiltinCorpus, Lexicon
 from tinyllm.data.prepare import PrepareOptions, prepare
 from tinyllm.data.sources import BuiltinSource, resolve_sources
 from tinyllm.errors import UserError

@@ -1,43 +1,20 @@
-"""The builtin corpus: simple English stories, generated offline, with questions about each story.
+"""The story grammar: a small world changed one event per sentence, then questions about it.
 
-Why it is shaped this way:
-- A story is a small world (characters with places and feelings, objects with colours and
-  holders) changed by one event per sentence: "Mia went to the park. She found a red kite in the
-  park. Mia gave the red kite to Tom." Some words repeat a fact the model must carry ("the *red*
-  kite", "in the *park*"), which is what makes the corpus worth learning beyond its grammar.
-- After a share of the stories, ChatML questions follow ("Who has the kite?" -> "Tom."). Each
-  question is built from the final world state, so its answer is fixed by the story.
-- Every random choice goes through a tape (`builtin_tape`) that writes the chosen text at once.
-  Options are prefix-free at every pick, so the text tells which option was taken: the document
-  is uniquely decodable and the tape's summed log-probability is exactly the document's. Stopping
-  decisions (end of story, questions or not, another question or not) are picks too; their texts
-  are " " (go on), "\\n<|im_start|>user\\n" (questions follow) and "<|endoftext|>" (the end), so
-  the tape's text is exactly `doc.rendered() + "<|endoftext|>"`, the string the ids decode to.
-- Document i comes from `random.Random(blake2b(seed, i))`: random access, identical across
-  processes, and no draw shared between documents.
+Why it is shaped this way: every random choice goes through a tape (`tape.Tape`) that writes the
+chosen text at once. Options are prefix-free at every pick, so the text tells which option was
+taken: the document is uniquely decodable and the tape's summed log-probability is exactly the
+document's. Stopping decisions (end of story, questions or not, another question or not) are picks
+too; their texts are " " (go on), "\\n<|im_start|>user\\n" (questions follow) and
+"<|endoftext|>" (the end), so the tape's text is exactly `doc.rendered() + "<|endoftext|>"`.
+Each question is built from the final world state, so its answer is fixed by the story.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import random
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from tinyllm.data.builtin.lexicon import EVENTS, WEATHER_LEAD, Lexicon
+from tinyllm.data.builtin.tape import Choice, Tape
+from tinyllm.data.document import Document
 
-from tinyllm.data.builtin_lexicon import DEFAULT_LEXICON, EVENTS, WEATHER_LEAD, Lexicon
-from tinyllm.data.builtin_tape import (
-    Choice,
-    ParseError,
-    ParseTape,
-    SampleTape,
-    Tape,
-    enumerate_choices,
-)
-from tinyllm.data.document import Document, tokenize_document
-from tinyllm.tokenizer import Tokenizer
-
-VERSION = 2  # 2: "The kite is red." holds the story's token " red" for attention to copy; "Red." did not
 END = "<|endoftext|>"
 _GO_ON, _ASK, _STOP = " ", "\n<|im_start|>user\n", END
 _NEXT_QUESTION = "<|im_start|>user\n"
@@ -80,7 +57,7 @@ class _World:
         self.last: _Char | None = None  # the previous sentence's subject: "she"/"he" means them
 
 
-class _Grammar:
+class Grammar:
     """A Lexicon compiled into the fixed `Choice`s and lookup lists the generator uses."""
 
     def __init__(self, lex: Lexicon) -> None:
@@ -117,7 +94,7 @@ class _Grammar:
         return Choice([t for t, _ in options], [w for _, w in options])
 
 
-def _generate(tape: Tape, g: _Grammar) -> Document:
+def generate(tape: Tape, g: Grammar) -> Document:
     """One document: the story, then maybe questions. All randomness goes through `tape`."""
     w = _World()
     _intro(tape, g, w)
@@ -136,14 +113,14 @@ def _generate(tape: Tape, g: _Grammar) -> Document:
         return Document(text=story + "\n", messages=messages, logprob=tape.logprob)
 
 
-def _intro(tape: Tape, g: _Grammar, w: _World) -> None:
+def _intro(tape: Tape, g: Grammar, w: _World) -> None:
     tape.pick(g.opening)
     tape.say(" there was a")
     w.chars.append(_new_char(tape, g, w, place=None))
     tape.say(".")
 
 
-def _new_char(tape: Tape, g: _Grammar, w: _World, place: int | None) -> _Char:
+def _new_char(tape: Tape, g: Grammar, w: _World, place: int | None) -> _Char:
     """'{trait} {kind} named {Name}': a character with a name not yet in the story."""
     trait = g.lex.traits[tape.pick(g.trait)]
     used = {c.name for c in w.chars}
@@ -156,7 +133,7 @@ def _new_char(tape: Tape, g: _Grammar, w: _World, place: int | None) -> _Char:
     return _Char(name, g.pronoun[name], trait, kind, place)
 
 
-def _sentence(tape: Tape, g: _Grammar, w: _World) -> None:
+def _sentence(tape: Tape, g: Grammar, w: _World) -> None:
     """One sentence: who it is about (or the weather), then an event for them."""
     lex, last = g.lex, w.last
     texts = [c.name for c in w.chars]
@@ -188,7 +165,7 @@ def _sentence(tape: Tape, g: _Grammar, w: _World) -> None:
     w.last = subject
 
 
-def _event(tape: Tape, g: _Grammar, w: _World, c: _Char) -> None:
+def _event(tape: Tape, g: Grammar, w: _World, c: _Char) -> None:
     """An event for subject `c`, among those its state allows; each changes the world."""
     others = [d for d in w.chars if d is not c]
     held = [o for o in w.objs if o.holder is c]
@@ -252,7 +229,7 @@ def _handle(tape: Tape, w: _World, c: _Char, e: str, objs: list[_Obj], near: lis
         obj.holder, obj.place = c, None
 
 
-def _questions(tape: Tape, g: _Grammar, w: _World) -> tuple[dict, ...]:
+def _questions(tape: Tape, g: Grammar, w: _World) -> tuple[dict, ...]:
     """Questions about the final world, asked in random order without repeats."""
     pool = _facts(g, w)
     messages: list[dict] = []
@@ -269,7 +246,7 @@ def _questions(tape: Tape, g: _Grammar, w: _World) -> tuple[dict, ...]:
             return tuple(messages)
 
 
-def _facts(g: _Grammar, w: _World) -> list[tuple[str, str]]:
+def _facts(g: Grammar, w: _World) -> list[tuple[str, str]]:
     """Every (question, answer) the story settles, in a fixed order."""
     facts = []
     for c in w.chars:
@@ -293,108 +270,11 @@ def _facts(g: _Grammar, w: _World) -> list[tuple[str, str]]:
     return facts
 
 
-_GRAMMARS: dict[Lexicon, _Grammar] = {}
+_GRAMMARS: dict[Lexicon, Grammar] = {}
 
 
-def _grammar(lex: Lexicon) -> _Grammar:
+def grammar(lex: Lexicon) -> Grammar:
+    """The compiled grammar of `lex`, built once per lexicon."""
     if lex not in _GRAMMARS:
-        _GRAMMARS[lex] = _Grammar(lex)
+        _GRAMMARS[lex] = Grammar(lex)
     return _GRAMMARS[lex]
-
-
-def _stream_seed(seed: int, index: int) -> int:
-    """A stable 64-bit seed per (seed, index); Python's `hash` is salted per process."""
-    digest = hashlib.blake2b(f"tinyllm-builtin:{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-class BuiltinCorpus:
-    """Unlimited stories with questions; document i depends only on (seed, i)."""
-
-    def __init__(self, seed: int = 0, *, lexicon: Lexicon | None = None) -> None:
-        self.seed = int(seed)
-        self.lexicon = lexicon or DEFAULT_LEXICON
-        self._grammar = _grammar(self.lexicon)
-
-    def document(self, index: int) -> Document:
-        if index < 0:
-            raise ValueError(f"document index must be >= 0, got {index}")
-        return _generate(SampleTape(random.Random(_stream_seed(self.seed, index))), self._grammar)
-
-    def documents(self, start: int = 0) -> Iterator[Document]:
-        index = start
-        while True:
-            yield self.document(index)
-            index += 1
-
-    @property
-    def identity(self) -> dict:
-        ident = {"name": "builtin", "version": VERSION, "seed": self.seed}
-        if self.lexicon != DEFAULT_LEXICON:
-            # A custom grammar is a different dataset; name it by a digest of its words.
-            ident["lexicon"] = hashlib.sha256(repr(self.lexicon.key()).encode()).hexdigest()[:16]
-        return ident
-
-
-def entropy_floor(docs: Iterable[Document], tok: Tokenizer) -> float:
-    """-sum(logprob) / sum(tokens), in nats per token: the lowest loss any model can reach on `docs`.
-
-    Tokens are `tokenize_document`'s ids, so the trailing <|endoftext|> counts.
-    """
-    nats, tokens = 0.0, 0
-    for chunk in _chunks(docs, 1024):
-        if any(d.logprob is None for d in chunk):
-            raise ValueError("entropy_floor needs documents with a logprob (builtin corpus only)")
-        nats -= math.fsum(d.logprob for d in chunk)
-        text_ids = tok.encode_batch([d.text for d in chunk])
-        tokens += sum(len(tokenize_document(tok, d, ids)) for d, ids in zip(chunk, text_ids, strict=True))
-    if tokens == 0:
-        raise ValueError("entropy_floor needs at least one document")
-    return nats / tokens
-
-
-def _chunks(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
-    chunk: list[Document] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-@dataclass(frozen=True)
-class Derivation:
-    """A document with the choices that generate it and their summed log-probability."""
-
-    choices: tuple[int, ...]
-    logprob: float
-    document: Document
-
-
-def parse_document(doc: Document, lexicon: Lexicon | None = None) -> Derivation:
-    """Recover the one choice sequence that generates `doc`; raise if none does.
-
-    Raises `builtin_tape.ParseError` when `doc` is not a document of this grammar and
-    `AmbiguityError` when a pick on the way offered options that are not prefix-free.
-    """
-    target = linear_text(doc)
-    tape = ParseTape(target)
-    again = _generate(tape, _grammar(lexicon or DEFAULT_LEXICON))
-    if tape.pos != len(target):
-        raise ParseError(f"text continues after the document ends at offset {tape.pos}")
-    return Derivation(tuple(tape.choices), tape.logprob, again)
-
-
-def enumerate_documents(lexicon: Lexicon) -> Iterator[Derivation]:
-    """Every choice sequence a (tiny) lexicon allows, with its document: the whole distribution."""
-    g = _grammar(lexicon)
-    for doc, tape in enumerate_choices(lambda tape: _generate(tape, g)):
-        yield Derivation(tuple(tape.choices), tape.logprob, doc)
-
-
-def linear_text(doc: Document) -> str:
-    """The document as the generator writes it: its rendering plus the final <|endoftext|>."""
-    return doc.rendered() + END
-

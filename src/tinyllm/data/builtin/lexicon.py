@@ -1,6 +1,6 @@
 """The words and knobs of the builtin story grammar, kept apart from the generator that uses them.
 
-Why it is shaped this way: the generator (`tinyllm.data.builtin`) is the grammar's logic; this
+Why it is shaped this way: the generator (`story`) is the grammar's logic; this
 module is its data. A test builds a tiny `Lexicon` (two names, two places, short stories) whose
 whole choice tree can be enumerated, and checks the generator on it; the default lexicon is the
 same grammar with more words.
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from tinyllm.data.builtin_tape import prefix_clash
+from tinyllm.data.builtin.tape import prefix_clash
 
 PRONOUNS = ("she", "he")
 # The lead of the weather sentence ("It was a sunny day."): it competes with subjects in one pick.
