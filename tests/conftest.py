@@ -10,7 +10,7 @@ import torch
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from tinyllm.model.gpt import GPT, GPTConfig
-from tinyllm.train.logs import METRICS, PLOT, TEXT_LOG
+from tinyllm.runtime.run_dir import METRICS, PLOT, TEXT_LOG
 
 
 def model_preferring(token_id: int) -> GPT:

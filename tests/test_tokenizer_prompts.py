@@ -95,7 +95,7 @@ def sft_row(tmp_path) -> list[int]:
 
 def sample_ids(monkeypatch) -> list[int]:
     model = Recorder()
-    monkeypatch.setattr("tinyllm.train.checkpoint.load_model", lambda path, device: (model, None, path))
+    monkeypatch.setattr("tinyllm.runtime.checkpoint.load_model", lambda path, device: (model, None, path))
     args = argparse.Namespace(run="run", checkpoint=None, prompt=TEXT, max_new_tokens=1, temperature=0,
                               top_k=0, top_p=None, seed=None, device="cpu")
     assert sample.run(args) == 0

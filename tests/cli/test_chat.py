@@ -20,8 +20,8 @@ import time
 import pytest
 
 from tinyllm.inference.chat import ChatSession
+from tinyllm.runtime.checkpoint import load_model
 from tinyllm.tokenizer import get_tokenizer
-from tinyllm.train.checkpoint import load_model
 
 # Runs in the child after setsid(): make the pty on stdin our controlling terminal, set SIGINT to
 # argv[1] (SIG_DFL as an interactive shell leaves it, or SIG_IGN as a script's `cmd &` does), exec.

@@ -7,7 +7,7 @@ import json
 import math
 
 from tinyllm.eval import qa_accuracy
-from tinyllm.train.checkpoint import load_model, read_config
+from tinyllm.runtime.checkpoint import load_model, read_config
 
 
 def last_logged_val_loss(run) -> float:

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from tinyllm.runtime.checkpoint import list_checkpoints, load_model
 from tinyllm.tokenizer import EOT, get_tokenizer
-from tinyllm.train.checkpoint import list_checkpoints, load_model
 
 
 def test_exported_model_gives_the_runs_logits(tiny_run, tmp_path):

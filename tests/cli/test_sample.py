@@ -11,8 +11,8 @@ from tinyllm.cli.sample import stream_text
 from tinyllm.config import resolve
 from tinyllm.data.loader import default_builtin_dataset
 from tinyllm.inference.sampling import generate
+from tinyllm.runtime.checkpoint import load_model
 from tinyllm.tokenizer import SPECIAL_TOKENS, STOP_IDS, get_tokenizer
-from tinyllm.train.checkpoint import load_model
 from tinyllm.train.trainer import Trainer
 
 
@@ -73,7 +73,7 @@ def test_a_special_token_ends_the_sample_and_is_never_printed(monkeypatch, capsy
     """The model writes a special id ~0.3 of the time (after a story, <|im_start|> opens the chat
     about it): the sample ends there and prints only text."""
     model = preferring(special)
-    monkeypatch.setattr("tinyllm.train.checkpoint.load_model", lambda path, device: (model, None, path))
+    monkeypatch.setattr("tinyllm.runtime.checkpoint.load_model", lambda path, device: (model, None, path))
     for seed in range(3):
         args = argparse.Namespace(run="run", checkpoint=None, prompt="Hi", max_new_tokens=60, temperature=1.0,
                                   top_k=0, top_p=None, seed=seed, device="cpu")

@@ -17,10 +17,10 @@ import openai
 
 from tinyllm.cli import serve as serve_cli
 from tinyllm.inference.sampling import generate
+from tinyllm.runtime.checkpoint import load_model
 from tinyllm.serve import app as serve_app
 from tinyllm.serve import endpoints as serve_endpoints
 from tinyllm.tokenizer import STOP_IDS, get_tokenizer
-from tinyllm.train.checkpoint import load_model
 
 
 class Lines:

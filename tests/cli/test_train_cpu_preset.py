@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from tinyllm.config import read_toml
-from tinyllm.train.checkpoint import list_checkpoints
+from tinyllm.runtime.checkpoint import list_checkpoints
 
 SHRUNK = ["--set", "model.n_layer=1", "--set", "model.n_embd=64", "--set", "model.n_head=2",
           "--set", "model.block_size=32", "--set", "data.context=32", "--set", "data.builtin_tokens=40000",

@@ -26,8 +26,8 @@ from tinyllm.errors import UserError
 from tinyllm.export.gguf import export_gguf, gguf_architecture
 from tinyllm.inference.sampling import generate
 from tinyllm.model import GPT, GPTConfig
+from tinyllm.runtime.checkpoint import load_model
 from tinyllm.tokenizer import EOT, IM_END, IM_START, PAD, STOP_IDS, get_tokenizer
-from tinyllm.train.checkpoint import load_model
 
 ROPE = ["model.pos_emb=rope", "model.norm=rmsnorm"]
 ARCHS = {  # llama.cpp architecture -> the run's --set options

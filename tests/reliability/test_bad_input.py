@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tinyllm.data.shards import HEADER, MAGIC
-from tinyllm.train.checkpoint import latest_checkpoint
+from tinyllm.runtime.checkpoint import latest_checkpoint
 from tinyllm.train.trainer import Trainer
 
 from .conftest import TINY, assert_user_error, cli, snapshot, tiny_config

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tinyllm.train.checkpoint as ckpt
+import tinyllm.runtime.checkpoint as ckpt
 from tinyllm.config import resolve
 from tinyllm.model.gpt import GPT
 from tinyllm.train.optim import build_optimizer

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from tinyllm.train.checkpoint import latest_checkpoint, load_model
+from tinyllm.runtime.checkpoint import latest_checkpoint, load_model
 from tinyllm.train.trainer import Trainer
 
 from .conftest import TINY, assert_user_error, cli, tiny_config

@@ -28,7 +28,12 @@ import pytest
 import torch
 
 from tinyllm.model.gpt import GPT
-from tinyllm.train.checkpoint import CHECKPOINTS, list_checkpoints, load_training_state, read_config
+from tinyllm.runtime.checkpoint import (
+    CHECKPOINTS,
+    list_checkpoints,
+    load_training_state,
+    read_config,
+)
 from tinyllm.train.optim import build_optimizer
 from tinyllm.train.trainer import Trainer
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tinyllm.train.checkpoint import CHECKPOINTS, latest_checkpoint
+from tinyllm.runtime.checkpoint import CHECKPOINTS, latest_checkpoint
 from tinyllm.train.trainer import Trainer
 
 from .conftest import ENV, TINY, cli, tiny_config

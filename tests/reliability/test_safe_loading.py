@@ -16,7 +16,12 @@ import torch
 
 from tinyllm.errors import UserError
 from tinyllm.model.gpt import GPT
-from tinyllm.train.checkpoint import latest_checkpoint, load_model, load_training_state, read_config
+from tinyllm.runtime.checkpoint import (
+    latest_checkpoint,
+    load_model,
+    load_training_state,
+    read_config,
+)
 from tinyllm.train.optim import build_optimizer
 
 from .conftest import assert_user_error, cli, snapshot

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-import tinyllm.train.checkpoint as ckpt
+import tinyllm.runtime.checkpoint as ckpt
 from tinyllm.errors import UserError
 from tinyllm.train.logs import METRICS
 from tinyllm.train.trainer import Trainer

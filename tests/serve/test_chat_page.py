@@ -20,10 +20,10 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from tinyllm.runtime.checkpoint import checkpoint_name  # noqa: E402
+from tinyllm.runtime.run_dir import CHECKPOINTS, METRICS  # noqa: E402
 from tinyllm.serve import BackgroundServer  # noqa: E402
 from tinyllm.serve.runinfo import read_run_info  # noqa: E402
-from tinyllm.train.checkpoint import CHECKPOINTS, checkpoint_name  # noqa: E402
-from tinyllm.train.logs import METRICS  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

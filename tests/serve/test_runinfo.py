@@ -8,10 +8,10 @@ from pathlib import Path
 
 import httpx
 
+from tinyllm.runtime.checkpoint import checkpoint_name
+from tinyllm.runtime.run_dir import CHECKPOINTS, METRICS
 from tinyllm.serve import BackgroundServer
 from tinyllm.serve.runinfo import CurvePoint, RunInfo, read_run_info
-from tinyllm.train.checkpoint import CHECKPOINTS, checkpoint_name
-from tinyllm.train.logs import METRICS
 
 # What the trainer logs: step 0's val loss, train lines, evals merged into them, and a final eval
 # of a step whose train line came first (two records of step 4).

@@ -11,7 +11,7 @@ import torch
 
 from tinyllm.config import resolve
 from tinyllm.data.loader import default_builtin_dataset
-from tinyllm.train.device import compile_blocker
+from tinyllm.runtime.device import compile_blocker
 from tinyllm.train.trainer import Trainer
 
 

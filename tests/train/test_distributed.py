@@ -26,8 +26,8 @@ from tinyllm.config import resolve
 from tinyllm.data.loader import default_builtin_dataset
 from tinyllm.data.prompts import opening_prompts
 from tinyllm.errors import UserError
+from tinyllm.runtime.checkpoint import latest_checkpoint, load_model
 from tinyllm.train import distributed
-from tinyllm.train.checkpoint import latest_checkpoint, load_model
 from tinyllm.train.trainer import Trainer
 
 TOLERANCE = 1e-4

@@ -7,7 +7,7 @@ import pytest
 from tinyllm.cli import main
 from tinyllm.data.loader import default_builtin_dataset
 from tinyllm.eval.tasks import evaluate_task, load_items
-from tinyllm.train.checkpoint import load_model
+from tinyllm.runtime.checkpoint import load_model
 
 ITEMS = [
     {"context": "Tom went to the park. Tom", "choices": ["went home.", "a red kite", "Mia."], "gold": 0},

@@ -13,8 +13,8 @@ from tinyllm.config import resolve
 from tinyllm.data.prepare import PrepareOptions, prepare
 from tinyllm.data.sources import resolve_sources
 from tinyllm.eval.loss import evaluate_loss
+from tinyllm.runtime.checkpoint import latest_checkpoint
 from tinyllm.tokenizer import PAD
-from tinyllm.train.checkpoint import latest_checkpoint
 from tinyllm.train.trainer import Trainer
 
 EVAL_BATCHES = 4

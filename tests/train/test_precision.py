@@ -15,9 +15,9 @@ import torch.multiprocessing as mp
 
 from tinyllm.config import read_toml, resolve
 from tinyllm.data.loader import default_builtin_dataset
-from tinyllm.train import device
-from tinyllm.train.checkpoint import latest_checkpoint
-from tinyllm.train.run_dir import plan_run
+from tinyllm.runtime import device
+from tinyllm.runtime.checkpoint import latest_checkpoint
+from tinyllm.train.run_plan import plan_run
 from tinyllm.train.trainer import Trainer
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -14,7 +14,7 @@ import torch
 
 from tinyllm.config import resolve
 from tinyllm.data.loader import default_builtin_dataset
-from tinyllm.train.device import use_tf32
+from tinyllm.runtime.device import use_tf32
 from tinyllm.train.trainer import Trainer
 
 # Runs in a fresh interpreter: what one test sets must not hide what another would leave behind.
@@ -25,7 +25,7 @@ matplotlib.use("svg")  # the notebook's own choice, which training must not repl
 import torch
 from tinyllm.cli import main
 from tinyllm.config import resolve
-from tinyllm.train.device import keep_freed_memory
+from tinyllm.runtime.device import keep_freed_memory
 from tinyllm.train.trainer import Trainer
 
 data, out = sys.argv[1], sys.argv[2]

@@ -12,9 +12,9 @@ from tinyllm.cli import main
 from tinyllm.config import resolve
 from tinyllm.data.loader import default_builtin_dataset
 from tinyllm.model.gpt import GPT
-from tinyllm.train import checkpoint as ckpt
+from tinyllm.runtime import checkpoint as ckpt
 from tinyllm.train.optim import build_optimizer
-from tinyllm.train.run_dir import plan_run
+from tinyllm.train.run_plan import plan_run
 from tinyllm.train.trainer import Trainer
 
 QUIET = ["--eval-every", "0", "--sample-every", "0", "--set", "train.micro_batch=2", "--set", "train.grad_accum=1"]

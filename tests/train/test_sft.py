@@ -20,9 +20,9 @@ from tinyllm.data.sources import BuiltinSource, resolve_sources
 from tinyllm.errors import UserError
 from tinyllm.eval.loss import evaluate_loss
 from tinyllm.eval.qa import qa_accuracy
+from tinyllm.runtime.checkpoint import latest_checkpoint, load_model, read_config
 from tinyllm.tokenizer import IM_END, IM_START, PAD, get_tokenizer
-from tinyllm.train.checkpoint import latest_checkpoint, load_model, read_config
-from tinyllm.train.run_dir import plan_run
+from tinyllm.train.run_plan import plan_run
 from tinyllm.train.sft import SFT_DEFAULTS, held_out_qa
 from tinyllm.train.trainer import Trainer
 

@@ -12,8 +12,8 @@ from tinyllm.config import resolve
 from tinyllm.data.loader import default_builtin_dataset
 from tinyllm.errors import UserError
 from tinyllm.eval.loss import LossSum, token_bytes
-from tinyllm.train.checkpoint import latest_checkpoint, list_checkpoints
-from tinyllm.train.run_dir import plan_run
+from tinyllm.runtime.checkpoint import latest_checkpoint, list_checkpoints
+from tinyllm.train.run_plan import plan_run
 from tinyllm.train.schedule import LRSchedule
 from tinyllm.train.trainer import Trainer
 

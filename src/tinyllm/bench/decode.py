@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
     from tinyllm.config import resolve
     from tinyllm.inference.quantize import quantize_int8, weight_bytes
     from tinyllm.model.gpt import GPT
-    from tinyllm.train.device import pick_device
+    from tinyllm.runtime.device import pick_device
 
     batches = _batch_sizes(args.batch_sizes)
     check_quantize(args.quantize)
@@ -140,7 +140,7 @@ def int8_quality(args: argparse.Namespace, device) -> dict:
     from tinyllm.data.loader import TokenLoader
     from tinyllm.eval import evaluate_loss
     from tinyllm.inference.quantize import quantize_int8
-    from tinyllm.train.checkpoint import load_model
+    from tinyllm.runtime.checkpoint import load_model
 
     reference, cfg, ckpt = load_model(args.run, device)
     int8 = quantize_int8(load_model(args.run, device)[0])
@@ -177,7 +177,7 @@ def greedy_decode(model, prompts, new_tokens: int, *, use_cache: bool):
 
 
 def _timed(model, prompts, new_tokens: int, use_cache: bool, device) -> float:
-    from tinyllm.train.device import synchronize
+    from tinyllm.runtime.device import synchronize
 
     synchronize(device)
     start = time.perf_counter()

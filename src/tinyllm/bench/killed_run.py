@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from tinyllm.train.checkpoint import latest_checkpoint, list_checkpoints
+from tinyllm.runtime.checkpoint import latest_checkpoint, list_checkpoints
 
 MIN_REPEATED = 3  # steps logged past the checkpoint before the kill: what the resume must reproduce
 _POLL_S = 0.2

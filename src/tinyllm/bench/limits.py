@@ -37,7 +37,7 @@ from torch import nn
 
 from tinyllm.model.gpt import GPT, GPTConfig
 from tinyllm.model.loss import DEFAULT_CHUNK_SIZE
-from tinyllm.train.device import synchronize
+from tinyllm.runtime.device import synchronize
 
 SQUARE_SIZE = 2048  # 17 GFLOP a product; 2048 and 4096 ran within 2% on 2 cores (PERF_NOTES.md)
 SQUARE_SIZE_GPU = 8192  # a GPU needs a larger problem to reach its peak

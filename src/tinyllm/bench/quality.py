@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _train(name: str, cfg, run_dir: Path, full_pass: bool) -> dict:
-    from tinyllm.train.device import keep_freed_memory
+    from tinyllm.runtime.device import keep_freed_memory
     from tinyllm.train.trainer import Trainer
 
     _say(f"{name}: {VARIANTS[name][0]}; {cfg.train.max_time} ...")

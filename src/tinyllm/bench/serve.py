@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> dict:
     from tinyllm.tokenizer import get_tokenizer
 
     if args.run:
-        from tinyllm.train.checkpoint import load_model
+        from tinyllm.runtime.checkpoint import load_model
 
         model, _, source = load_model(args.run)
     else:

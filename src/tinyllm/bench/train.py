@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> dict:
     from tinyllm.bench.limits import model_gemms
     from tinyllm.bench.peaks import mfu_peaks
     from tinyllm.config import resolve
-    from tinyllm.train.device import pick_device
+    from tinyllm.runtime.device import pick_device
 
     if args.steps < 1 or (args.micro_batch is not None and args.micro_batch < 1):
         raise UserError("--steps and --micro-batch must be at least 1")
@@ -110,7 +110,7 @@ def _auto_precision(device) -> str:
     """What train.dtype = "auto" picks on this device."""
     import torch
 
-    from tinyllm.train.device import autocast_dtype
+    from tinyllm.runtime.device import autocast_dtype
 
     return "bf16" if autocast_dtype(device, "auto") is torch.bfloat16 else "fp32"
 
@@ -240,7 +240,7 @@ def child_main() -> None:
 
 def _time_steps(step: Callable[[], float | None], steps: int, device, label: str) -> tuple[list[float], ...]:
     """Wall seconds of the warm-up steps and of the timed steps, and CPU seconds of the timed steps."""
-    from tinyllm.train.device import synchronize
+    from tinyllm.runtime.device import synchronize
 
     wall, cpu = [], []
     for i in range(WARMUP_STEPS + steps):
@@ -258,7 +258,7 @@ def _time_steps(step: Callable[[], float | None], steps: int, device, label: str
 def _tinyllm_step(spec: dict, run_dir: Path) -> tuple[Callable[[], float | None], dict]:
     """The trainer's own optimizer step, one micro-batch each, nothing else (no eval, samples, saves)."""
     from tinyllm.config import resolve
-    from tinyllm.train.device import keep_freed_memory, use_tf32
+    from tinyllm.runtime.device import keep_freed_memory, use_tf32
     from tinyllm.train.trainer import Trainer
 
     settings = {"micro_batch": spec["micro_batch"], "grad_accum": 1, "batch_tokens": 0, "dtype": spec["precision"],
@@ -283,7 +283,7 @@ def _peer_step(spec: dict, run_dir: Path) -> tuple[Callable[[], float], dict]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from tinyllm.config import resolve
-    from tinyllm.train.device import pick_device
+    from tinyllm.runtime.device import pick_device
 
     cfg = resolve(spec["preset"])
     m, o = cfg.model, cfg.optim
@@ -349,7 +349,7 @@ def allocator() -> str:
             return name
     if "libc.so" not in maps and "libc-" not in maps:
         return "system (unknown)"
-    from tinyllm.train.device import keep_freed_memory
+    from tinyllm.runtime.device import keep_freed_memory
 
     return "glibc, freed memory kept" if keep_freed_memory.cache_info().currsize and keep_freed_memory() else "glibc"
 

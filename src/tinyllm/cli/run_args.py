@@ -53,8 +53,8 @@ def load_run(args: argparse.Namespace, verb: str) -> tuple[GPT, Config, Path]:
     quantize = getattr(args, "quantize", "none")
     check_quantize(quantize)
     from tinyllm.inference.quantize import quantize_model
-    from tinyllm.train.checkpoint import load_model
-    from tinyllm.train.device import pick_device
+    from tinyllm.runtime.checkpoint import load_model
+    from tinyllm.runtime.device import pick_device
 
     name = getattr(args, "device", "cpu")
     try:

@@ -91,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:8s} {description}")
         return 0
     # Imported here so --help and --list-presets answer at once, without torch.
+    from tinyllm.runtime.device import keep_freed_memory, pick_device
     from tinyllm.train import distributed
-    from tinyllm.train.device import keep_freed_memory, pick_device
-    from tinyllm.train.run_dir import plan_run
+    from tinyllm.train.run_plan import plan_run
     from tinyllm.train.trainer import Trainer
 
     if distributed.launched() and args.out is None and args.resume is None:

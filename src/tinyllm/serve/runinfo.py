@@ -26,8 +26,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from tinyllm.train.checkpoint import CHECKPOINTS, SUPERSEDED
-from tinyllm.train.logs import METRICS
+from tinyllm.runtime.run_dir import CHECKPOINTS, METRICS, SUPERSEDED
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -1,6 +1,9 @@
-"""Training: the loop (`trainer`), AdamW and its schedule (`optim`), checkpoints (`checkpoint`),
-run directories (`run_dir`), logs and plots (`logs`, `plot`), and device/precision (`device`).
+"""Training: the loop (`trainer`), one optimizer step's device-side records (`step`), AdamW/Muon and
+the learning-rate schedule (`optim`, `schedule`), how an invocation starts or continues a run
+(`run_plan`), chat fine-tuning (`sft`), what the run says (`report`), logs and plots (`logs`,
+`events`, `plot`), and torchrun (`distributed`).
 
-Nothing is imported here, so `sample` or `chat` can load a checkpoint without pulling in the
-trainer and the data pipeline.
+What inference shares with training (checkpoints, run-directory names, device and precision) is in
+`tinyllm.runtime`, so `sample`, `chat`, `eval`, `export` and `serve` never import this package.
+Nothing is imported here, so importing one module does not pull in the trainer and the data pipeline.
 """

@@ -43,7 +43,7 @@ from torch import nn
 from tinyllm.config import Config, TrainConfig
 from tinyllm.errors import UserError
 from tinyllm.model.gpt import GPT
-from tinyllm.train.device import pick_device
+from tinyllm.runtime.device import pick_device
 
 MODES = ("ddp", "fsdp")
 # Why a loop stops, by precedence: the all-reduced max of these codes is what every rank does.
@@ -355,7 +355,7 @@ def launch(nproc: int, train_args: list[str], run_dir: Path, cfg: Config) -> int
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
 
-    from tinyllm.train.checkpoint import latest_checkpoint
+    from tinyllm.runtime.checkpoint import latest_checkpoint
 
     threads = os.environ.get("OMP_NUM_THREADS")
     if device.type == "cpu" and threads is None:

@@ -30,12 +30,8 @@ from tqdm import tqdm
 
 from tinyllm.errors import UserError
 from tinyllm.fsio import atomic_write_text
+from tinyllm.runtime.run_dir import METRICS, PLOT, TENSORBOARD, TEXT_LOG
 from tinyllm.train.plot import plot_loss
-
-METRICS = "metrics.jsonl"
-TEXT_LOG = "train_output.txt"
-PLOT = "loss.png"
-TENSORBOARD = "tb"
 
 
 class LogWriteError(UserError):

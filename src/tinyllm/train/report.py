@@ -33,8 +33,8 @@ from tinyllm.data.prompts import opening_prompts
 from tinyllm.errors import UserError
 from tinyllm.eval.qa import QAResult
 from tinyllm.inference.sampling import generate
+from tinyllm.runtime.device import describe_precision, preserved_rng
 from tinyllm.tokenizer import STOP_IDS, Tokenizer
-from tinyllm.train.device import describe_precision, preserved_rng
 from tinyllm.train.distributed import QuietLog, full_model
 from tinyllm.train.logs import RunLog
 from tinyllm.train.schedule import LRSchedule

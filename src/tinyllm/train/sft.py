@@ -28,7 +28,7 @@ from tinyllm.config import Config, read_toml, resolve
 from tinyllm.data.manifest import load_manifest
 from tinyllm.errors import UserError
 from tinyllm.eval.qa import QAResult, qa_accuracy
-from tinyllm.train.checkpoint import find_checkpoint, load_model
+from tinyllm.runtime.checkpoint import find_checkpoint, load_model
 
 # SFT's peak learning rate as a fraction of the pretrained run's peak: fine-tuning adjusts a
 # trained model rather than building one. On the cpu preset's model (peak 3e-3, so 9e-4 here)

@@ -33,10 +33,8 @@ from tinyllm.errors import UserError
 from tinyllm.eval.loss import EvalResult, LossSum, score_batches
 from tinyllm.eval.qa import QAResult
 from tinyllm.eval.tasks import load_probe, probe_record
-from tinyllm.tokenizer import get_tokenizer
-from tinyllm.train import checkpoint as ckpt
-from tinyllm.train import distributed, report
-from tinyllm.train.device import (
+from tinyllm.runtime import checkpoint as ckpt
+from tinyllm.runtime.device import (
     autocast,
     autocast_dtype,
     build_model,
@@ -45,6 +43,8 @@ from tinyllm.train.device import (
     synchronize,
     use_tf32,
 )
+from tinyllm.tokenizer import get_tokenizer
+from tinyllm.train import distributed, report
 from tinyllm.train.logs import LogWriteError, RunLog, writing
 from tinyllm.train.optim import build_optimizer
 from tinyllm.train.schedule import LRSchedule, end_work, step_seconds, work_due

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import tinyllm.train.checkpoint as ckpt
+import tinyllm.runtime.checkpoint as ckpt
 from tinyllm.config import resolve
 from tinyllm.errors import UserError
 from tinyllm.model.gpt import GPT

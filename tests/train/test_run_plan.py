@@ -6,9 +6,9 @@ import torch
 from tinyllm.config import resolve
 from tinyllm.errors import UserError
 from tinyllm.model.gpt import GPT
-from tinyllm.train.checkpoint import save_checkpoint
+from tinyllm.runtime.checkpoint import save_checkpoint
 from tinyllm.train.optim import build_optimizer
-from tinyllm.train.run_dir import plan_run
+from tinyllm.train.run_plan import plan_run
 
 
 def make_run(run, data, steps=(2,)):

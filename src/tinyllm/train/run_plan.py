@@ -1,4 +1,4 @@
-"""A run directory, and how one `tinyllm train` invocation relates to it: start afresh or continue.
+"""How one `tinyllm train` invocation relates to its run directory: start afresh or continue.
 
 Why it is shaped this way: "continue" must mean the same thing whether the user passes
 `--resume`, `--resume CHECKPOINT`, or simply runs again into a directory that has checkpoints.
@@ -8,6 +8,9 @@ rate), and changes that would make the saved weights or data position meaningles
 shape, the data) are refused with the fix spelled out. A chat fine-tuning run (`--stage sft
 --init RUN`) starts from another run's weights and config (`train.sft`); continued, it stays an
 SFT run of those same weights.
+
+What a run directory holds, and its checkpoints, are `tinyllm.runtime` (`run_dir`, `checkpoint`):
+inference reads them too; this planning is training's alone.
 """
 
 from __future__ import annotations
@@ -19,10 +22,9 @@ from typing import Any
 
 from tinyllm.config import DEFAULT_PRESET, Config, read_toml, resolve
 from tinyllm.errors import UserError
-from tinyllm.train.checkpoint import find_checkpoint, latest_checkpoint, run_dir_of
+from tinyllm.runtime.checkpoint import find_checkpoint, latest_checkpoint, run_dir_of
+from tinyllm.runtime.run_dir import CONFIG_FILE
 from tinyllm.train.sft import sft_config
-
-CONFIG_FILE = "config.toml"
 
 
 @dataclass

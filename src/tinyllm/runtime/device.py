@@ -1,4 +1,4 @@
-"""Which device to train on, at what precision, and whether the model fits on it.
+"""Which device to run on (train, sample, serve, bench), at what precision, and whether the model fits on it.
 
 Why it is shaped this way: the choices differ per device and each has a reason.
 - bf16 autocast: on CUDA when the GPU supports bf16. On a CPU, having bf16 instructions is not

@@ -48,14 +48,12 @@ from tinyllm.config import Config, read_toml, resolve, to_toml
 from tinyllm.errors import UserError
 from tinyllm.fsio import fsync_dir, fsync_file, write_synced
 from tinyllm.model.gpt import GPT
+from tinyllm.runtime.run_dir import CHECKPOINTS, CONFIG_FILE, SUPERSEDED
 
-CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # A checkpoint set aside while the same step is saved again; complete, so it counts until replaced.
 _SET_ASIDE = re.compile(r"^\.old-(step-\d+)-\d+$")
-# Checkpoints of an abandoned timeline (newer than the one a resume continued from), kept aside.
-SUPERSEDED = "superseded-"
-_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.toml")
+_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json", CONFIG_FILE)
 
 
 def checkpoint_name(step: int) -> str:
@@ -201,7 +199,7 @@ def _write_files(
     _save_torch(_torch_rng_state(), tmp / "rng.pt")
     record = {"step": step, **state, "python_rng": _python_rng_state(), "numpy_rng": _numpy_rng_state()}
     write_synced(tmp / "state.json", json.dumps(record, indent=1))
-    write_synced(tmp / "config.toml", to_toml(config))
+    write_synced(tmp / CONFIG_FILE, to_toml(config))
 
 
 def _save_torch(obj: Any, path: Path) -> None:
@@ -322,7 +320,7 @@ def _brief(e: BaseException) -> str:
 
 def read_config(ckpt: str | Path) -> Config:
     """The resolved config a checkpoint (or a run directory's config.toml) was trained with."""
-    path = Path(ckpt) / "config.toml"
+    path = Path(ckpt) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{ckpt} has no config.toml: it is not a tinyllm checkpoint or run directory")
     return resolve(base=read_toml(path))
@@ -369,7 +367,7 @@ def _read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_complete(ckpt: Path, need_optimizer: bool = True) -> None:
-    needed = _FILES if need_optimizer else ("model.safetensors", "config.toml")
+    needed = _FILES if need_optimizer else ("model.safetensors", CONFIG_FILE)
     missing = [f for f in needed if not (ckpt / f).is_file()]
     if missing:
         raise UserError(f"checkpoint {ckpt} is incomplete (missing {', '.join(missing)}): pick another with --checkpoint")

@@ -8,7 +8,7 @@ import resource
 import pytest
 import torch
 
-from tinyllm.train.device import keep_freed_memory
+from tinyllm.runtime.device import keep_freed_memory
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc", reason="glibc only")
