@@ -77,7 +77,7 @@ def test_batched_greedy_decoding_matches_generate():
 
 
 def test_bench_decode_int8_reports_speedup_and_quality_of_a_run(capsys, restore_threads, tmp_path):
-    from tinyllm.data.loader import default_builtin_dataset
+    from tinyllm.data.dataset import default_builtin_dataset
     from tinyllm.train.trainer import Trainer
 
     data = default_builtin_dataset(max_tokens=40_000, cache_dir=tmp_path / "cache")

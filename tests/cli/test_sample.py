@@ -9,7 +9,7 @@ import pytest
 from tinyllm.cli import sample
 from tinyllm.cli.sample import stream_text
 from tinyllm.config import resolve
-from tinyllm.data.loader import default_builtin_dataset
+from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.inference.sampling import generate
 from tinyllm.runtime.checkpoint import load_model
 from tinyllm.tokenizer import SPECIAL_TOKENS, STOP_IDS, get_tokenizer

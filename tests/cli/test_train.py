@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tinyllm.cli.train import summary
-from tinyllm.data.loader import default_builtin_dataset
+from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.train.trainer import TrainResult
 
 

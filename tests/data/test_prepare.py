@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tinyllm.data.builtin import BuiltinCorpus, entropy_floor
 from tinyllm.data.document import Document
 from tinyllm.data.manifest import MANIFEST, load_manifest
-from tinyllm.data.prepare import default_builtin_dataset
 from tinyllm.data.shards import Shard
 from tinyllm.data.sources import resolve_sources
 from tinyllm.errors import UserError
@@ -222,27 +220,6 @@ def test_an_empty_val_source_is_named_as_a_val_source(tmp_path, quiet_prepare):
     with pytest.raises(UserError, match="--val-source held gave no documents"):
         quiet_prepare([ListSource("mine", make_docs(5), split="train"),
                        ListSource("held", [Document(text=" ")], split="val")], tmp_path)
-
-
-def test_default_builtin_dataset_is_prepared_once(tmp_path, monkeypatch):
-    path = default_builtin_dataset(max_tokens=5_000, cache_dir=tmp_path)
-    assert path.parent == tmp_path and path.name.startswith("builtin-")
-    stamp = (path / MANIFEST).stat().st_mtime_ns
-    monkeypatch.setenv("TINYLLM_CACHE", str(tmp_path))
-    assert default_builtin_dataset(max_tokens=5_000) == path
-    assert (path / MANIFEST).stat().st_mtime_ns == stamp
-    assert default_builtin_dataset(max_tokens=6_000, cache_dir=tmp_path) != path
-
-
-def test_concurrent_requests_for_the_cache_prepare_it_once(tmp_path):
-    # Data-parallel ranks all call default_builtin_dataset at start-up.
-    with ThreadPoolExecutor(2) as pool:
-        paths = list(pool.map(lambda _: default_builtin_dataset(max_tokens=5_000, cache_dir=tmp_path), range(2)))
-    assert paths[0] == paths[1]
-    m = load_manifest(paths[0])
-    assert sorted(p.name for p in paths[0].iterdir() if not p.name.startswith(".")) == sorted(
-        [MANIFEST] + [s["file"] for sp in m["sources"]["builtin"]["splits"].values() for s in sp["shards"]]
-    )
 
 
 def shard_masks(out, manifest, name, split) -> list[list[int]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tinyllm.config import resolve
-from tinyllm.data.loader import default_builtin_dataset
+from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.train.trainer import Trainer
 
 _PROGRESS_BAR = re.compile(r"^\s*\d+%\|.*\|")

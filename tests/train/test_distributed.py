@@ -23,7 +23,7 @@ import torch.distributed.run
 from tinyllm.cli import build_parser, main
 from tinyllm.cli.train import command_line
 from tinyllm.config import resolve
-from tinyllm.data.loader import default_builtin_dataset
+from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.data.prompts import opening_prompts
 from tinyllm.errors import UserError
 from tinyllm.runtime.checkpoint import latest_checkpoint, load_model

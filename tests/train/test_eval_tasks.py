@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tinyllm.cli import main
-from tinyllm.data.loader import default_builtin_dataset
+from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.eval.tasks import evaluate_task, load_items
 from tinyllm.runtime.checkpoint import load_model
 

@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tinyllm.config import read_toml, resolve
-from tinyllm.data.loader import default_builtin_dataset
+from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.runtime import device
 from tinyllm.runtime.checkpoint import latest_checkpoint
 from tinyllm.train.run_plan import plan_run

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tinyllm.config import resolve
-from tinyllm.data.loader import default_builtin_dataset
+from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.runtime.device import use_tf32
 from tinyllm.train.trainer import Trainer
 

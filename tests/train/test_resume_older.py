@@ -10,7 +10,7 @@ import torch
 
 from tinyllm.cli import main
 from tinyllm.config import resolve
-from tinyllm.data.loader import default_builtin_dataset
+from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.model.gpt import GPT
 from tinyllm.runtime import checkpoint as ckpt
 from tinyllm.train.optim import build_optimizer

@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tinyllm.config import resolve
-from tinyllm.data.loader import default_builtin_dataset
+from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.errors import UserError
 from tinyllm.train.trainer import Trainer
 

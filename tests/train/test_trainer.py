@@ -9,7 +9,7 @@ import torch
 
 import tinyllm.train.trainer as trainer_module
 from tinyllm.config import resolve
-from tinyllm.data.loader import default_builtin_dataset
+from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.errors import UserError
 from tinyllm.eval.loss import LossSum, token_bytes
 from tinyllm.runtime.checkpoint import latest_checkpoint, list_checkpoints

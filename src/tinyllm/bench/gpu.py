@@ -196,8 +196,8 @@ def _cuda_tests(plan: Plan) -> dict:
 def _data(plan: Plan) -> dict:
     """The preset's built-in data, prepared into the cache now (cached: seconds), so that no
     benchmark's timeout is spent tokenizing."""
-    code = ("import sys; from tinyllm.config import resolve; from tinyllm.data.loader import default_builtin_dataset; "
-            "print(default_builtin_dataset(max_tokens=resolve(sys.argv[1]).data.builtin_tokens))")
+    code = ("import sys; from tinyllm.config import resolve; from tinyllm.data.dataset import run_dataset; "
+            "print(run_dataset(resolve(sys.argv[1]).data))")
     timeout = _timeout(plan, 150.0)
     try:
         proc = subprocess.run([sys.executable, "-c", code, plan.preset], env=plan.env, capture_output=True, text=True,

@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from tinyllm.config import parse_set, resolve
-    from tinyllm.data.loader import default_builtin_dataset
+    from tinyllm.data.dataset import run_dataset
 
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
@@ -85,11 +85,9 @@ def run(args: argparse.Namespace) -> dict:
         if taken:
             raise UserError(f"--keep: {', '.join(taken)} already exist; name an empty directory")
     first = configs[names[0]]
-    if first.data.dir:
-        data_dir = Path(first.data.dir)
-    else:
+    if not first.data.dir:
         _say("preparing the built-in corpus (cached after the first run) ...")
-        data_dir = default_builtin_dataset(max_tokens=first.data.builtin_tokens)
+    data_dir = run_dataset(first.data)
     results = {}
     full_pass = bool(first.data.dir)  # a prepared dataset: score a whole pass over its val split
     with tempfile.TemporaryDirectory(prefix="tinyllm-bench-quality-") as tmp:

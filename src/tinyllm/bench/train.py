@@ -192,10 +192,10 @@ def _say(text: str) -> None:
 def _prepare_data(cfg) -> None:
     """Prepare the built-in corpus into its cache now, so no child's peak memory includes it."""
     if not cfg.data.dir:
-        from tinyllm.data.loader import default_builtin_dataset
+        from tinyllm.data.dataset import run_dataset
 
         _say("preparing the preset's built-in data (cached after the first run) ...")
-        default_builtin_dataset(max_tokens=cfg.data.builtin_tokens)
+        run_dataset(cfg.data)
 
 
 # -- one side, in a subprocess ----------------------------------------------------------------------

@@ -103,13 +103,11 @@ def run_tasks(args: argparse.Namespace) -> int:
 
 def run_data_dir(cfg) -> Path:
     """The dataset a run trained on, found as the trainer finds it."""
+    from tinyllm.data.dataset import run_dataset
     from tinyllm.data.manifest import MANIFEST
-    from tinyllm.data.prepare import default_builtin_dataset
 
-    if not cfg.data.dir:
-        return default_builtin_dataset(max_tokens=cfg.data.builtin_tokens)
-    path = Path(cfg.data.dir)
-    if not (path / MANIFEST).is_file():
+    path = run_dataset(cfg.data)
+    if cfg.data.dir and not (path / MANIFEST).is_file():
         raise UserError(f"the run's data {path} (data.dir in its config.toml) is gone: pass --data DIR, "
                         "a dataset made by `tinyllm prepare`")
     return path

@@ -23,20 +23,17 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from tinyllm.console import interactive
 from tinyllm.data.document import Document, document_tokens
 from tinyllm.data.manifest import SPLITS
+from tinyllm.data.prepare_options import PrepareOptions
 from tinyllm.data.shards import ShardWriter
 from tinyllm.data.sources import Source
 from tinyllm.errors import UserError
 from tinyllm.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from tinyllm.data.prepare import PrepareOptions
 
 MIN_VAL_DOCS = 8
 EARLY_VAL_FRACTION = 0.25

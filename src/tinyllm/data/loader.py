@@ -46,12 +46,11 @@ import numpy as np
 import torch
 
 from tinyllm.data.manifest import SPLITS, load_manifest
-from tinyllm.data.prepare import default_builtin_dataset
 from tinyllm.data.shards import Shard
 from tinyllm.errors import UserError
 from tinyllm.tokenizer import EOT, PAD, VOCAB_SIZE
 
-__all__ = ["Batch", "TokenLoader", "load_manifest", "default_builtin_dataset"]
+__all__ = ["Batch", "TokenLoader", "load_manifest"]
 
 MODES = ("packed", "padded")
 LOSS_ON = ("all", "assistant")

@@ -17,46 +17,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import json
-import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from tinyllm import __version__
 from tinyllm.data.ingest import SourceIngest, new_state
 from tinyllm.data.manifest import FORMAT, MANIFEST, SPLITS, VERSION, read_json, write_json_atomic
-from tinyllm.data.sources import BUILTIN_MAX_TOKENS, Source, resolve_sources
+from tinyllm.data.prepare_options import PrepareOptions
+from tinyllm.data.sources import Source
 from tinyllm.errors import UserError
 from tinyllm.tokenizer import Tokenizer, get_tokenizer
 
 PROGRESS = "progress.json"
 LOCK = ".prepare.lock"
-
-
-@dataclass(frozen=True)
-class PrepareOptions:
-    """The settings that shape a prepared dataset (all but `threads` and `progress`)."""
-
-    val_fraction: float = 0.01
-    max_docs: int | None = None  # per source; None = no cap
-    max_tokens: int | None = None  # per source; None = the source's default cap, 0 = no cap
-    shard_tokens: int = 1 << 24  # 32 MiB shards
-    threads: int | None = None  # tokenizer threads; None = all cores
-    progress: bool = True
-
-    def check(self) -> None:
-        if not 0 <= self.val_fraction < 1:
-            raise UserError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
-        for flag, v in (("--max-docs", self.max_docs), ("--max-tokens", self.max_tokens)):
-            if v is not None and v < 0:
-                raise UserError(f"{flag} {v} must be a positive count (or 0 for no cap)")
-        if self.shard_tokens < 1:
-            raise UserError(f"--shard-tokens {self.shard_tokens} must be positive")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"--threads {self.threads} must be at least 1")
+__all__ = ["PrepareOptions", "prepare", "prepare_settings"]
 
 
 def prepare(sources: list[Source], out: str | Path, options: PrepareOptions = PrepareOptions()) -> dict:
@@ -64,7 +39,7 @@ def prepare(sources: list[Source], out: str | Path, options: PrepareOptions = Pr
     options.check()
     out = Path(out)
     tok = get_tokenizer()
-    config = _config(sources, options, tok)
+    config = prepare_settings(sources, options, tok)
     _existing_state(out, config)  # refuse a wrong directory before touching it
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +88,8 @@ def _exclusive(out: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _config(sources: list[Source], options: PrepareOptions, tok: Tokenizer) -> dict:
+def prepare_settings(sources: list[Source], options: PrepareOptions, tok: Tokenizer) -> dict:
+    """The settings that shape the data, as stored in the manifest's "config": equal means the same dataset."""
     def cap(src: Source) -> int | None:
         if options.max_tokens is None:
             return src.max_tokens
@@ -239,21 +215,3 @@ def _manifest(sources: list[Source], progress: dict, tok: Tokenizer) -> dict:
     if in_val and all(v["scored_documents"] == v["documents"] for v in in_val):
         manifest["floor"] = sum(v["nll"] for v in in_val) / sum(v["tokens"] for v in in_val)
     return manifest
-
-
-def default_builtin_dataset(max_tokens: int = BUILTIN_MAX_TOKENS, seed: int = 0, cache_dir: Path | None = None) -> Path:
-    """The builtin corpus prepared once into a cache directory and reused afterwards.
-
-    The directory is `<cache>/builtin-<key>` where the cache is `cache_dir`, else `$TINYLLM_CACHE`,
-    else `~/.cache/tinyllm`, and the key hashes everything that shapes the data.
-    """
-    sources = resolve_sources([], seed=seed)
-    options = PrepareOptions(max_tokens=max_tokens)
-    tok = get_tokenizer()
-    key_src = json.dumps(_config(sources, options, tok), sort_keys=True)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
-    root = Path(cache_dir or os.environ.get("TINYLLM_CACHE") or Path.home() / ".cache" / "tinyllm").expanduser()
-    out = root / f"builtin-{key}"
-    if not (out / MANIFEST).is_file():
-        prepare(sources, out, options)
-    return out

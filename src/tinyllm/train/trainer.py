@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from tinyllm.config import Config, save_toml, time_budget
-from tinyllm.data.loader import TokenLoader, default_builtin_dataset
+from tinyllm.data.dataset import run_dataset
+from tinyllm.data.loader import TokenLoader
 from tinyllm.errors import UserError
 from tinyllm.eval.loss import EvalResult, LossSum, score_batches
 from tinyllm.eval.qa import QAResult
@@ -87,7 +88,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.schedule = LRSchedule(cfg.optim, t.max_steps, self.budget, follow=t.budget_drives_schedule,
                                    clock=time.monotonic)
-        data_dir = Path(cfg.data.dir) if cfg.data.dir else default_builtin_dataset(max_tokens=cfg.data.builtin_tokens)
+        data_dir = run_dataset(cfg.data)
         self.data_dir = data_dir
         self.loader = self._loader(data_dir, "train", sequential=False)
         self.val_batches = self._val_batches(data_dir)

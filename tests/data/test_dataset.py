@@ -1,0 +1,43 @@
+"""The dataset a run reads: its data.dir as given, else the built-in corpus prepared once into a cache."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from tinyllm.config import DataConfig
+from tinyllm.data.dataset import default_builtin_dataset, run_dataset
+from tinyllm.data.manifest import MANIFEST, load_manifest
+
+
+def test_a_run_with_a_data_dir_reads_it_and_prepares_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYLLM_CACHE", str(tmp_path / "cache"))
+    assert run_dataset(DataConfig(dir=str(tmp_path / "mine"))) == tmp_path / "mine"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_run_without_a_data_dir_reads_the_cached_builtin_corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYLLM_CACHE", str(tmp_path))
+    path = run_dataset(DataConfig(builtin_tokens=5_000))
+    assert path == default_builtin_dataset(max_tokens=5_000, cache_dir=tmp_path)
+    assert (path / MANIFEST).is_file()
+
+
+def test_default_builtin_dataset_is_prepared_once(tmp_path, monkeypatch):
+    path = default_builtin_dataset(max_tokens=5_000, cache_dir=tmp_path)
+    assert path.parent == tmp_path and path.name.startswith("builtin-")
+    stamp = (path / MANIFEST).stat().st_mtime_ns
+    monkeypatch.setenv("TINYLLM_CACHE", str(tmp_path))
+    assert default_builtin_dataset(max_tokens=5_000) == path
+    assert (path / MANIFEST).stat().st_mtime_ns == stamp
+    assert default_builtin_dataset(max_tokens=6_000, cache_dir=tmp_path) != path
+
+
+def test_concurrent_requests_for_the_cache_prepare_it_once(tmp_path):
+    # Data-parallel ranks all call default_builtin_dataset at start-up.
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: default_builtin_dataset(max_tokens=5_000, cache_dir=tmp_path), range(2)))
+    assert paths[0] == paths[1]
+    m = load_manifest(paths[0])
+    assert sorted(p.name for p in paths[0].iterdir() if not p.name.startswith(".")) == sorted(
+        [MANIFEST] + [s["file"] for sp in m["sources"]["builtin"]["splits"].values() for s in sp["shards"]]
+    )
