@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from tinyllm.cli import sample
-from tinyllm.cli.sample import stream_text
 from tinyllm.config import resolve
 from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.inference.sampling import generate
@@ -60,14 +59,6 @@ def test_run_without_checkpoint_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "give --run RUN_DIR" in r.stderr
 
 
-def test_streamed_pieces_never_split_a_character():
-    tok = get_tokenizer()
-    text = "naïve 😀 café → done"
-    ids = tok.encode(text)
-    pieces = list(stream_text(tok, ids))
-    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
-
-
 @pytest.mark.parametrize("special", sorted(SPECIAL_TOKENS.values()))
 def test_a_special_token_ends_the_sample_and_is_never_printed(monkeypatch, capsys, preferring, special):
     """The model writes a special id ~0.3 of the time (after a story, <|im_start|> opens the chat
@@ -81,9 +72,3 @@ def test_a_special_token_ends_the_sample_and_is_never_printed(monkeypatch, capsy
         out = capsys.readouterr().out
         assert out.startswith("Hi") and not any(name in out for name in SPECIAL_TOKENS), out
         assert len(get_tokenizer().encode(out)) < 60
-
-
-def test_stream_text_prints_no_special_ids():
-    tok = get_tokenizer()
-    ids = [*tok.encode("a é"), tok.im_start_id, *tok.encode("b"), tok.pad_id, tok.eot_id]
-    assert "".join(stream_text(tok, ids)) == "a éb"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from tinyllm.cli.run_args import add_quantize_argument, add_run_arguments, load_run
 from tinyllm.errors import UserError
@@ -62,26 +62,9 @@ def continuation(model, tok, prompt: str, max_new_tokens: int, **sampling) -> It
     `sampling` is `generate`'s (temperature, top_k, top_p, seed); arguments are checked at the call.
     """
     from tinyllm.inference.sampling import generate
+    from tinyllm.inference.textstream import stream_text
     from tinyllm.tokenizer import STOP_IDS
 
     ids = generate(model, tok.prompt_ids(prompt), max_new_tokens, stop_ids=STOP_IDS, **sampling)
     return stream_text(tok, ids)
 
-
-def stream_text(tok, ids: Iterable[int]) -> Iterator[str]:
-    """Text pieces as ids arrive; a character split across tokens is held until it is whole.
-
-    Special ids are not text and print nothing (`Tokenizer.decode_text`).
-    """
-    pending: list[int] = []
-    for i in ids:
-        pending.append(i)
-        text = tok.decode_text(pending)
-        # A byte-level BPE token can end inside a UTF-8 character; wait (up to a character's
-        # 4 bytes' worth of tokens) for the rest rather than print U+FFFD.
-        if text.endswith("\ufffd") and len(pending) < 4:
-            continue
-        yield text
-        pending = []
-    if pending:
-        yield tok.decode_text(pending)

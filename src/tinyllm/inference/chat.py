@@ -14,18 +14,19 @@ Why it is shaped this way:
 - `reply` is a generator of text pieces, so the caller prints the answer as it is generated and
   stops it by closing the generator (Ctrl-C). The answer enters the history when the generator
   ends for any reason, a stopped one too: the next turn sees what the user saw.
-- Token ids are decoded as a UTF-8 stream, so a character split across tokens is printed whole.
+- Token ids are decoded as a UTF-8 stream (`textstream`), so a character split across tokens is
+  printed whole.
 """
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Iterator, Sequence
 
 from torch import nn
 
 from tinyllm.errors import UserError
 from tinyllm.inference.sampling import check_sampling_args, generate
+from tinyllm.inference.textstream import stream_text
 from tinyllm.tokenizer import STOP_IDS, Tokenizer
 
 __all__ = ["STOP_IDS", "ChatSession", "fit_history", "prompt_ids"]  # STOP_IDS: an answer's end
@@ -123,15 +124,13 @@ class ChatSession:
 
     def _stream(self, ids: Iterator[int]) -> Iterator[str]:
         answer: list[int] = []
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        try:
+
+        def kept() -> Iterator[int]:
             for i in ids:
                 answer.append(i)
-                piece = utf8.decode(self.tokenizer.text_bytes([i]))
-                if piece:
-                    yield piece
-            tail = utf8.decode(b"", final=True)
-            if tail:
-                yield tail
+                yield i
+
+        try:
+            yield from stream_text(self.tokenizer, kept())
         finally:
             self.messages.append({"role": "assistant", "content": self.tokenizer.decode_text(answer)})

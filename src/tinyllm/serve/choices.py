@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from tinyllm.inference.logprobs import TokenScores
+from tinyllm.inference.textstream import TextStream
 from tinyllm.serve.errors import APIError
-from tinyllm.serve.textstream import TextStream
 from tinyllm.serve.worker import GenerationWorker, Job, Overloaded, SamplingParams, Unavailable
 from tinyllm.tokenizer import Tokenizer
 

@@ -1,5 +1,8 @@
 """Token ids to streamable text: whole characters only, and nothing at or after a stop string.
 
+Every surface that prints a model's text as it is generated reads it through here: `tinyllm
+sample` and the chat REPL (`stream_text`) and the server (`TextStream` with the request's stops).
+
 Why it is shaped this way:
 - A GPT-2 token is a run of bytes, and one character can span tokens (most emoji and CJK do).
   Decoding each token on its own would send broken characters, so bytes go through an incremental
@@ -15,7 +18,7 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import codecs
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from tinyllm.tokenizer import Tokenizer
 
@@ -69,3 +72,15 @@ class TextStream:
                     best = n
                     break
         return best
+
+
+def stream_text(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
+    """Text pieces as `ids` arrive, each non-empty; a character split across tokens comes whole."""
+    stream = TextStream(tokenizer)
+    for i in ids:
+        piece = stream.push(i)
+        if piece:
+            yield piece
+    tail = stream.flush()
+    if tail:
+        yield tail

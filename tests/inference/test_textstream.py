@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinyllm.serve.textstream import TextStream
+from tinyllm.inference.textstream import TextStream, stream_text
+from tinyllm.tokenizer import get_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return get_tokenizer()
 
 
 def run(tokenizer, ids, stops=()):
@@ -73,3 +80,16 @@ def test_streamed_text_is_the_text_before_the_first_stop(tokenizer, text, stop):
     expected = text.split(stop, 1)[0]
     assert "".join(pieces) == expected
     assert stopped == (stop in text)
+
+
+def test_streamed_pieces_never_split_a_character(tokenizer):
+    text = "naïve 😀 café → done"
+    pieces = list(stream_text(tokenizer, tokenizer.encode(text)))
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    pieces = list(stream_text(tokenizer, byte_tokens(tokenizer, "é☃")))
+    assert pieces == ["é", "☃"]  # whole characters, no empty pieces
+
+
+def test_stream_text_prints_no_special_ids(tokenizer):
+    ids = [*tokenizer.encode("a é"), tokenizer.im_start_id, *tokenizer.encode("b"), tokenizer.pad_id, tokenizer.eot_id]
+    assert "".join(stream_text(tokenizer, ids)) == "a éb"
