@@ -11,7 +11,7 @@ import pytest
 
 from tinyllm.cli.train import summary
 from tinyllm.data.dataset import default_builtin_dataset
-from tinyllm.train.trainer import TrainResult
+from tinyllm.train.report import TrainResult
 
 
 def tinyllm(*args: str) -> subprocess.CompletedProcess:

@@ -2,12 +2,13 @@
 
 Why it is shaped this way:
 - The loop in `trainer` decides when to speak; this module decides what is said: the opening
-  line, the progress bar and progress lines, the samples, SFT's held-out answers. Rewording any
-  of them never touches the loop.
+  line (from a `RunSummary`), the progress bar and progress lines, the samples, SFT's held-out
+  answers, and the `TrainResult` the run hands back. Rewording any of them never touches the loop.
 - Lines go through the run's log, so rank 0 alone speaks and the console and `train_output.txt`
   agree; the bar and the Ctrl-C notice are console-only, and shown only when the trainer echoes.
-- `announce`, `held_out_qa` and `install_sigint` take the trainer itself: they describe or stop
-  the whole run, and would otherwise take a dozen of its fields. The rest take only their values.
+- Everything here takes values, never the trainer: the opening line a `RunSummary` the loop fills
+  in, Ctrl-C a callback that asks the run to stop. So the loop's fields can change without this
+  module following, and this module does not import the trainer (which imports it).
 - Ctrl-C lives here because it is a conversation with the same person: the first asks the loop
   to stop after the current step and save, the second quits at once.
 """
@@ -20,14 +21,14 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from tinyllm.config import TrainConfig
+from tinyllm.config import Config, TrainConfig
 from tinyllm.console import interactive
 from tinyllm.data.prompts import opening_prompts
 from tinyllm.errors import UserError
@@ -35,33 +36,66 @@ from tinyllm.eval.qa import QAResult
 from tinyllm.inference.sampling import generate
 from tinyllm.runtime.device import describe_precision, preserved_rng
 from tinyllm.tokenizer import STOP_IDS, Tokenizer
-from tinyllm.train.distributed import QuietLog, full_model
+from tinyllm.train.distributed import QuietLog
 from tinyllm.train.logs import RunLog
 from tinyllm.train.schedule import LRSchedule
 from tinyllm.train.sft import held_out_qa as score_held_out_qa
 
-if TYPE_CHECKING:  # the trainer imports this module
-    from tinyllm.train.trainer import Trainer
+
+@dataclass
+class TrainResult:
+    """What a run did, for its caller (`tinyllm train` prints it, the benchmarks read it)."""
+
+    run_dir: Path
+    steps: int
+    tokens: int
+    seconds: float
+    val_loss: float | None
+    floor: float | None
+    stopped: str  # "finished", "time budget", "interrupted"
+    checkpoint: Path | None
+    qa_accuracy: float | None = None  # sft: exact-answer accuracy on held-out questions
+    val_bpb: float | None = None  # the val loss in bits per byte of the scored targets
 
 
-def announce(tr: Trainer) -> None:
+@dataclass(frozen=True)
+class RunSummary:
+    """What the opening line says about a run beyond its config, as the loop hands it over."""
+
+    step: int  # where the run starts: 0, or the step it resumes at
+    params: int
+    non_embedding_params: int
+    device: str  # the device type: cpu, cuda, mps
+    precision: torch.dtype | None  # the autocast dtype; None is fp32
+    parallel: str  # how the ranks split the work, "" alone (`distributed.Setup.describe`)
+    ranks: str  # the ranks' factor of the batch, "" alone (`describe(short=True)`)
+    grad_accum: int
+    tokens_per_step: int
+    total_steps: int  # the schedule's
+    follows_time: bool  # the lr schedule follows the seconds spent
+    budget: float | None  # seconds
+    compiled: bool
+    compile_blocker: str | None  # why train.compile is on but not used
+
+
+def announce(log: RunLog | QuietLog, cfg: Config, run: RunSummary) -> None:
     """The run's first line: what is trained, how big, where, in what batches, for how long."""
-    cfg, m, t = tr.cfg, tr.cfg.model, tr.cfg.train
-    verb = f"resuming at step {tr.step}" if tr.step else "training"
+    m, t = cfg.model, cfg.train
+    verb = f"resuming at step {run.step}" if run.step else "training"
     if t.stage == "sft":
         verb += f" (chat fine-tuning from {t.init}, loss on {cfg.data.loss_on} tokens)"
-    tr.log.write(
-        f"{verb}: {tr.model.num_params():,} parameters ({tr.model.num_params(non_embedding=True):,} "
-        f"non-embedding), {m.n_layer} layers x {m.n_embd} wide, context {cfg.context}, on {tr.device.type} "
-        f"with {describe_precision(tr.amp)}{tr.dist.describe()}; batch {t.micro_batch} x {tr.grad_accum} x "
-        f"{tr.dist.describe(short=True)}{cfg.context} = "
-        f"{tr.tokens_per_step:,} tokens/step, "
+    log.write(
+        f"{verb}: {run.params:,} parameters ({run.non_embedding_params:,} "
+        f"non-embedding), {m.n_layer} layers x {m.n_embd} wide, context {cfg.context}, on {run.device} "
+        f"with {describe_precision(run.precision)}{run.parallel}; batch {t.micro_batch} x {run.grad_accum} x "
+        f"{run.ranks}{cfg.context} = "
+        f"{run.tokens_per_step:,} tokens/step, "
         + (f"budget {t.max_time} (at most {t.max_steps:,} steps), the lr schedule following the time spent"
-           if tr.schedule.follows else f"{tr.schedule.total_steps:,} steps" + (f", budget {t.max_time}" if tr.budget else ""))
-        + (", torch.compile (the first steps include compiling)" if tr.compiled else "")
+           if run.follows_time else f"{run.total_steps:,} steps" + (f", budget {t.max_time}" if run.budget else ""))
+        + (", torch.compile (the first steps include compiling)" if run.compiled else "")
     )
-    if tr.compile_blocker:
-        tr.log.write(f"train.compile is on, but {tr.compile_blocker}: training without it")
+    if run.compile_blocker:
+        log.write(f"train.compile is on, but {run.compile_blocker}: training without it")
 
 
 def already_finished(run_dir: Path, step: int, schedule: LRSchedule) -> str:
@@ -141,43 +175,47 @@ def write_samples(log: RunLog | QuietLog, model: nn.Module, tok: Tokenizer, trai
             log.sample(step, prompt, tok.decode_text(ids))
 
 
-def held_out_qa(tr: Trainer) -> QAResult | None:
-    """SFT's end-of-run figure, after the checkpoint is safe: exact answers to held-out questions."""
+def held_out_qa(log: RunLog | QuietLog, gather: Callable[[], nn.Module | None], data_dir: Path, questions: int, *,
+                step: int, tokens: int, val_loss: float | None) -> QAResult | None:
+    """SFT's end-of-run figure, after the checkpoint is safe: exact answers to held-out questions.
+
+    `gather` returns the full model on rank 0 (FSDP ranks all help gather it), None on the others.
+    """
     started = time.monotonic()
-    model = full_model(tr.model, tr.dist)  # rank 0 answers; FSDP ranks all help gather it
+    model = gather()
     if model is None:
         return None
     try:
-        qa = score_held_out_qa(model, tr.data_dir, tr.cfg.train.qa_questions)
+        qa = score_held_out_qa(model, data_dir, questions)
     except UserError as e:
-        tr.log.write(f"held-out QA skipped: {e}")
+        log.write(f"held-out QA skipped: {e}")
         return None
     if qa is None:
         return None
     for e in qa.examples[:3]:
-        tr.log.write(f"  Q: {e.question} A: {e.answer.strip()!r} (reference {e.reference!r})")
-    val = f", val loss {tr.last_val:.4f}" if tr.last_val is not None else ""
-    tr.log.write(f"held-out QA: {qa.correct}/{qa.total} exact answers ({qa.accuracy:.1%}){val}, "
-                 f"{time.monotonic() - started:.0f}s")
-    tr.log.metrics({"step": tr.step, "tokens": tr.tokens, "qa_accuracy": qa.accuracy, "qa_questions": qa.total})
+        log.write(f"  Q: {e.question} A: {e.answer.strip()!r} (reference {e.reference!r})")
+    val = f", val loss {val_loss:.4f}" if val_loss is not None else ""
+    log.write(f"held-out QA: {qa.correct}/{qa.total} exact answers ({qa.accuracy:.1%}){val}, "
+              f"{time.monotonic() - started:.0f}s")
+    log.metrics({"step": step, "tokens": tokens, "qa_accuracy": qa.accuracy, "qa_questions": qa.total})
     return qa
 
 
-def install_sigint(trainer: Trainer) -> Callable[[], None]:
+def install_sigint(stop: Callable[[], bool], *, echo: bool) -> Callable[[], None]:
     """First Ctrl-C: finish the step, save, stop. Second: the usual KeyboardInterrupt.
 
-    Returns the function that puts the previous handler back.
+    `stop()` asks the run to stop after the current step and returns False when a Ctrl-C had
+    already asked it (the second one). Returns the function that puts the previous handler back.
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = signal.getsignal(signal.SIGINT)
 
     def handler(signum, frame):
-        if trainer.stop_requested == "interrupted":
+        if not stop():
             signal.signal(signal.SIGINT, previous)
             raise KeyboardInterrupt
-        trainer.stop("interrupted")
-        if trainer.echo:
+        if echo:
             tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again to quit without saving)")
 
     signal.signal(signal.SIGINT, handler)

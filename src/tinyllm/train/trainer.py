@@ -12,7 +12,8 @@ Why it is shaped this way:
   step ahead from the measured costs of steps, evaluations, samples and saves.
 - Long-run bookkeeping (when to log, evaluate, sample, save) lives in `_after_step`, the step
   itself in `_train_step`, so each reads in one screen. What the run says to the person watching
-  it (and how it hears their Ctrl-C) is in `report`: the loop decides when, `report` what.
+  it (and how it hears their Ctrl-C) is in `report`: the loop decides when, `report` what, from
+  the values the loop hands it (a `RunSummary`, a stop callback), never from the trainer itself.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -48,23 +49,10 @@ from tinyllm.tokenizer import get_tokenizer
 from tinyllm.train import distributed, report
 from tinyllm.train.logs import LogWriteError, RunLog, writing
 from tinyllm.train.optim import build_optimizer
+from tinyllm.train.report import TrainResult
 from tinyllm.train.schedule import LRSchedule, end_work, step_seconds, work_due
 from tinyllm.train.sft import load_init_weights
 from tinyllm.train.step import Diverged, StepRecords, check_ids, reads_after, step_if_finite
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    steps: int
-    tokens: int
-    seconds: float
-    val_loss: float | None
-    floor: float | None
-    stopped: str  # "finished", "time budget", "interrupted"
-    checkpoint: Path | None
-    qa_accuracy: float | None = None  # sft: exact-answer accuracy on held-out questions
-    val_bpb: float | None = None  # the val loss in bits per byte of the scored targets
 
 
 class Trainer:
@@ -178,8 +166,8 @@ class Trainer:
 
     def _loop(self) -> None:
         t = self.cfg.train
-        report.announce(self)
-        restore_sigint = report.install_sigint(self)
+        report.announce(self.log, self.cfg, self._summary())
+        restore_sigint = report.install_sigint(self.stop, echo=self.echo)
         bar = report.ProgressBar(self.schedule.expected_steps(self.step), self.step, enabled=self.echo)
         try:
             if self.step == 0 and t.eval_every:
@@ -310,13 +298,18 @@ class Trainer:
             self.stop("time budget")
         return planned
 
-    def stop(self, reason: str = "interrupted") -> None:
-        """Ask the loop to stop after the current step (it then evaluates, saves and returns).
-
-        A Ctrl-C is never downgraded to a time-budget stop: the run says it was interrupted.
-        """
-        if self.stop_requested != "interrupted":
+    def stop(self, reason: str = "interrupted") -> bool:
+        """Ask the loop to stop after the current step (it then evaluates, saves and returns); False
+        when a Ctrl-C had asked already. It is never downgraded to a time-budget stop."""
+        if first := self.stop_requested != "interrupted":
             self.stop_requested = reason
+        return first
+
+    def _summary(self) -> report.RunSummary:
+        m, s, d = self.model, self.schedule, self.dist
+        return report.RunSummary(self.step, m.num_params(), m.num_params(non_embedding=True), self.device.type, self.amp,
+                                 d.describe(), d.describe(short=True), self.grad_accum, self.tokens_per_step,
+                                 s.total_steps, s.follows, self.budget, self.compiled, self.compile_blocker)
 
     # -- evaluation, samples, checkpoints -------------------------------------------------------
 
@@ -391,7 +384,9 @@ class Trainer:
             self._sample()
         path = self.last_ckpt if self.saved_step == self.step else self._checkpoint()
         if self.cfg.train.stage == "sft":
-            self.qa = report.held_out_qa(self)
+            self.qa = report.held_out_qa(self.log, partial(distributed.full_model, self.model, self.dist), self.data_dir,
+                                         self.cfg.train.qa_questions, step=self.step, tokens=self.tokens,
+                                         val_loss=self.last_val)
         self.log.plot()
         self.log.close()
         return self._result(reason, path)
