@@ -12,6 +12,7 @@ from tinyllm.config import resolve
 from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.errors import UserError
 from tinyllm.eval.loss import LossSum, token_bytes
+from tinyllm.runtime import checkpoint as ckpt
 from tinyllm.runtime.checkpoint import latest_checkpoint, list_checkpoints
 from tinyllm.train.run_plan import plan_run
 from tinyllm.train.schedule import LRSchedule
@@ -289,3 +290,44 @@ def test_the_modern_preset_trains_with_the_same_loop(tmp_path, data):
     vals = [json.loads(line)["val_loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
             if "val_loss" in line]
     assert vals[-1] < vals[0] - 1.0
+
+
+# state.json's keys as every checkpoint so far has them (written by hand before the trainer had
+# state_dict); renaming one would stop those runs from resuming.
+STATE_KEYS = {"step", "tokens", "schedule", "loader", "skipped_steps", "bad_in_row", "max_steps", "precision",
+              "val_loss", "val_bpb", "python_rng", "numpy_rng"}
+SCHEDULE_KEYS = {"total_steps", "max_steps", "budget_s", "elapsed_s", "progress"}
+
+
+def test_a_checkpoint_is_the_trainers_state_dict_under_the_same_keys(tmp_path, data):
+    cfg = config(data, max_steps=3, eval_every=3, sample_every=0)
+    path = Trainer(cfg, tmp_path, echo=False).run().checkpoint
+    saved = json.loads((path / "state.json").read_text())
+    assert saved.keys() == STATE_KEYS and saved["schedule"].keys() == SCHEDULE_KEYS
+    resumed = Trainer(cfg, tmp_path, resume_from=path, echo=False)
+    state = resumed.state_dict()
+    for s in (saved, state):
+        s["schedule"].pop("elapsed_s")  # the clock ran on since the save
+    assert state == {k: v for k, v in saved.items() if k not in ("python_rng", "numpy_rng")}
+
+
+@pytest.mark.parametrize("with_bpb", [True, False])  # val_bpb came later than the rest
+def test_a_checkpoint_in_the_hand_written_layout_resumes(tmp_path, data, with_bpb):
+    cfg = config(data, max_steps=6, eval_every=0, sample_every=0)
+    donor = Trainer(cfg, tmp_path / "donor", echo=False)  # weights, optimizer and a loader position to save
+    donor.loader.next_batch()
+    donor.loader.next_batch()
+    old = {"tokens": 1024, "schedule": {"total_steps": 6, "max_steps": 6, "budget_s": None, "elapsed_s": 1.5,
+                                        "progress": 0.0},
+           "loader": donor.loader.state_dict(), "skipped_steps": 1, "bad_in_row": 0, "max_steps": 6,
+           "precision": "fp32", "val_loss": 7.25, **({"val_bpb": 3.5} if with_bpb else {})}
+    path = ckpt.save_checkpoint(tmp_path / "run", 2, model=donor.model, optimizer=donor.optimizer, state=old,
+                                config=cfg, keep=3)
+    resumed = Trainer(cfg, tmp_path / "run", resume_from=path, echo=False)
+    assert (resumed.step, resumed.tokens, resumed.skipped, resumed.last_val) == (2, 1024, 1, 7.25)
+    assert resumed.last_bpb == (3.5 if with_bpb else None) and resumed.schedule.elapsed_before == 1.5
+    assert resumed.loader.state_dict() == old["loader"]
+    result = resumed.run()
+    assert result.stopped == "finished" and result.steps == 6 and result.tokens == 1024 + 4 * 8 * 2 * 32
+    saved = json.loads((result.checkpoint / "state.json").read_text())
+    assert saved.keys() == STATE_KEYS and saved["skipped_steps"] == 1

@@ -75,6 +75,13 @@ class StepRecords:
     pending: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     last: tuple[float | None, float] = (None, math.nan)  # what the last read returned
 
+    def state_dict(self) -> dict[str, int]:
+        """The skip counts as of the last `read` (a save reads first), under state.json's keys."""
+        return {"skipped_steps": self.skipped, "bad_in_row": self.bad_in_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.bad_in_row = int(state["skipped_steps"]), int(state["bad_in_row"])
+
     def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.pending.append((step, loss.detach().float(), grad_norm.detach().float()))
 

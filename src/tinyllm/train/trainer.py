@@ -96,7 +96,8 @@ class Trainer:
         self.last_ckpt: Path | None = resume_from
         distributed.check_same_start(resume_from, self.dist)
         if resume_from is not None:
-            self._restore(resume_from)
+            place = partial(distributed.load_sharded, self.model, self.optimizer) if self.dist.sharded else None
+            self.load_state_dict(ckpt.load_training_state(resume_from, self.model, self.optimizer, place=place))
         self.log = (RunLog(self.run_dir, resume_step=self.step if resume_from else None, floor=self.floor, echo=echo)
                     if self.dist.is_main else distributed.QuietLog())
         aside = ckpt.set_aside_after(self.run_dir, self.step) if resume_from and self.dist.is_main else None
@@ -140,15 +141,21 @@ class Trainer:
         wanted = t.auto_dtype if t.dtype == "auto" and t.auto_dtype else t.dtype
         return distributed.from_main(autocast_dtype(self.device, wanted) if self.dist.is_main else None, self.dist)
 
-    def _restore(self, path: Path) -> None:
-        place = partial(distributed.load_sharded, self.model, self.optimizer) if self.dist.sharded else None
-        state = ckpt.load_training_state(path, self.model, self.optimizer, place=place)
+    def state_dict(self) -> dict:
+        """A checkpoint's state.json: the loop's counters and its schedule's, loader's and step records'
+        states (weights, optimizer and RNG have files of their own). The keys are the on-disk format."""
+        return {"step": self.step, "tokens": self.tokens, "schedule": self.schedule.state_dict(),
+                "loader": self.loader.state_dict(), **self.records.state_dict(), "max_steps": self.cfg.train.max_steps,
+                "precision": "bf16" if self.amp is torch.bfloat16 else "fp32", "val_loss": self.last_val,
+                "val_bpb": self.last_bpb}
+
+    def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        self.records.skipped, self.records.bad_in_row = int(state["skipped_steps"]), int(state["bad_in_row"])
+        self.records.load_state_dict(state)
         # Older checkpoints keep max_steps beside the schedule's state only.
         self.schedule.load_state_dict({"max_steps": state["max_steps"], **state["schedule"]})
         self.loader.load_state_dict(state["loader"])
-        self.last_val, self.last_bpb = state["val_loss"], state.get("val_bpb")
+        self.last_val, self.last_bpb = state["val_loss"], state.get("val_bpb")  # older ones have no val_bpb
         if self.cfg.train.dtype == "auto":  # checkpoints older than train.auto_dtype record it only here
             self.amp = torch.bfloat16 if state["precision"] == "bf16" else None
 
@@ -357,10 +364,7 @@ class Trainer:
     def _checkpoint(self) -> Path:
         started = time.monotonic()
         self._read_steps()  # the skip counts saved are those of every step taken
-        state = {"tokens": self.tokens, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict(),
-                 "skipped_steps": self.skipped, "bad_in_row": self.records.bad_in_row, "max_steps": self.cfg.train.max_steps,
-                 "precision": "bf16" if self.amp is torch.bfloat16 else "fp32", "val_loss": self.last_val,
-                 "val_bpb": self.last_bpb}
+        state = self.state_dict()
         model, optimizer = distributed.checkpoint_states(self.model, self.optimizer, self.dist)  # FSDP: gathered
         path = None
         if self.dist.is_main:  # the loader's position is global: rank 0's is every rank's
