@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tinyllm.bench import positive_ints
 from tinyllm.data.prepare import PrepareOptions, prepare
 from tinyllm.data.sources import resolve_sources
 from tinyllm.errors import UserError
@@ -40,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    counts = _core_counts(args.cores)
+    counts = positive_ints("--cores", args.cores, "counts", "1,2")
     if args.tokens < 1000 or args.repeat < 1 or args.stories_per_doc < 1:
         raise UserError("--tokens must be at least 1000, --repeat and --stories-per-doc at least 1")
     with tempfile.TemporaryDirectory(prefix="tinyllm-bench-") as tmp:
@@ -74,16 +75,6 @@ def run(args: argparse.Namespace) -> dict:
     if 1 in best and 2 in best:
         result["speedup_2_vs_1"] = round(best[1] / best[2], 2)
     return result
-
-
-def _core_counts(text: str) -> list[int]:
-    try:
-        counts = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        raise UserError(f"--cores {text}: give comma-separated positive counts, e.g. 1,2")
-    return counts
 
 
 def _write_corpus(path: Path, tokens: int, per_doc: int) -> int:

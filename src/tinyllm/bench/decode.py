@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from tinyllm.bench import positive_ints
 from tinyllm.cli.run_args import add_quantize_argument, check_quantize
 from tinyllm.errors import UserError
 
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
     from tinyllm.model.gpt import GPT
     from tinyllm.runtime.device import pick_device
 
-    batches = _batch_sizes(args.batch_sizes)
+    batches = positive_ints("--batch-sizes", args.batch_sizes, "sizes", "1,8")
     check_quantize(args.quantize)
     for flag in ("quality_batches", "prompts", "match_tokens"):
         if getattr(args, flag) < 1:
@@ -191,16 +192,6 @@ def _prompts(vocab_size: int, batch: int, length: int, device):
 
     g = torch.Generator().manual_seed(batch)
     return torch.randint(0, vocab_size, (batch, length), generator=g).to(device)
-
-
-def _batch_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise UserError(f"--batch-sizes {text}: give comma-separated positive sizes, e.g. 1,8")
-    return sizes
 
 
 def format(result: dict) -> str:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from tinyllm.bench import positive_ints
 from tinyllm.errors import UserError
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    levels = _levels(args.concurrency)
+    levels = positive_ints("--concurrency", args.concurrency, "client counts", "1,8,32")
     if args.max_tokens < 1 or args.requests_per_client < 1 or (args.threads is not None and args.threads < 1):
         raise UserError("--max-tokens, --requests-per-client and --threads must be at least 1")
     import torch  # imported when the benchmark runs, not for --help
@@ -93,16 +94,6 @@ def _speedups(results: list) -> dict:
     if not one:
         return {}
     return {"speedup_vs_1": {str(r.clients): r.tokens_per_s / one for r in results if r.clients != 1}}
-
-
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        levels = []
-    if not levels or min(levels) < 1:
-        raise UserError(f"--concurrency {text}: give comma-separated positive client counts, e.g. 1,8,32")
-    return levels
 
 
 def format(result: dict) -> str:
