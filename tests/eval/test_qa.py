@@ -1,6 +1,9 @@
-"""qa_accuracy: prompts are the story plus the chat so far, answers are scored exactly."""
+"""qa_accuracy: prompts are the story plus the chat so far, answers are scored exactly; held_out_qa,
+the end-of-run figure of a fine-tuning run, is the same score or None when there is nothing to ask."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -10,7 +13,7 @@ from tinyllm.data.document import Document, tokenize_document
 from tinyllm.data.prepare import PrepareOptions, prepare
 from tinyllm.data.sources import resolve_sources
 from tinyllm.errors import UserError
-from tinyllm.eval.qa import answer_correct, held_out_documents, qa_accuracy, questions
+from tinyllm.eval.qa import answer_correct, held_out_documents, held_out_qa, qa_accuracy, questions
 from tinyllm.model.gpt import GPT, GPTConfig
 from tinyllm.tokenizer import EOT, IM_END, get_tokenizer
 
@@ -131,3 +134,20 @@ def test_data_without_the_builtin_source_is_named(tmp_path, model):
     prepare(resolve_sources([str(tmp_path / "notes")]), tmp_path / "data", PrepareOptions(progress=False))
     with pytest.raises(UserError, match=r"has no builtin source \(it has local-notes\).*--source builtin"):
         qa_accuracy(model, tmp_path / "data")
+
+
+def test_held_out_qa_is_qa_accuracy_on_the_held_out_stories(builtin_data, monkeypatch, model):
+    out, _ = builtin_data
+    monkeypatch.setattr(qa, "generate", Oracle(list(held_out_documents(out)), right=lambda q: "Who" in q))
+    assert held_out_qa(model, out, 5) == qa_accuracy(model, out, max_questions=5)
+    assert held_out_qa(model, out, 0) is None
+
+
+def test_no_held_out_qa_when_the_builtin_stories_are_all_trained_on(tmp_path, model):
+    # `--source builtin --val-source FILE`: every story goes to train, so there is nothing to ask;
+    # a fine-tuning run's end-of-run QA is left out rather than failing the finished run.
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"text": f"note {i}: the sky was blue."}) + "\n" for i in range(5)))
+    ds = tmp_path / "ds"
+    prepare(resolve_sources([], val_specs=[str(held)]), ds, PrepareOptions(max_tokens=5_000, progress=False))
+    assert held_out_qa(model, ds, 200) is None

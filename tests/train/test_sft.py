@@ -23,7 +23,7 @@ from tinyllm.eval.qa import qa_accuracy
 from tinyllm.runtime.checkpoint import latest_checkpoint, load_model, read_config
 from tinyllm.tokenizer import IM_END, IM_START, PAD, get_tokenizer
 from tinyllm.train.run_plan import plan_run
-from tinyllm.train.sft import SFT_DEFAULTS, held_out_qa
+from tinyllm.train.sft import SFT_DEFAULTS
 from tinyllm.train.trainer import Trainer
 
 from .test_trainer import records, timed_trainer
@@ -240,14 +240,3 @@ def test_sft_learns_to_answer_held_out_questions(tmp_path):
     answers = [e.answer.strip() for e in trainer.qa.examples]
     assert sum(bool(re.fullmatch(r"[A-Z][a-z ]*\.", a)) for a in answers) >= 0.9 * len(answers)  # the answer form
     assert result.qa_accuracy >= QA_FLOOR
-
-
-def test_no_held_out_qa_when_the_builtin_stories_are_all_trained_on(tmp_path, pretrained):
-    # `--source builtin --val-source FILE`: every story goes to train, so there is nothing to ask;
-    # the end-of-run QA is left out rather than failing the finished run.
-    held = tmp_path / "held.jsonl"
-    held.write_text("".join(json.dumps({"text": f"note {i}: the sky was blue."}) + "\n" for i in range(5)))
-    ds = tmp_path / "ds"
-    prepare(resolve_sources([], val_specs=[str(held)]), ds, PrepareOptions(max_tokens=5_000, progress=False))
-    model, _, _ = load_model(pretrained)
-    assert held_out_qa(model, ds, 200) is None

@@ -17,6 +17,9 @@ Why it is shaped this way:
   exact match. A question whose prompt and cap do not fit the model's context is skipped and
   counted, not cut (a cut story loses the facts).
 - `answer_correct` is the scoring rule on its own, so it is tested without a model.
+- `held_out_qa` is the figure a chat fine-tuning run reports at its end (`tinyllm.train.report`):
+  the same scoring, except that data with no held-out builtin stories has nothing to ask and
+  gives None rather than an error, so a finished run is not failed by its last figure.
 """
 
 from __future__ import annotations
@@ -119,3 +122,15 @@ def qa_accuracy(model: nn.Module, data: str | Path | Iterable[Document], *, max_
         raise UserError(f"no questions to ask: {why}")
     correct = sum(e.correct for e in examples)
     return QAResult(correct, len(examples), correct / len(examples), tuple(examples), skipped)
+
+
+def held_out_qa(model: nn.Module, data_dir: Path, questions: int) -> QAResult | None:
+    """`qa_accuracy` on up to `questions` held-out builtin questions; None when there is nothing
+    to ask (`questions` < 1, no builtin source, or its val split given to a `--val-source`).
+
+    Raises UserError when no question fits the model's context.
+    """
+    builtin = load_manifest(data_dir)["sources"].get("builtin")
+    if questions < 1 or builtin is None or not builtin["splits"]["val"]["documents"]:
+        return None
+    return qa_accuracy(model, data_dir, max_questions=questions)

@@ -32,14 +32,13 @@ from tinyllm.config import Config, TrainConfig
 from tinyllm.console import interactive
 from tinyllm.data.prompts import opening_prompts
 from tinyllm.errors import UserError
-from tinyllm.eval.qa import QAResult
+from tinyllm.eval.qa import QAResult, held_out_qa
 from tinyllm.inference.sampling import generate
 from tinyllm.runtime.device import describe_precision, preserved_rng
 from tinyllm.tokenizer import STOP_IDS, Tokenizer
 from tinyllm.train.distributed import QuietLog
 from tinyllm.train.logs import RunLog
 from tinyllm.train.schedule import LRSchedule
-from tinyllm.train.sft import held_out_qa as score_held_out_qa
 
 
 @dataclass
@@ -175,9 +174,10 @@ def write_samples(log: RunLog | QuietLog, model: nn.Module, tok: Tokenizer, trai
             log.sample(step, prompt, tok.decode_text(ids))
 
 
-def held_out_qa(log: RunLog | QuietLog, gather: Callable[[], nn.Module | None], data_dir: Path, questions: int, *,
-                step: int, tokens: int, val_loss: float | None) -> QAResult | None:
-    """SFT's end-of-run figure, after the checkpoint is safe: exact answers to held-out questions.
+def end_of_run_qa(log: RunLog | QuietLog, gather: Callable[[], nn.Module | None], data_dir: Path, questions: int, *,
+                  step: int, tokens: int, val_loss: float | None) -> QAResult | None:
+    """SFT's end-of-run figure, after the checkpoint is safe: exact answers to held-out questions
+    (scored by `tinyllm.eval.qa.held_out_qa`), told to the log and recorded in the metrics.
 
     `gather` returns the full model on rank 0 (FSDP ranks all help gather it), None on the others.
     """
@@ -186,7 +186,7 @@ def held_out_qa(log: RunLog | QuietLog, gather: Callable[[], nn.Module | None], 
     if model is None:
         return None
     try:
-        qa = score_held_out_qa(model, data_dir, questions)
+        qa = held_out_qa(model, data_dir, questions)
     except UserError as e:
         log.write(f"held-out QA skipped: {e}")
         return None

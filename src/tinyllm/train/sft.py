@@ -1,4 +1,4 @@
-"""Chat fine-tuning (SFT): its config, layered over the pretrained run's, its starting weights, its QA score.
+"""Chat fine-tuning (SFT): its config, layered over the pretrained run's, and its starting weights.
 
 Why it is shaped this way:
 - An SFT run continues a pretrained model, so its config starts from that run's saved config
@@ -13,6 +13,8 @@ Why it is shaped this way:
 - The defaults are a layer here rather than a preset: a preset stands alone (`--preset`), these
   only mean something over a pretrained run. The learning rate is a fraction of the pretrained
   run's peak, so it suits whichever recipe the model came from.
+- Its end-of-run score, exact answers to held-out questions, is `tinyllm.eval.qa.held_out_qa`:
+  the same scoring `tinyllm eval --qa` uses, in one place.
 """
 
 from __future__ import annotations
@@ -25,9 +27,7 @@ from pathlib import Path
 from torch import nn
 
 from tinyllm.config import Config, read_toml, resolve
-from tinyllm.data.manifest import load_manifest
 from tinyllm.errors import UserError
-from tinyllm.eval.qa import QAResult, qa_accuracy
 from tinyllm.runtime.checkpoint import find_checkpoint, load_model
 
 # SFT's peak learning rate as a fraction of the pretrained run's peak: fine-tuning adjusts a
@@ -78,15 +78,3 @@ def load_init_weights(model: nn.Module, init: str | Path) -> Path:
     except RuntimeError as e:
         raise UserError(f"the weights in {ckpt} do not fit this model (was model.* changed?): {e}") from None
     return ckpt
-
-
-def held_out_qa(model: nn.Module, data_dir: Path, questions: int) -> QAResult | None:
-    """Exact-answer accuracy on held-out builtin questions; None when the data has no held-out
-    builtin stories (no builtin source, or its val split given to a `--val-source`).
-
-    Raises UserError when no question fits the model's context.
-    """
-    builtin = load_manifest(data_dir)["sources"].get("builtin")
-    if questions < 1 or builtin is None or not builtin["splits"]["val"]["documents"]:
-        return None
-    return qa_accuracy(model, data_dir, max_questions=questions)

@@ -388,9 +388,9 @@ class Trainer:
             self._sample()
         path = self.last_ckpt if self.saved_step == self.step else self._checkpoint()
         if self.cfg.train.stage == "sft":
-            self.qa = report.held_out_qa(self.log, partial(distributed.full_model, self.model, self.dist), self.data_dir,
-                                         self.cfg.train.qa_questions, step=self.step, tokens=self.tokens,
-                                         val_loss=self.last_val)
+            self.qa = report.end_of_run_qa(self.log, partial(distributed.full_model, self.model, self.dist),
+                                           self.data_dir, self.cfg.train.qa_questions, step=self.step,
+                                           tokens=self.tokens, val_loss=self.last_val)
         self.log.plot()
         self.log.close()
         return self._result(reason, path)
