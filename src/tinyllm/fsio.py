@@ -5,7 +5,7 @@ back on resume, every file of a checkpoint) is either the old one or the new one
 mix. The new content goes to a temporary in the same directory (a rename is atomic only within
 one filesystem), is fsynced, and `os.replace` swaps it in; the directory is fsynced after, so
 the rename itself survives a power cut. A checkpoint, being a directory of files, is built in a
-temporary directory with `fsync_file`/`fsync_dir` and renamed the same way (`train.checkpoint`).
+temporary directory with `fsync_file`/`fsync_dir` and renamed the same way (`runtime.checkpoint`).
 This module imports nothing from tinyllm, so anything may use it.
 """
 
