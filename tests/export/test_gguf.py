@@ -32,6 +32,7 @@ from tinyllm.tokenizer import EOT, IM_END, IM_START, PAD, STOP_IDS, get_tokenize
 ROPE = ["model.pos_emb=rope", "model.norm=rmsnorm"]
 ARCHS = {  # llama.cpp architecture -> the run's --set options
     "gpt2": [],  # the default block: learned positions, LayerNorm, GELU, biases, tied head
+    "starcoder2": ["model.pos_emb=rope"],  # GPT-2's block with RoPE: LayerNorm, GELU, biases
     "llama": [*ROPE, "model.mlp=swiglu"],  # biases (permuted with q and k), tied head
     "qwen3": [*ROPE, "model.mlp=swiglu", "model.qk_norm=true", "model.bias=false",
               "model.tie_embeddings=false"],
@@ -52,10 +53,10 @@ TEXTS = [
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where did Tom go?"}]
 # Largest |logit| difference from tinyllm's fp32 model measured on an AMX Xeon (llama-cpp-python
 # 0.3.36): f32 files with an f32 KV cache: gpt2 2.5e-5, llama 1.2e-6, qwen3 9.5e-7, arcee 4.2e-6,
-# apertus 9.5e-7; f16 files (default f16 cache) 5.8e-4 .. 1.1e-2 (arcee). ggml's CPU GELU reads a float16 table, so gpt2 gets the f16 bound. The
+# apertus 9.5e-7; f16 files (default f16 cache) 5.8e-4 .. 1.1e-2 (arcee). ggml's CPU GELU reads a float16 table, so gpt2 and starcoder2 get the f16 bound. The
 # bounds leave room for other CPUs' kernels.
 F32_CACHE = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
-MAX_LOGIT_DIFF = {("gpt2", "f32"): 2e-2, "f32": 5e-3, "f16": 2e-2}
+MAX_LOGIT_DIFF = {("gpt2", "f32"): 2e-2, ("starcoder2", "f32"): 2e-2, "f32": 5e-3, "f16": 2e-2}
 
 
 @pytest.fixture(scope="session")
@@ -259,9 +260,10 @@ def test_export_command_mistakes_are_one_line(tmp_path, capsys, flags, error):
     (dict(mlp="relu2"), "model.mlp='relu2' with pos_emb='learned'"),
     (dict(norm="rmsnorm"), "model.norm='rmsnorm' with pos_emb='learned'"),
     (dict(qk_norm=True), "model.qk_norm=true with pos_emb='learned'"),
-    (dict(pos_emb="rope", norm="layernorm", mlp="swiglu"), "model.norm='layernorm' with pos_emb='rope'"),
-    (dict(pos_emb="rope", norm="rmsnorm", mlp="gelu"), "model.mlp='gelu' with pos_emb='rope'"),
-    (dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", bias=True), "model.bias=true with mlp='relu2'"),
+    (dict(pos_emb="rope", norm="layernorm", mlp="swiglu"), "model.norm='layernorm', mlp='swiglu' with pos_emb='rope'"),
+    (dict(pos_emb="rope", norm="rmsnorm", mlp="gelu"), "model.norm='rmsnorm', mlp='gelu' with pos_emb='rope'"),
+    (dict(pos_emb="rope", qk_norm=True), "model.norm='layernorm', mlp='gelu', qk_norm=true with pos_emb='rope'"),
+    (dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", bias=True), "model.bias=true with norm='rmsnorm', mlp='relu2'"),
     (dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=True), "qwen3 loads no MLP or attention-output biases"),
     (dict(vocab_size=1000), "model.vocab_size=1000"),
 ])
@@ -278,6 +280,22 @@ def test_every_shipped_preset_exports(preset):
     # A default recipe whose runs llama.cpp cannot load would close that door to most users
     # (RoPE with a plain GELU MLP learns more on the stories, and has no llama.cpp architecture).
     assert gguf_architecture(resolve(preset).model) == ("apertus" if preset == "modern" else "gpt2")
+
+
+@pytest.mark.parametrize("options", [dict(bias=False), dict(bias=False, tie_embeddings=False)])
+def test_a_bias_free_starcoder2_block_gets_the_zero_biases_llama_cpp_requires(tmp_path, options):
+    # llama.cpp's starcoder2 refuses a file without every norm and Linear bias.
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=CONTEXT, pos_emb="rope", **options))
+    with torch.no_grad():  # away from init, where every bias is zero anyway
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    llm = load_llama(export_gguf(model, tmp_path / "m.gguf"), **F32_CACHE)
+    assert llm.metadata["general.architecture"] == "starcoder2"
+    ids = get_tokenizer().prompt_ids("Once upon a time, Tom")
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(ours - llama_logits(llm, ids)).max() < MAX_LOGIT_DIFF[("starcoder2", "f32")]
+    llm.close()
 
 
 def test_refuses_an_existing_file_and_a_bad_dtype(tmp_path):

@@ -6,6 +6,7 @@ Why it is shaped this way:
   vendored in llama-cpp-python 0.3.36, and checked by the tests against that runtime:
 
       learned + layernorm + gelu                  gpt2     (fused qkv, biases required)
+      rope + layernorm + gelu                     starcoder2 (biases required)
       rope + rmsnorm + swiglu                     llama    (optional biases everywhere)
       rope + rmsnorm + swiglu + qk_norm           qwen3    (per-head RMSNorm before RoPE)
       rope + rmsnorm + relu2                      arcee    (Llama with a relu^2 MLP)
@@ -14,10 +15,12 @@ Why it is shaped this way:
   Apertus's xIELU is alpha_p*x^2 + beta*x for x > 0 and alpha_n*(expm1(min(x, eps)) - x) + beta*x
   otherwise, where ggml takes alpha_p = softplus(stored) and alpha_n = beta + softplus(stored):
   with beta = 0, alpha_p = softplus(log(e - 1)) = 1 and softplus(-1e4) = 0 (it underflows in
-  float32) it is relu^2 exactly. llama.cpp's gpt2 has GELU only (no relu2) and no RoPE arch has a
-  plain GELU MLP, so those are refused, as is rope + layernorm. Only llama loads MLP and output
-  biases; gpt2 requires biases, so a bias-free GPT-2 gets zero biases.
-- RoPE layout: tinyllm rotates pairs (i, i + hd/2), llama.cpp's NEOX type (qwen3, apertus). llama
+  float32) it is relu^2 exactly. Every other combination is refused (llama.cpp's gpt2 has GELU
+  only; no RoPE arch has a GELU MLP with RMSNorm or QK-norm). gpt2 and starcoder2 require every
+  bias and llama is the only RMSNorm arch that loads MLP and output biases, so a bias-free
+  LayerNorm model gets zero biases.
+- RoPE layout: tinyllm rotates pairs (i, i + hd/2), llama.cpp's NEOX type (starcoder2, qwen3,
+  apertus). llama
   and arcee use the NORM type, pairs (2i, 2i+1), so their q and k rows are permuted per head
   (what llama.cpp's convert_hf_to_gguf.py does for Llama checkpoints). QK-norm weights are never
   permuted: only NEOX targets have QK-norm.
@@ -78,15 +81,21 @@ class _Target:
     arch: str
     interleaved_rope: bool  # LLAMA_ROPE_TYPE_NORM (pairs 2i, 2i+1) rather than NEOX
     biases: bool  # loads attention-output and MLP biases
+    biases_required: bool = False  # every Linear and norm bias must be in the file
     output_required: bool = False  # no fallback to the embedding table for a tied head
 
 
-_ROPE_TARGETS = {  # (mlp, qk_norm) -> target
-    ("swiglu", False): _Target("llama", True, True),
-    ("swiglu", True): _Target("qwen3", False, False),
-    ("relu2", False): _Target("arcee", True, False),
-    ("relu2", True): _Target("apertus", False, False, output_required=True),
+_ROPE_TARGETS = {  # (norm, mlp, qk_norm) -> target
+    ("layernorm", "gelu", False): _Target("starcoder2", False, True, biases_required=True),
+    ("rmsnorm", "swiglu", False): _Target("llama", True, True),
+    ("rmsnorm", "swiglu", True): _Target("qwen3", False, False),
+    ("rmsnorm", "relu2", False): _Target("arcee", True, False),
+    ("rmsnorm", "relu2", True): _Target("apertus", False, False, output_required=True),
 }
+
+
+def _rope_target(cfg: GPTConfig) -> _Target | None:
+    return _ROPE_TARGETS.get((cfg.norm, cfg.mlp, cfg.qk_norm))
 
 
 def gguf_architecture(config: GPTConfig) -> str:
@@ -95,10 +104,10 @@ def gguf_architecture(config: GPTConfig) -> str:
     if problems:
         raise UserError(
             "cannot export this model to GGUF: " + "; ".join(problems)
-            + ". Exportable: learned positions + layernorm + gelu (gpt2), or rope + rmsnorm with "
-            "mlp swiglu or relu2 (llama, qwen3, arcee, apertus)"
+            + ". Exportable: layernorm + gelu with learned positions (gpt2) or rope (starcoder2), "
+            "or rope + rmsnorm with mlp swiglu or relu2 (llama, qwen3, arcee, apertus)"
         )
-    return "gpt2" if config.pos_emb == "learned" else _ROPE_TARGETS[(config.mlp, config.qk_norm)].arch
+    return "gpt2" if config.pos_emb == "learned" else _rope_target(config).arch
 
 
 def _unexportable(cfg: GPTConfig) -> list[str]:
@@ -114,14 +123,15 @@ def _unexportable(cfg: GPTConfig) -> list[str]:
         if cfg.mlp != "gelu":
             problems.append(f"model.mlp='{cfg.mlp}' with pos_emb='learned' (llama.cpp's gpt2 MLP is GELU)")
         return problems
-    if cfg.norm != "rmsnorm":
-        problems.append(f"model.norm='{cfg.norm}' with pos_emb='rope' (llama.cpp's RoPE archs use RMSNorm)")
-    if cfg.mlp == "gelu":
-        problems.append("model.mlp='gelu' with pos_emb='rope' (no llama.cpp RoPE arch has a plain GELU MLP)")
-    elif cfg.bias and not _ROPE_TARGETS[(cfg.mlp, cfg.qk_norm)].biases:
-        arch = _ROPE_TARGETS[(cfg.mlp, cfg.qk_norm)].arch
-        problems.append(f"model.bias=true with mlp='{cfg.mlp}', qk_norm={str(cfg.qk_norm).lower()} "
-                        f"(llama.cpp's {arch} loads no MLP or attention-output biases)")
+    target = _rope_target(cfg)
+    if target is None:
+        qk = ", qk_norm=true" if cfg.qk_norm else ""
+        problems.append(f"model.norm='{cfg.norm}', mlp='{cfg.mlp}'{qk} with pos_emb='rope' "
+                        "(no llama.cpp RoPE architecture computes that block)")
+    elif cfg.bias and not target.biases:
+        problems.append(f"model.bias=true with norm='{cfg.norm}', mlp='{cfg.mlp}', "
+                        f"qk_norm={str(cfg.qk_norm).lower()} "
+                        f"(llama.cpp's {target.arch} loads no MLP or attention-output biases)")
     return problems
 
 
@@ -181,10 +191,11 @@ def _add_metadata(writer, gguf, model: GPT, arch: str, dtype: str, name: str) ->
     writer.add_head_count(cfg.n_head)
     writer.add_head_count_kv(cfg.n_head)
     eps = _norm_eps(model)
-    if arch == "gpt2":
+    if cfg.norm == "layernorm":
         writer.add_layer_norm_eps(eps)
     else:
         writer.add_layer_norm_rms_eps(eps)
+    if cfg.pos_emb == "rope":
         writer.add_rope_freq_base(cfg.rope_theta)
         writer.add_rope_dimension_count(cfg.head_dim)
     if arch == "apertus":
@@ -254,29 +265,34 @@ def _tensors(model: GPT, arch: str) -> Iterator[tuple[str, Tensor]]:
     if arch == "gpt2":
         yield from _gpt2_tensors(model)
     else:
-        yield from _rope_tensors(model, _ROPE_TARGETS[(model.config.mlp, model.config.qk_norm)])
+        yield from _rope_tensors(model, _rope_target(model.config))
     if model.lm_head is not None:
         yield "output.weight", model.lm_head.weight[:V]
     elif arch == "apertus":  # its head is required: repeat the tied table
         yield "output.weight", model.wte.weight[:V]
 
 
+def _with_bias(name: str, weight: Tensor, bias: Tensor | None, required: bool) -> Iterator[tuple[str, Tensor]]:
+    yield f"{name}.weight", weight
+    if bias is None and required:  # zeros compute what a bias-free model does
+        bias = weight.new_zeros(weight.shape[0])
+    if bias is not None:
+        yield f"{name}.bias", bias
+
+
 def _gpt2_tensors(model: GPT) -> Iterator[tuple[str, Tensor]]:
-    def with_bias(name: str, m: nn.Module) -> Iterator[tuple[str, Tensor]]:
-        yield f"{name}.weight", m.weight
-        # llama.cpp's gpt2 requires every bias; zeros compute what a bias-free model does.
-        rows = m.weight.shape[0]
-        yield f"{name}.bias", m.bias if m.bias is not None else m.weight.new_zeros(rows)
+    def part(name: str, m: nn.Module) -> Iterator[tuple[str, Tensor]]:
+        return _with_bias(name, m.weight, m.bias, required=True)
 
     yield "position_embd.weight", model.wpe.weight
     for i, block in enumerate(model.blocks):
-        yield from with_bias(f"blk.{i}.attn_norm", block.ln_1)
-        yield from with_bias(f"blk.{i}.attn_qkv", block.attn.c_attn)
-        yield from with_bias(f"blk.{i}.attn_output", block.attn.c_proj)
-        yield from with_bias(f"blk.{i}.ffn_norm", block.ln_2)
-        yield from with_bias(f"blk.{i}.ffn_up", block.mlp.c_fc)
-        yield from with_bias(f"blk.{i}.ffn_down", block.mlp.c_proj)
-    yield from with_bias("output_norm", model.ln_f)
+        yield from part(f"blk.{i}.attn_norm", block.ln_1)
+        yield from part(f"blk.{i}.attn_qkv", block.attn.c_attn)
+        yield from part(f"blk.{i}.attn_output", block.attn.c_proj)
+        yield from part(f"blk.{i}.ffn_norm", block.ln_2)
+        yield from part(f"blk.{i}.ffn_up", block.mlp.c_fc)
+        yield from part(f"blk.{i}.ffn_down", block.mlp.c_proj)
+    yield from part("output_norm", model.ln_f)
 
 
 def _rope_tensors(model: GPT, target: _Target) -> Iterator[tuple[str, Tensor]]:
@@ -288,13 +304,14 @@ def _rope_tensors(model: GPT, target: _Target) -> Iterator[tuple[str, Tensor]]:
         return list(zip(m.weight.chunk(n), biases, strict=True))
 
     def linear(name: str, weight: Tensor, bias: Tensor | None) -> Iterator[tuple[str, Tensor]]:
-        yield f"{name}.weight", weight
-        if bias is not None:
-            yield f"{name}.bias", bias
+        return _with_bias(name, weight, bias, target.biases_required)
+
+    def norm(name: str, m: nn.Module) -> Iterator[tuple[str, Tensor]]:
+        return linear(name, m.weight, getattr(m, "bias", None))  # RMSNorm has no bias
 
     for i, block in enumerate(model.blocks):
         p, attn, mlp = f"blk.{i}", block.attn, block.mlp
-        yield f"{p}.attn_norm.weight", block.ln_1.weight
+        yield from norm(f"{p}.attn_norm", block.ln_1)
         for part, (w, b) in zip("qkv", split(attn.c_attn, 3), strict=True):
             if target.interleaved_rope and part in "qk":
                 w, b = _interleave(w, n_head), None if b is None else _interleave(b, n_head)
@@ -303,7 +320,7 @@ def _rope_tensors(model: GPT, target: _Target) -> Iterator[tuple[str, Tensor]]:
         if attn.q_norm is not None:
             yield f"{p}.attn_q_norm.weight", attn.q_norm.weight
             yield f"{p}.attn_k_norm.weight", attn.k_norm.weight
-        yield f"{p}.ffn_norm.weight", block.ln_2.weight
+        yield from norm(f"{p}.ffn_norm", block.ln_2)
         if mlp.kind == "swiglu":  # c_fc holds [gate; up]
             (gate_w, gate_b), (up_w, up_b) = split(mlp.c_fc, 2)
             yield from linear(f"{p}.ffn_gate", gate_w, gate_b)
@@ -311,7 +328,7 @@ def _rope_tensors(model: GPT, target: _Target) -> Iterator[tuple[str, Tensor]]:
         else:
             yield from linear(f"{p}.ffn_up", mlp.c_fc.weight, mlp.c_fc.bias)
         yield from linear(f"{p}.ffn_down", mlp.c_proj.weight, mlp.c_proj.bias)
-    yield "output_norm.weight", model.ln_f.weight
+    yield from norm("output_norm", model.ln_f)
 
 
 def _interleave(rows: Tensor, n_head: int) -> Tensor:
