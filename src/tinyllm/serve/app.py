@@ -1,7 +1,7 @@
 """The FastAPI application: routes, the chat page, and the worker's lifetime.
 
 Why it is shaped this way:
-- `create_app` takes a model object, not a run directory: loading checkpoints is the trainer's
+- `create_app` takes a model object, not a run directory: loading a run is `tinyllm.runtime`'s
   business, and tests build an app around a tiny random model in memory.
 - Routes are thin. Request bodies are read raw and validated by `schemas.parse_body` (not by
   FastAPI's body parameters) so every validation error, malformed JSON included, is an OpenAI
@@ -60,13 +60,7 @@ def create_app(
     (default: one less than PyTorch's, leaving a core to the HTTP loop). run_info: what the page
     shows about the run at GET /run (`runinfo.read_run_info`; default: nothing but a note).
     """
-    if not model_name:
-        raise ValueError("model_name must be a non-empty string")
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
-            f"{model.config.vocab_size}: they were not trained together"
-        )
+    _check_pair(model, tokenizer, model_name)
     worker = GenerationWorker(model, max_active=max_active, max_queued=max_queued, threads=threads)
     api = OpenAIEndpoints(
         worker,
@@ -76,6 +70,27 @@ def create_app(
         vocab_size=model.config.vocab_size,
         max_choices=max_choices,
     )
+    app = _app_around(worker, max_body_bytes)
+    static = resources.files("tinyllm.serve") / "static"
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    _add_routes(app, api, worker, str(static / "index.html"))
+    add_run_route(app, run_info or RunInfo())
+    add_tokenizer_routes(app, tokenizer, model.config.block_size)
+    return app
+
+
+def _check_pair(model: GPT, tokenizer: Tokenizer, model_name: str) -> None:
+    if not model_name:
+        raise ValueError("model_name must be a non-empty string")
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
+            f"{model.config.vocab_size}: they were not trained together"
+        )
+
+
+def _app_around(worker: GenerationWorker, max_body_bytes: int) -> FastAPI:
+    """A bare app whose lifespan starts and stops `worker`, with OpenAI error bodies and a body limit."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -91,11 +106,6 @@ def create_app(
     app.state.worker = worker
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
-    static = resources.files("tinyllm.serve") / "static"
-    app.mount("/static", StaticFiles(directory=str(static)), name="static")
-    _add_routes(app, api, worker, str(static / "index.html"))
-    add_run_route(app, run_info or RunInfo())
-    add_tokenizer_routes(app, tokenizer, model.config.block_size)
     return app
 
 

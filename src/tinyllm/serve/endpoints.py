@@ -25,8 +25,8 @@ import asyncio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+import tinyllm.serve.responses as R
 from tinyllm.errors import UserError
-from tinyllm.serve import responses as R
 from tinyllm.serve.choices import ChoiceRun, ChoiceSpec, GenerationFailed
 from tinyllm.serve.errors import APIError
 from tinyllm.serve.schemas import ChatCompletionRequest, CompletionRequest, parse_body

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from tinyllm.serve import responses as R
+import tinyllm.serve.responses as R
 from tinyllm.serve.choices import ChoiceRun, GenerationFailed
 from tinyllm.serve.errors import error_body
 
