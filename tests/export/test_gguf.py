@@ -19,8 +19,8 @@ import torch
 from llama_cpp import Llama
 
 from tinyllm.cli import main
-from tinyllm.cli.eval import run_data_dir
 from tinyllm.config import resolve
+from tinyllm.data.dataset import trained_dataset
 from tinyllm.data.loader import TokenLoader
 from tinyllm.errors import UserError
 from tinyllm.export.gguf import export_gguf, gguf_architecture
@@ -77,7 +77,7 @@ def exported(request, builtin_cache, tmp_path_factory):
         args = ["train", "--preset", "tiny", "--out", str(out), "--max-steps", "20", "--sample-every", "0"]
         assert main([*args, *itertools.chain.from_iterable(("--set", s) for s in settings)]) == 0
         model, cfg, _ = load_model(out)
-        data = run_data_dir(cfg)
+        data = trained_dataset(cfg.data)
     files = {d: export_gguf(model, out / f"model-{d}.gguf", dtype=d) for d in ("f32", "f16", "q8_0")}
     # f32 files run with an f32 KV cache: llama.cpp's default f16 cache rounds keys and values,
     # which a ReLU^2 model's large activations turn into logit errors of ~1e-2 (arcee, 8.2e-3).

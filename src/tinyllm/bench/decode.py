@@ -151,7 +151,7 @@ def int8_quality(args: argparse.Namespace, device) -> dict:
         return {"int8_val_loss_ratio": None, "int8_greedy_match": None, "quality_run": None}
     import torch
 
-    from tinyllm.cli.eval import run_data_dir
+    from tinyllm.data.dataset import trained_dataset
     from tinyllm.data.loader import TokenLoader
     from tinyllm.eval import evaluate_loss
     from tinyllm.inference.quantize import quantize_int8
@@ -159,7 +159,7 @@ def int8_quality(args: argparse.Namespace, device) -> dict:
 
     reference, cfg, ckpt = load_model(args.run, device)
     int8 = quantize_int8(load_model(args.run, device)[0])
-    data = run_data_dir(cfg)
+    data = trained_dataset(cfg.data)
     rows = dict(split="val", batch_size=cfg.train.micro_batch, context=cfg.context,
                 max_batches=args.quality_batches, mode=cfg.data.mode, loss_on=cfg.data.loss_on)
     ratio = evaluate_loss(int8, data, **rows).loss / evaluate_loss(reference, data, **rows).loss

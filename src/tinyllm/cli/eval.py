@@ -60,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--qa must be >= 0, got {args.qa}")
     if args.task:
         return run_tasks(args)
+    from tinyllm.data.dataset import trained_dataset
     from tinyllm.eval import evaluate_loss, qa_accuracy  # torch: after --help
 
     model, cfg, ckpt = load_run(args, "evaluate")
-    data_dir = Path(args.data) if args.data else run_data_dir(cfg)
+    data_dir = Path(args.data) if args.data else trained_dataset(cfg.data)
     batch_size = args.batch_size or cfg.train.micro_batch
     loss_on = args.loss_on or cfg.data.loss_on
     result = evaluate_loss(model, data_dir, split=args.split, batch_size=batch_size, context=cfg.context,
@@ -99,18 +100,6 @@ def run_tasks(args: argparse.Namespace) -> int:
         skipped = f", {t['skipped']} skipped (gold index outside the choices)" if t["skipped"] else ""
         print(f"{name}: acc {t['acc']:.4f}  acc_norm {t['acc_norm']:.4f}  ({t['items']} items{skipped})")
     return 0
-
-
-def run_data_dir(cfg) -> Path:
-    """The dataset a run trained on, found as the trainer finds it."""
-    from tinyllm.data.dataset import run_dataset
-    from tinyllm.data.manifest import MANIFEST
-
-    path = run_dataset(cfg.data)
-    if cfg.data.dir and not (path / MANIFEST).is_file():
-        raise UserError(f"the run's data {path} (data.dir in its config.toml) is gone: pass --data DIR, "
-                        "a dataset made by `tinyllm prepare`")
-    return path
 
 
 def figures(r) -> dict:

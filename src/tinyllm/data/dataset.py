@@ -3,6 +3,8 @@
 Why a module of its own: the trainer, `tinyllm eval` and the benchmarks all ask "which prepared
 directory does this run read?", and the answer may prepare the built-in corpus, so it needs the
 whole ingest pipeline. Here it has one home that the memmap reader (`loader`) never imports.
+Scoring a run after training (`trained_dataset`) asks the same question of a run whose data.dir
+may have been deleted since.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 from tinyllm.data.manifest import MANIFEST
 from tinyllm.data.prepare import PrepareOptions, prepare, prepare_settings
 from tinyllm.data.sources import BUILTIN_MAX_TOKENS, resolve_sources
+from tinyllm.errors import UserError
 from tinyllm.tokenizer import get_tokenizer
 
 if TYPE_CHECKING:
@@ -27,6 +30,15 @@ def run_dataset(data: DataConfig) -> Path:
     if data.dir:
         return Path(data.dir)
     return default_builtin_dataset(max_tokens=data.builtin_tokens)
+
+
+def trained_dataset(data: DataConfig) -> Path:
+    """`run_dataset` for a run that has trained: a data.dir gone since then is named as the run's."""
+    path = run_dataset(data)
+    if data.dir and not (path / MANIFEST).is_file():
+        raise UserError(f"the run's data {path} (data.dir in its config.toml) is gone: prepare it again with "
+                        f"`tinyllm prepare --out {path}`, or score another dataset with `tinyllm eval --data DIR`")
+    return path
 
 
 def default_builtin_dataset(max_tokens: int = BUILTIN_MAX_TOKENS, seed: int = 0, cache_dir: Path | None = None) -> Path:
