@@ -1,5 +1,9 @@
 """Data-parallel training across the processes torchrun starts: DDP, or FSDP2 for big models.
 
+This module is how one process takes part: joining the process group, wrapping the model, the
+collectives through which all ranks agree, and the torchrun launcher of `tinyllm train --nproc N`.
+Gathering FSDP2 shards into the one-file checkpoint is `sharded_state`.
+
 Why it is shaped this way:
 - One `Dist` value says how this process takes part: alone (no torchrun environment: no process
   group, and every helper here is a no-op, so a single process trains exactly as it always
@@ -13,12 +17,8 @@ Why it is shaped this way:
   all-reduced (so a NaN on one rank is a NaN on all, and they skip the step together), stopping
   (time budget, Ctrl-C) is an all-reduced max, a fitted schedule comes from rank 0. A rank that
   decided alone would leave the others waiting in a collective forever.
-- Checkpoints keep the one-file format of single-process runs: DDP's rank 0 holds the whole model;
-  FSDP2 gathers full state dicts to rank 0's CPU (`get_model_state_dict(full_state_dict=True,
-  cpu_offload=True)`), and its optimizer state is renamed from parameter names back to the
-  index-keyed layout `torch.optim` writes. So `sample`, `export` and a resume with any number of
-  processes (the loader's position counts rows globally) read every checkpoint alike. Every rank
-  reads a checkpoint itself, so multi-node runs need the run directory on a shared filesystem.
+- Every rank reads a checkpoint itself (`check_same_start`), so multi-node runs need the run
+  directory on a shared filesystem.
 - All ranks start from the same seed, so they build the same initial weights; the same RNG also
   means dropout masks repeat across ranks, the price of a checkpoint's one RNG state resuming
   every rank exactly.
@@ -236,100 +236,6 @@ def check_same_start(resume_from: Path | None, d: Dist) -> None:
     if main != mine:
         raise UserError(f"rank {d.rank} continues from {mine or 'no checkpoint'} but rank 0 from {main or 'none'}: "
                         "with several machines, put --out RUN_DIR on a filesystem they all share")
-
-
-# -- full weights and checkpoints ---------------------------------------------------------------
-
-
-def _full_options() -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def full_model(model: nn.Module, d: Dist) -> nn.Module | None:
-    """A model rank 0 can run alone (for samples); None on other ranks. FSDP: all ranks must call it."""
-    if not d.sharded:
-        return model if d.is_main else None
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    state = get_model_state_dict(model, options=_full_options())  # collective; full tensors on rank 0's CPU
-    if not d.is_main:
-        return None
-    copy = GPT(model.config)
-    copy.load_state_dict(state)
-    return copy
-
-
-def checkpoint_states(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> tuple[Any, Any]:
-    """What rank 0 saves: the model and optimizer themselves, or (FSDP) their gathered full state dicts."""
-    if not d.sharded:
-        return model, optimizer
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    weights = get_model_state_dict(model, options=_full_options())
-    optim = get_optimizer_state_dict(model, optimizer, options=_full_options())
-    return weights, _by_index(optim, _param_names(model, optimizer)) if d.is_main else None
-
-
-def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optim_state: dict) -> None:
-    """Load full (single-file) weights and optimizer state into an FSDP2-sharded model and its optimizer."""
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    set_model_state_dict(model, weights, options=_full_options())
-    by_name = _by_name(optim_state, _param_names(model, optimizer))
-    set_optimizer_state_dict(model, optimizer, by_name, options=_full_options())
-
-
-def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Parameter names in the optimizer's order: index i of `optimizer.state_dict()` is names[i]."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
-
-def _by_index(state: dict, names: list[str]) -> dict:
-    """Name-keyed optimizer state (torch.distributed.checkpoint) -> index-keyed (torch.optim)."""
-    index = {n: i for i, n in enumerate(names)}
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
-    return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
-
-
-def _by_name(state: dict, names: list[str]) -> dict:
-    """Index-keyed optimizer state (torch.optim) -> name-keyed (torch.distributed.checkpoint)."""
-    try:
-        groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
-        return {"state": {names[int(i)]: s for i, s in state["state"].items()}, "param_groups": groups}
-    except (IndexError, KeyError, TypeError) as e:
-        raise UserError(f"the saved optimizer state does not fit this model's parameters ({e}): resume from "
-                        "a checkpoint of this model") from None
-
-
-class QuietLog:
-    """The run log of ranks other than 0: remembers the metrics (the loop reads them), writes nothing."""
-
-    def __init__(self) -> None:
-        self.history: list[dict] = []
-
-    def write(self, text: str) -> None:
-        pass
-
-    def metrics(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
-
-    def sample(self, step: int, prompt: str, text: str) -> None:
-        pass
-
-    def plot(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 # -- the launcher -------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ is only appended to, with a line saying where the run resumed.
 A write that fails (disk full, no permission) raises `LogWriteError`, a UserError naming the file:
 the trainer then saves what it can and stops with that line, rather than a traceback from deep
 inside a writer. TensorBoard's events are written by `events.EventFile` in this thread for the
-same reason.
+same reason. Under torchrun only rank 0 writes; the other ranks' `QuietLog` keeps the metrics the
+loop reads back and writes nothing.
 """
 
 from __future__ import annotations
@@ -142,6 +143,28 @@ class RunLog:
                 failed = failed or LogWriteError(Path(getattr(f, "path", None) or f.name), e)
         if failed is not None:
             raise failed
+
+
+class QuietLog:
+    """The run log of ranks other than 0: remembers the metrics (the loop reads them), writes nothing."""
+
+    def __init__(self) -> None:
+        self.history: list[dict] = []
+
+    def write(self, text: str) -> None:
+        pass
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+
+    def sample(self, step: int, prompt: str, text: str) -> None:
+        pass
+
+    def plot(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _tb_tag(key: str) -> str:

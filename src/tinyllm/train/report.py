@@ -36,8 +36,7 @@ from tinyllm.eval.qa import QAResult, held_out_qa
 from tinyllm.inference.sampling import generate
 from tinyllm.runtime.device import describe_precision, preserved_rng
 from tinyllm.tokenizer import STOP_IDS, Tokenizer
-from tinyllm.train.distributed import QuietLog
-from tinyllm.train.logs import RunLog
+from tinyllm.train.logs import QuietLog, RunLog
 from tinyllm.train.schedule import LRSchedule
 
 

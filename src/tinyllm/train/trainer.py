@@ -46,8 +46,8 @@ from tinyllm.runtime.device import (
     use_tf32,
 )
 from tinyllm.tokenizer import get_tokenizer
-from tinyllm.train import distributed, report
-from tinyllm.train.logs import LogWriteError, RunLog, writing
+from tinyllm.train import distributed, report, sharded_state
+from tinyllm.train.logs import LogWriteError, QuietLog, RunLog, writing
 from tinyllm.train.optim import build_optimizer
 from tinyllm.train.report import TrainResult
 from tinyllm.train.schedule import LRSchedule, end_work, step_seconds, work_due
@@ -96,10 +96,10 @@ class Trainer:
         self.last_ckpt: Path | None = resume_from
         distributed.check_same_start(resume_from, self.dist)
         if resume_from is not None:
-            place = partial(distributed.load_sharded, self.model, self.optimizer) if self.dist.sharded else None
+            place = partial(sharded_state.load_sharded, self.model, self.optimizer) if self.dist.sharded else None
             self.load_state_dict(ckpt.load_training_state(resume_from, self.model, self.optimizer, place=place))
         self.log = (RunLog(self.run_dir, resume_step=self.step if resume_from else None, floor=self.floor, echo=echo)
-                    if self.dist.is_main else distributed.QuietLog())
+                    if self.dist.is_main else QuietLog())
         aside = ckpt.set_aside_after(self.run_dir, self.step) if resume_from and self.dist.is_main else None
         if aside is not None:
             self.log.write(f"moved the checkpoints after step {self.step} to {aside} (kept, not deleted): "
@@ -340,7 +340,7 @@ class Trainer:
         started = time.monotonic()
         result = self.evaluate()
         self.last_val, self.last_bpb = result.loss, result.bits_per_byte
-        tasks = probe_record(distributed.full_model(self.model, self.dist), self.task_probe) if self.task_probe else {}
+        tasks = probe_record(sharded_state.full_model(self.model, self.dist), self.task_probe) if self.task_probe else {}
         self.overhead["eval"] = time.monotonic() - started
         bpb = {"val_bpb": result.bits_per_byte} if self.last_bpb is not None else {}
         return {"val_loss": result.loss, **bpb, **tasks}
@@ -355,7 +355,7 @@ class Trainer:
     def _sample(self) -> None:
         tok = get_tokenizer()  # before the clock starts: its one-off build is no sampling cost
         started = time.monotonic()
-        model = distributed.full_model(self.model, self.dist)  # rank 0 samples; FSDP ranks all help gather it
+        model = sharded_state.full_model(self.model, self.dist)  # rank 0 samples; FSDP ranks all help gather it
         if model is None:
             return
         report.write_samples(self.log, model, tok, self.cfg.train, self.step, self.device, self.data_dir)
@@ -365,7 +365,7 @@ class Trainer:
         started = time.monotonic()
         self._read_steps()  # the skip counts saved are those of every step taken
         state = self.state_dict()
-        model, optimizer = distributed.checkpoint_states(self.model, self.optimizer, self.dist)  # FSDP: gathered
+        model, optimizer = sharded_state.checkpoint_states(self.model, self.optimizer, self.dist)  # FSDP: gathered
         path = None
         if self.dist.is_main:  # the loader's position is global: rank 0's is every rank's
             path = ckpt.save_checkpoint(self.run_dir, self.step, model=model, optimizer=optimizer,
@@ -388,7 +388,7 @@ class Trainer:
             self._sample()
         path = self.last_ckpt if self.saved_step == self.step else self._checkpoint()
         if self.cfg.train.stage == "sft":
-            self.qa = report.end_of_run_qa(self.log, partial(distributed.full_model, self.model, self.dist),
+            self.qa = report.end_of_run_qa(self.log, partial(sharded_state.full_model, self.model, self.dist),
                                            self.data_dir, self.cfg.train.qa_questions, step=self.step,
                                            tokens=self.tokens, val_loss=self.last_val)
         self.log.plot()
