@@ -36,7 +36,7 @@ def test_seed_preset_is_the_reference_recipe():
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size) == (8, 8, 512, 512, 50260)
     assert (o.lr, o.schedule) == (3e-4, "cosine")
     assert (t.dtype, t.micro_batch, t.grad_accum, t.checkpoint_every) == ("bf16", 16, 4, 5000)
-    assert t.sample_every > 0 and cfg.context == 512
+    assert t.sample_every > 0 and m.block_size == 512
 
 
 def test_modern_preset_builds_a_modern_model():
@@ -97,9 +97,27 @@ def test_width_not_divisible_by_heads_is_rejected():
         resolve("tiny", overrides=[cli("model.n_embd", "30"), cli("model.n_head", "4")])
 
 
-def test_context_longer_than_block_size_is_rejected():
-    with pytest.raises(UserError, match=r"data\.context \(64\).*model\.block_size \(32\)"):
-        resolve("tiny", overrides=[cli("data.context", "64")])
+def test_the_context_length_has_one_name_and_the_old_one_is_a_pointer_to_it():
+    with pytest.raises(UserError, match=r"^--set data\.context=128: data\.context is no longer a setting: use "
+                                        r"model\.block_size instead \(--set model\.block_size=128\)$"):
+        resolve("tiny", overrides=[cli("data.context", "128")])
+    assert not hasattr(resolve("tiny").data, "context")
+
+
+@pytest.mark.parametrize("context", [0, 48])
+def test_an_older_file_whose_data_context_agrees_with_the_block_size_loads(tmp_path, context):
+    f = tmp_path / "config.toml"  # [data] first: the check waits for the file's own model.block_size
+    f.write_text(f"[data]\ncontext = {context}\n[model]\nblock_size = 48\n")
+    assert resolve("tiny", f).model.block_size == 48
+
+
+def test_an_older_file_whose_data_context_differs_names_the_file_and_the_fix(tmp_path):
+    f = tmp_path / "config.toml"
+    f.write_text("[data]\ncontext = 16\n")
+    with pytest.raises(UserError) as e:
+        resolve("tiny", f)
+    assert str(e.value) == (f"{f}: data.context (16) differs from model.block_size (32), and data.context is no "
+                            "longer a setting: use model.block_size instead and drop data.context")
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [

@@ -7,8 +7,12 @@ Why it is shaped this way:
 - Layers are merged as plain nested dicts, and every key is checked (name, type) as its layer is
   merged, so an error names where the bad value came from (`--set`, the TOML file, the preset)
   and suggests the key that was probably meant. The dataclasses are built once, at the end, and
-  checks that involve two fields (width vs heads, context vs block size) run then. What a single
-  value may be (its type, command-line text, durations) is `config_values`, which knows no keys.
+  checks that involve two fields (width vs heads) run then. What a single value may be (its type,
+  command-line text, durations) is `config_values`, which knows no keys.
+- Each value has one name. The context length is `model.block_size` (the model's weights depend on
+  it; the loader cuts rows of that many tokens); older runs' `data.context` is read only to check
+  that it agreed (`RETIRED`). Checks that need the number of processes (`train.batch_tokens`) are
+  the run plan's (`tinyllm.train.run_plan`), made once before any process starts.
 - The resolved config is written back as TOML (`tomlio`) into the run directory and every
   checkpoint, and `resolve(base=...)` reads it back to an equal config.
 """
@@ -42,8 +46,6 @@ class DataConfig:
     dir: str = ""
     # "packed": documents run together across rows; "padded": one document per row, padded.
     mode: Literal["packed", "padded"] = "packed"
-    # Tokens per row; 0 means model.block_size.
-    context: int = 0
     # How many tokens of the built-in corpus to prepare when `dir` is "".
     builtin_tokens: int = 5_000_000
     # Which targets carry the loss: "all" tokens, or only the "assistant" tokens of ChatML
@@ -124,8 +126,9 @@ class TrainConfig:
     # Under torchrun: "ddp" (each process holds the whole model) or "fsdp" (FSDP2 shards weights,
     # gradients and optimizer state across processes, for models that do not fit one device).
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    # Tokens per optimizer step over all processes; grad_accum is then derived from it, so a step
-    # stays the same whatever the number of processes. 0: micro_batch x grad_accum x processes x context.
+    # Tokens per optimizer step over all processes; grad_accum is then derived from it (when the run
+    # is planned), so a step stays the same whatever the number of processes.
+    # 0: micro_batch x grad_accum x processes x model.block_size.
     batch_tokens: int = 0
     # "pretrain" starts from random weights; "sft" (chat fine-tuning) from the weights of `init`.
     stage: Literal["pretrain", "sft"] = "pretrain"
@@ -144,11 +147,6 @@ class Config:
     # The preset this config started from (informational; resuming checks it).
     preset: str = ""
 
-    @property
-    def context(self) -> int:
-        """Tokens per training row."""
-        return self.data.context or self.model.block_size
-
 
 SECTIONS: dict[str, type] = {"model": GPTConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 # Top-level keys that are not sections. `description` documents a preset and is dropped.
@@ -156,6 +154,9 @@ TOP_LEVEL = ("preset", "description")
 # Keys that older runs' config.toml files hold, under the name that now means the same: fitting
 # the schedule once to train.max_time gave way to the schedule following the time spent.
 RENAMED = {("train", "fit_steps_to_time"): "budget_drives_schedule"}
+# Keys that older runs' files hold for a value that now has another name, read only to check that
+# they agree with it: `data.context` (tokens per row, 0 for the block size) is `model.block_size`.
+RETIRED = {("data", "context"): ("model", "block_size")}
 
 
 # -- presets ------------------------------------------------------------------------------------
@@ -190,16 +191,17 @@ def resolve(
     config_file: str | Path | None = None,
     overrides: typing.Sequence[tuple[str, Any, str]] = (),
     base: dict | None = None,
+    base_name: str = "the run's config.toml",
 ) -> Config:
     """Build the validated config: `base` (or the preset) -> `config_file` -> `overrides`.
 
     `overrides` are (dotted key, value, source) triples; a `str` value from the command line is
     parsed as a TOML value when the field is not a string. `base` (a saved run's config, as a
-    dict) replaces the preset when resuming.
+    dict, read from the file `base_name` names in errors) replaces the preset when resuming.
     """
     merged = _defaults()
     if base is not None:
-        _merge(merged, base, "the run's config.toml")
+        _merge(merged, base, base_name)
     else:
         name = preset or DEFAULT_PRESET
         _merge(merged, read_preset(name), f"preset {name!r}")
@@ -208,6 +210,9 @@ def resolve(
         _merge(merged, read_toml(config_file), str(config_file))
     for key, value, source in overrides:
         section, name = _split_key(key, source)
+        if (section, name) in RETIRED:
+            now = ".".join(RETIRED[section, name])
+            raise UserError(f"{source}: {key} is no longer a setting: use {now} instead (--set {now}={value})")
         _merge(merged, {section: {name: value}}, source)
     return _build(merged)
 
@@ -243,6 +248,7 @@ def _split_key(key: str, source: str) -> tuple[str, str]:
 
 
 def _merge(into: dict, layer: dict, source: str) -> None:
+    retired: list[tuple[str, str, Any]] = []
     for key, value in layer.items():
         if key in TOP_LEVEL:
             if key == "preset":
@@ -256,9 +262,24 @@ def _merge(into: dict, layer: dict, source: str) -> None:
         hints = typing.get_type_hints(SECTIONS[key])
         for name, v in value.items():
             name = RENAMED.get((key, name), name)
-            if name not in hints:
+            if (key, name) in RETIRED:
+                retired.append((key, name, v))
+            elif name not in hints:
                 raise UserError(f"{source}: unknown key {key}.{name}{_did_you_mean_key(f'{key}.{name}')}")
-            into[key][name] = coerce(v, hints[name], f"{key}.{name}", source)
+            else:
+                into[key][name] = coerce(v, hints[name], f"{key}.{name}", source)
+    for key, name, v in retired:  # after the whole layer: it may set the new key after the old one
+        _check_retired(into, key, name, v, source)
+
+
+def _check_retired(merged: dict, section: str, name: str, value: Any, source: str) -> None:
+    """A retired key loads (and is dropped) when it says what the key now named for it says, or 0 ("the same")."""
+    key = f"{section}.{name}"
+    now_section, now_name = RETIRED[section, name]
+    now = merged[now_section][now_name]
+    if coerce(value, int, key, source) not in (0, now):
+        raise UserError(f"{source}: {key} ({value}) differs from {now_section}.{now_name} ({now}), and {key} is no "
+                        f"longer a setting: use {now_section}.{now_name} instead and drop {key}")
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -302,11 +323,6 @@ def validate(cfg: Config) -> None:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     if m.vocab_size < VOCAB_SIZE:
         raise UserError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's {VOCAB_SIZE} ids: set it to {VOCAB_SIZE}")
-    if d.context < 0 or d.context > m.block_size:
-        raise UserError(
-            f"data.context ({d.context}) must be between 1 and model.block_size ({m.block_size}), or 0 for "
-            "block_size: the model cannot attend further than its block size"
-        )
     _positive(t, "micro_batch", "grad_accum", "max_steps", "eval_batches", "keep_checkpoints", "max_bad_steps", "log_every")
     _non_negative(t, "eval_every", "sample_every", "sample_tokens", "checkpoint_every", "sample_top_k", "qa_questions")
     if t.stage == "sft" and not t.init:
@@ -314,10 +330,7 @@ def validate(cfg: Config) -> None:
     if t.stage == "pretrain" and t.init:
         raise UserError(f"train.init ({t.init}) is only read by chat fine-tuning: add --stage sft, or drop --init")
     _non_negative(o, "warmup_steps", "weight_decay", "grad_clip")
-    _non_negative(t, "batch_tokens")
-    if t.batch_tokens % (t.micro_batch * cfg.context):
-        raise UserError(f"train.batch_tokens ({t.batch_tokens}) must be a multiple of train.micro_batch x context "
-                        f"({t.micro_batch} x {cfg.context}), and of that times the number of processes")
+    _non_negative(t, "batch_tokens")  # its fit to the batch shape and process count: `train.run_plan`
     _non_negative(d, "builtin_tokens")
     if not o.lr > 0 or not math.isfinite(o.lr):
         raise UserError(f"optim.lr must be a positive number, got {o.lr}")

@@ -18,8 +18,8 @@ def test_gemm_flops_add_up_to_flops_per_token(preset, batch):
     cfg = resolve(preset)
     with torch.device("meta"):
         model = GPT(cfg.model)
-    gemms = model_gemms(cfg.model, batch, cfg.context)
-    assert sum(g.step_flops for g in gemms) == pytest.approx(model.flops_per_token() * batch * cfg.context, rel=1e-9)
+    gemms = model_gemms(cfg.model, batch, cfg.model.block_size)
+    assert sum(g.step_flops for g in gemms) == pytest.approx(model.flops_per_token() * batch * cfg.model.block_size, rel=1e-9)
     assert {part_of(g) for g in gemms} == {"linears", "head", "attention"}
 
 

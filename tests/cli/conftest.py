@@ -6,8 +6,8 @@ built-in corpus, without --data, so its config says "the built-in corpus" and th
 the cache named by TINYLLM_CACHE: a command started with `tiny_run.env` finds it as a user's
 would. RoPE instead of learned positions, so that generation can run past the context (the chat
 test needs an answer long enough to interrupt); RMSNorm because RoPE exports need it. A context
-of 128 (RoPE has no position table, so it costs nothing; training rows stay 32 tokens) so that a
-story and a question fit, for `eval --qa`.
+(model.block_size, which is also the length of training rows) of 128 so that a story and a
+question fit, for `eval --qa`.
 """
 
 from __future__ import annotations

@@ -16,14 +16,15 @@ def last_logged_val_loss(run) -> float:
 
 
 def test_eval_gives_the_val_loss_training_logged(tiny_run):
-    eval_batches = read_config(tiny_run.path).train.eval_batches
+    cfg = read_config(tiny_run.path)
+    eval_batches = cfg.train.eval_batches
     r = tiny_run.tinyllm("eval", "--run", str(tiny_run.path), "--max-batches", str(eval_batches), "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert abs(report["loss"] - last_logged_val_loss(tiny_run.path)) < 1e-4
     # It read the built-in corpus the run trained on, from the cache the run used.
     assert report["data"].startswith(tiny_run.env["TINYLLM_CACHE"])
-    assert report["tokens"] == eval_batches * 8 * 32  # tiny: micro-batch 8, context 32, packed rows
+    assert report["tokens"] == eval_batches * cfg.train.micro_batch * cfg.model.block_size  # packed rows
     assert math.isclose(report["perplexity"], math.exp(report["loss"]))
     assert 0 < report["bits_per_byte"] < report["loss"] / math.log(2)  # > 1 byte per token
     assert 0 < report["floor"] < report["loss"] and math.isclose(report["gap"], report["loss"] - report["floor"])

@@ -14,7 +14,7 @@ from tinyllm.config import read_toml
 from tinyllm.runtime.checkpoint import list_checkpoints
 
 SHRUNK = ["--set", "model.n_layer=1", "--set", "model.n_embd=64", "--set", "model.n_head=2",
-          "--set", "model.block_size=32", "--set", "data.context=32", "--set", "data.builtin_tokens=40000",
+          "--set", "model.block_size=32", "--set", "data.builtin_tokens=40000",
           "--set", "train.micro_batch=4", "--set", "train.eval_batches=2", "--set", "train.sample_tokens=8"]
 
 

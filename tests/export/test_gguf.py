@@ -69,7 +69,7 @@ def exported(request, builtin_cache, tmp_path_factory):
     """(arch, tinyllm model, its val data, {dtype: Llama}, run dir) for a freshly trained tiny run."""
     arch = request.param
     out = tmp_path_factory.mktemp(f"run-{arch}")
-    settings = ["data.builtin_tokens=40000", f"model.block_size={CONTEXT}", f"data.context={CONTEXT}",
+    settings = ["data.builtin_tokens=40000", f"model.block_size={CONTEXT}",
                 "train.micro_batch=4", "train.grad_accum=1", "train.eval_every=20", "train.eval_batches=1",
                 "train.checkpoint_every=20", "train.log_every=10", *ARCHS[arch]]
     with pytest.MonkeyPatch.context() as mp:

@@ -1,5 +1,6 @@
 """Training under torchrun (2 CPU processes, gloo): the loss curve of one process, FSDP2, resuming
-across process counts, Ctrl-C, and the checks that keep a mistake to one line.
+across process counts, and every process stopping at the same step. Starting torchrun for
+`--nproc` is `test_launch`.
 
 The reference curves are computed in the test, by one process on the same global batch: micro
 batch 2 with `batch_tokens` 128 gives grad_accum 2 alone and 1 with two processes, so both take
@@ -7,12 +8,9 @@ the same rows and average the same gradients; they agree to float32 rounding (~1
 """
 
 import json
-import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,14 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.run
 
-from tinyllm.cli import build_parser, main
-from tinyllm.cli.train import command_line
 from tinyllm.config import resolve
 from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.data.prompts import opening_prompts
-from tinyllm.errors import UserError
 from tinyllm.runtime.checkpoint import latest_checkpoint, load_model
 from tinyllm.train import distributed
+from tinyllm.train.run_plan import plan_run
 from tinyllm.train.trainer import Trainer
 
 TOLERANCE = 1e-4
@@ -55,9 +51,10 @@ def settings(data: str, steps: int, **extra) -> dict:
 
 
 def train_here(run, values: dict, resume: bool = False):
-    """One process, in this one."""
-    cfg = resolve("tiny", overrides=[(k, v, "test") for k, v in values.items()])
-    return Trainer(cfg, run, resume_from=latest_checkpoint(run) if resume else None, echo=False).run()
+    """One process, in this one (planned as `tinyllm train` plans: grad_accum from batch_tokens)."""
+    plan = plan_run(run, preset="tiny", overrides=[(k, v, "test") for k, v in values.items()],
+                    resume="auto" if resume else None)
+    return Trainer(plan.config, run, resume_from=plan.resume_from, echo=False).run()
 
 
 def cli_flags(run, values: dict) -> list[str]:
@@ -100,58 +97,6 @@ def test_without_torchrun_there_is_no_process_group():
     d, device = distributed.setup(torch.device("cpu"), "ddp")
     assert not d.active and d.is_main and d.world_size == 1 and device.type == "cpu"
     assert not dist.is_initialized()
-
-
-def test_batch_tokens_keeps_the_step_the_same_for_any_process_count(data):
-    t = resolve("tiny", overrides=[("train.micro_batch", 2, "test"), ("train.batch_tokens", 256, "test")]).train
-    assert [distributed.accumulation_steps(t, 32, n) for n in (1, 2, 4)] == [4, 2, 1]
-    with pytest.raises(UserError, match=r"train.batch_tokens \(256\) is not a multiple of .* = 384.*set it to 384"):
-        distributed.accumulation_steps(t, 32, 6)
-    with pytest.raises(UserError, match="must be a multiple of train.micro_batch x context"):
-        resolve("tiny", overrides=[("train.batch_tokens", 100, "test")])
-
-
-def test_nproc_hands_every_flag_on_to_the_processes():
-    parser = build_parser()
-    argv = ["train", "--preset", "tiny", "--data", "d", "--max-steps", "5", "--resume", "--set", "optim.lr=1e-3",
-            "--set", "model.n_layer=1", "--parallel", "fsdp", "--batch-tokens", "512", "--nproc", "2"]
-    args = parser.parse_args(argv)
-    again = parser.parse_args(["train", *command_line(args.parser, args, nproc=None, out="/runs/x")])
-    want = {**vars(args), "nproc": None, "out": "/runs/x", "parser": None, "func": None}
-    assert {**vars(again), "parser": None, "func": None} == want
-    assert all(flag in args.parser.format_help() for flag in ("--nproc N", "--parallel {ddp,fsdp}", "--batch-tokens N"))
-
-
-def test_mistakes_are_one_line_before_any_process_starts(tmp_path, data, monkeypatch, capsys):
-    base = ["train", "--preset", "tiny", "--data", data]
-    assert main([*base, "--out", str(tmp_path / "a"), "--nproc", "0"]) == 2
-    assert main([*base, "--out", str(tmp_path / "b"), "--nproc", "3", "--batch-tokens", "128",
-                 "--set", "train.micro_batch=2"]) == 2
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
-        monkeypatch.setenv(key, value)
-    assert main(base) == 2
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and "Traceback" not in "".join(err)
-    assert "--nproc must be at least 1" in err[0]
-    assert "not a multiple of micro_batch x context x processes (2 x 32 x 3 = 192)" in err[1]
-    assert "under torchrun every process must write to the same run: add --out RUN_DIR" in err[2]
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-
-
-def test_nproc_gives_the_workers_their_threads_and_leaves_this_process_as_it_was(tmp_path, data, monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    seen = {}
-
-    def torchrun(config):  # stands in for torchrun: what would its workers inherit?
-        seen["threads"] = os.environ.get("OMP_NUM_THREADS")
-
-    monkeypatch.setattr(torch.distributed.run, "run", torchrun)
-    cfg = resolve("tiny", overrides=[("data.dir", data, "test"), ("train.device", "cpu", "test")])
-    level = logging.getLogger("torch.distributed").level
-    assert distributed.launch(2, ["--out", str(tmp_path)], tmp_path, cfg) == 0
-    assert seen["threads"] == str(max(1, (os.cpu_count() or 1) // 2))  # the processes share the cores
-    assert "OMP_NUM_THREADS" not in os.environ
-    assert logging.getLogger("torch.distributed").level == level
 
 
 def _agree_in(rank: int, init_file: str, out_dir: str) -> None:
@@ -227,28 +172,3 @@ def test_under_a_time_budget_every_process_ends_at_the_same_step_at_the_floor(tm
     assert records[-1]["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio)
     assert r.stdout.count(f"time budget: {records[-1]['step']:,} steps") == 1
     assert latest_checkpoint(run).name == f"step-{records[-1]['step']:08d}"
-
-
-def test_ctrl_c_stops_every_process_at_the_same_step_with_a_checkpoint(tmp_path, data):
-    run = tmp_path / "run"
-    values = settings(data, 100_000, **{"train.eval_every": 0})
-    proc = subprocess.Popen([sys.executable, "-m", "tinyllm", "train", *cli_flags(run, values), "--nproc", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and max(_steps(run), default=0) < 2:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    stopped = max(_steps(run))
-    assert out.count(f"interrupted: {stopped} steps") == 1
-    # Had the ranks disagreed on the step, the save would wait on a collective that never comes.
-    assert latest_checkpoint(run).name == f"step-{stopped:08d}" and stopped < 100_000
-
-
-def _steps(run) -> list[int]:
-    try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line)["step"] for line in lines if line.endswith("}")]

@@ -79,7 +79,7 @@ def test_periodic_val_loss_scores_each_row_once_as_tinyllm_eval_does(tmp_path, m
     assert len(rows) == budget and len(set(rows)) == budget  # the budget spent, no row twice
     for xs, ys in trainer.val_batches:  # pads fill rows, never teach
         assert not (ys == PAD).any() and (ys[xs == PAD] == -1).all()
-    seen = evaluate_loss(trainer.model, mix, batch_size=cfg.train.micro_batch, context=cfg.context,
+    seen = evaluate_loss(trainer.model, mix, batch_size=cfg.train.micro_batch, context=cfg.model.block_size,
                          max_batches=EVAL_BATCHES, mode="padded")
     assert sorted(seen.sources) == ["builtin", "local-notes"]  # the small source has its share
     ours = trainer.evaluate()

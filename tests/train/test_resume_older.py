@@ -1,6 +1,7 @@
 """Resuming from an older checkpoint deletes nothing the user made: the newer checkpoints are
 moved to `checkpoints/superseded-DATE-TIME/`, whole, and rotation deletes only the run's own
-checkpoints older than the one just completed."""
+checkpoints older than the one just completed. A run written by older code (its config.toml
+naming the context length data.context) still samples and continues."""
 
 import hashlib
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from tinyllm.cli import main
-from tinyllm.config import resolve
+from tinyllm.config import read_toml, resolve
 from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.model.gpt import GPT
 from tinyllm.runtime import checkpoint as ckpt
@@ -90,3 +91,16 @@ def test_set_aside_moves_only_newer_checkpoints_into_a_folder_of_their_own(tmp_p
     assert second != first and sorted(p.name for p in second.iterdir()) == ["README.txt", "step-00000004"]
     assert ckpt.set_aside_after(tmp_path, 2) is None
     assert ckpt.run_dir_of(second / "step-00000004") == tmp_path
+
+
+def test_a_run_whose_config_names_data_context_samples_and_continues(tmp_path, data, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", data, "--out", str(run), *QUIET, "--max-steps", "2"]) == 0
+    for f in (run / "config.toml", *run.glob("checkpoints/*/config.toml")):  # as runs wrote them before
+        f.write_text(f.read_text().replace("[data]\n", "[data]\ncontext = 32\n"))
+    assert "context = 32" in (run / "checkpoints" / "step-00000002" / "config.toml").read_text()
+    assert main(["sample", "--run", str(run), "--prompt", "Once", "--max-new-tokens", "4", "--seed", "1"]) == 0
+    assert main(["train", "--out", str(run), *QUIET, "--max-steps", "3"]) == 0
+    assert "resuming at step 2" in capsys.readouterr().out
+    assert names(run) == ["step-00000002", "step-00000003"]
+    assert "context" not in read_toml(run / "config.toml")["data"]  # written back with the one name

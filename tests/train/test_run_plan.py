@@ -8,7 +8,7 @@ from tinyllm.errors import UserError
 from tinyllm.model.gpt import GPT
 from tinyllm.runtime.checkpoint import save_checkpoint
 from tinyllm.train.optim import build_optimizer
-from tinyllm.train.run_plan import plan_run
+from tinyllm.train.run_plan import accumulation_steps, plan_run
 
 
 def make_run(run, data, steps=(2,)):
@@ -53,3 +53,32 @@ def test_explicit_resume_needs_a_checkpoint(tmp_path):
         plan_run(tmp_path, resume="auto")
     with pytest.raises(UserError, match="--resume needs the run to continue"):
         plan_run(None, resume="auto")
+
+
+def test_batch_tokens_keeps_the_step_the_same_for_any_process_count(tmp_path):
+    t = resolve("tiny", overrides=[("train.micro_batch", 2, "test"), ("train.batch_tokens", 256, "test")]).train
+    assert [accumulation_steps(t, 32, n) for n in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(UserError, match=r"train.batch_tokens \(256\) is not a multiple of .* = 384.*set it to 384"):
+        accumulation_steps(t, 32, 6)
+
+
+def test_the_plan_derives_grad_accum_once_for_the_processes_it_plans(tmp_path):
+    settings = [("train.micro_batch", 2, "test"), ("train.batch_tokens", 256, "test")]
+    assert [plan_run(tmp_path, preset="tiny", overrides=settings, processes=n).config.train.grad_accum
+            for n in (1, 2, 4)] == [4, 2, 1]
+    assert plan_run(tmp_path, preset="tiny").config.train.grad_accum == resolve("tiny").train.grad_accum
+    with pytest.raises(UserError, match=r"^train.batch_tokens \(100\) is not a multiple of micro_batch x "
+                                        r"model.block_size x processes \(2 x 32 x 1 = 64\): set it to 128"):
+        plan_run(tmp_path, preset="tiny", overrides=[*settings[:1], ("train.batch_tokens", 100, "test")])
+
+
+def test_an_older_run_whose_config_names_data_context_continues(tmp_path):
+    """Runs from before the context length had one name wrote data.context (0, or the block size)."""
+    make_run(tmp_path / "run", tmp_path, steps=(2,))
+    saved = tmp_path / "run" / "checkpoints" / "step-00000002" / "config.toml"
+    saved.write_text(saved.read_text().replace("[data]\n", "[data]\ncontext = 32\n"))
+    plan = plan_run(tmp_path / "run", overrides=[("train.max_steps", 9, "test")])
+    assert plan.resume_from.name == "step-00000002" and plan.config.model.block_size == 32
+    saved.write_text(saved.read_text().replace("context = 32", "context = 16"))
+    with pytest.raises(UserError, match=f"^{saved}: data.context \\(16\\) differs from model.block_size \\(32\\)"):
+        plan_run(tmp_path / "run")

@@ -42,7 +42,7 @@ def data(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, data):
-    settings = {"data.dir": data, "model.block_size": CONTEXT, "data.context": CONTEXT, "train.max_steps": PRETRAIN_STEPS,
+    settings = {"data.dir": data, "model.block_size": CONTEXT, "train.max_steps": PRETRAIN_STEPS,
                 "train.grad_accum": 1, "train.eval_every": 0, "train.sample_every": 0, "train.checkpoint_every": 0,
                 "optim.lr": 1e-2}
     run = tmp_path_factory.mktemp("pretrained")
@@ -146,7 +146,7 @@ def test_micro_batches_are_weighted_by_their_targets(tmp_path, pretrained):
 def test_periodic_val_loss_agrees_with_tinyllm_eval(tmp_path, pretrained):
     cfg = sft_plan(tmp_path, pretrained, **QUIET).config
     trainer = Trainer(cfg, tmp_path, echo=False)
-    full = evaluate_loss(trainer.model, cfg.data.dir, batch_size=cfg.train.micro_batch, context=cfg.context,
+    full = evaluate_loss(trainer.model, cfg.data.dir, batch_size=cfg.train.micro_batch, context=cfg.model.block_size,
                          max_batches=cfg.train.eval_batches, mode="padded", loss_on="assistant")
     ours = trainer.evaluate()
     assert ours.loss == pytest.approx(full.loss, rel=1e-6)
@@ -225,7 +225,7 @@ class SmallBuiltin(BuiltinSource):
 def test_sft_learns_to_answer_held_out_questions(tmp_path):
     data = tmp_path / "data"
     prepare([SmallBuiltin("builtin", 1.0, 0)], data, PrepareOptions(max_tokens=40_000, val_fraction=0.2, progress=False))
-    model = {"model.block_size": 96, "data.context": 96, "model.n_embd": 128}
+    model = {"model.block_size": 96, "model.n_embd": 128}
     pre = {**model, "data.dir": str(data), "train.max_steps": 40, "train.grad_accum": 1, "train.eval_every": 0,
            "train.sample_every": 0, "train.checkpoint_every": 0, "optim.lr": 3e-3}
     Trainer(resolve("tiny", overrides=[(k, v, "test") for k, v in pre.items()]), tmp_path / "pre", echo=False).run()

@@ -280,7 +280,7 @@ def test_finished_run_says_so_instead_of_training(tmp_path, data):
 
 
 def test_the_modern_preset_trains_with_the_same_loop(tmp_path, data):
-    small = {"model.block_size": 32, "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "data.context": 32,
+    small = {"model.block_size": 32, "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32,
              "data.dir": data, "train.micro_batch": 8, "train.grad_accum": 1, "train.max_steps": 12,
              "train.eval_every": 12, "train.eval_batches": 2, "train.sample_every": 0, "train.dtype": "fp32",
              "optim.lr": 1e-2, "optim.warmup_steps": 2}

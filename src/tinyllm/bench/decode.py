@@ -160,10 +160,10 @@ def int8_quality(args: argparse.Namespace, device) -> dict:
     reference, cfg, ckpt = load_model(args.run, device)
     int8 = quantize_int8(load_model(args.run, device)[0])
     data = trained_dataset(cfg.data)
-    rows = dict(split="val", batch_size=cfg.train.micro_batch, context=cfg.context,
+    rows = dict(split="val", batch_size=cfg.train.micro_batch, context=cfg.model.block_size,
                 max_batches=args.quality_batches, mode=cfg.data.mode, loss_on=cfg.data.loss_on)
     ratio = evaluate_loss(int8, data, **rows).loss / evaluate_loss(reference, data, **rows).loss
-    length = min(args.prompt_tokens, cfg.context - args.match_tokens)
+    length = min(args.prompt_tokens, cfg.model.block_size - args.match_tokens)
     if length < 1:
         raise UserError(f"--match-tokens {args.match_tokens} leave no room for a prompt in the run's context")
     loader = TokenLoader(data, "val", args.prompts, length, mode="packed")

@@ -133,7 +133,7 @@ def _val_pass(trainer, cfg):  # -> tinyllm.eval.EvalResult
     from tinyllm.eval import evaluate_loss
 
     return evaluate_loss(trainer.model, cfg.data.dir, split="val", batch_size=cfg.train.micro_batch,
-                         context=cfg.context, device=trainer.device, autocast_dtype=trainer.amp,
+                         context=cfg.model.block_size, device=trainer.device, autocast_dtype=trainer.amp,
                          mode=cfg.data.mode, loss_on=cfg.data.loss_on)
 
 

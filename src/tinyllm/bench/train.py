@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
     _prepare_data(cfg)
     chosen = _auto_precision(device)
-    gemms = model_gemms(cfg.model, batch, cfg.context)
+    gemms = model_gemms(cfg.model, batch, cfg.model.block_size)
     measured = _measure_limits(gemms, device, "before")
     spec = {"preset": args.preset, "micro_batch": batch, "steps": args.steps, "compile": args.compile}
     ours = {p: _in_subprocess({**spec, "side": "tinyllm", "precision": p}) for p in (chosen, _other(chosen))}
@@ -82,11 +82,11 @@ def run(args: argparse.Namespace) -> dict:
     main = ours[chosen]
     return {
         "preset": args.preset,
-        "model": f"{cfg.model.n_layer} layers x {cfg.model.n_embd} wide, context {cfg.context}",
+        "model": f"{cfg.model.n_layer} layers x {cfg.model.n_embd} wide, context {cfg.model.block_size}",
         "parameters": main["parameters"],
         "device": device.type,
         "threads": main["threads"],
-        "micro_batch": batch, "context": cfg.context, "warmup_steps": WARMUP_STEPS, "steps": args.steps,
+        "micro_batch": batch, "context": cfg.model.block_size, "warmup_steps": WARMUP_STEPS, "steps": args.steps,
         **peak_info,
         "compile": args.compile,
         "flops_per_token": fpt,
@@ -294,7 +294,7 @@ def _peer_step(spec: dict, run_dir: Path) -> tuple[Callable[[], float], dict]:
     model = GPT2LMHeadModel(hf).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                   weight_decay=o.weight_decay)
-    shape = (spec["micro_batch"], cfg.context)
+    shape = (spec["micro_batch"], cfg.model.block_size)
 
     def step() -> float:
         ids = torch.randint(0, m.vocab_size, shape, device=device)  # the content does not change the speed

@@ -4,7 +4,7 @@ exact-answer accuracy on the built-in corpus's held-out questions).
 Why it is shaped this way: the figures are `tinyllm.eval` (`evaluate_loss`, `qa_accuracy`); this
 module only finds the data and prints. By default it reads the data the run was trained on, found
 the way the trainer finds it (the config's data.dir, else the built-in corpus prepared into the
-cache with the run's data.builtin_tokens), and cuts and scores rows as the run did (its context,
+cache with the run's data.builtin_tokens), and cuts and scores rows as the run did (its model.block_size,
 data.mode, data.loss_on and train.micro_batch), so `--max-batches train.eval_batches` scores the
 very rows of the trainer's periodic val loss. Each source of a mix is scored on its own rows, each
 once, and reported on its own line; the total is over all their tokens (`tinyllm.eval.loss`). The
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="held-out loss, perplexity and bits per byte of a trained run",
         description="Score RUN_DIR's newest checkpoint (or --checkpoint) on a prepared split: loss in nats per "
         "token, perplexity, bits per byte and tokens scored; on the built-in corpus also its entropy floor and "
-        "the gap to it. Rows are cut as in training (the run's context, data mode and micro-batch).",
+        "the gap to it. Rows are cut as in training (the run's model.block_size, data mode and micro-batch).",
     )
     add_run_arguments(p)
     add_quantize_argument(p)
@@ -67,10 +67,10 @@ def run(args: argparse.Namespace) -> int:
     data_dir = Path(args.data) if args.data else trained_dataset(cfg.data)
     batch_size = args.batch_size or cfg.train.micro_batch
     loss_on = args.loss_on or cfg.data.loss_on
-    result = evaluate_loss(model, data_dir, split=args.split, batch_size=batch_size, context=cfg.context,
+    result = evaluate_loss(model, data_dir, split=args.split, batch_size=batch_size, context=cfg.model.block_size,
                            max_batches=args.max_batches, mode=cfg.data.mode, loss_on=loss_on)
     report = {"checkpoint": str(ckpt), "data": str(data_dir), "split": args.split, "batch_size": batch_size,
-              "context": cfg.context, "max_batches": args.max_batches, "loss_on": loss_on,
+              "context": cfg.model.block_size, "max_batches": args.max_batches, "loss_on": loss_on,
               "loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
               "tokens": result.tokens, "bytes": result.bytes, "floor": result.floor, "gap": result.gap,
               "sources": {name: figures(r) for name, r in result.sources.items()}}

@@ -57,17 +57,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-every", type=int, metavar="N", help="print samples from the fixed prompts every N steps, 0 for never (train.sample_every)")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train with N processes on this machine (one per GPU; CPU processes share the cores): "
-                   "starts torchrun for you. For several machines run torchrun yourself: "
+                   "plans the run, writes its config to RUN_DIR/config.toml and starts torchrun on it. "
+                   "For several machines run torchrun yourself: "
                    "torchrun --nproc-per-node=N ... -m tinyllm train --out RUN_DIR ...")
     p.add_argument("--parallel", choices=("ddp", "fsdp"),
                    help="how torchrun processes share the model: ddp (each holds all of it; the default) or fsdp "
                    "(FSDP2 shards weights, gradients and optimizer state, for models too big for one device) (train.parallel)")
     p.add_argument("--batch-tokens", type=int, metavar="N",
                    help="tokens per optimizer step over all processes; grad_accum follows from it, so the step is the "
-                   "same with any number of processes (train.batch_tokens; 0: micro_batch x grad_accum x processes x context)")
+                   "same with any number of processes (train.batch_tokens; 0: micro_batch x grad_accum x processes x model.block_size)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set any config key, e.g. --set optim.lr=1e-3 --set model.n_layer=6 (repeatable; values are TOML)")
-    p.set_defaults(func=run, parser=p)
+    p.set_defaults(func=run)
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[tuple[str, object, str]]:
@@ -92,17 +93,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
     # Imported here so --help and --list-presets answer at once, without torch.
     from tinyllm.runtime.device import keep_freed_memory, pick_device
-    from tinyllm.train import distributed
+    from tinyllm.train import distributed, launch
     from tinyllm.train.run_plan import plan_run
     from tinyllm.train.trainer import Trainer
 
     if distributed.launched() and args.out is None and args.resume is None:
         raise UserError("under torchrun every process must write to the same run: add --out RUN_DIR")
+    processes = launch.check_nproc(args.nproc) if args.nproc is not None else distributed.env_world_size()
     plan = plan_run(args.out, preset=args.preset, config_file=args.config, overrides=overrides_from_args(args),
-                    resume=args.resume, stage=args.stage, init=args.init)
-    if args.nproc is not None:  # checked and planned here, so a mistake is one line, not one per process
-        again = command_line(args.parser, args, out=str(plan.run_dir.resolve()), nproc=None)
-        return distributed.launch(args.nproc, again, plan.run_dir, plan.config)
+                    resume=args.resume, stage=args.stage, init=args.init, processes=processes)
+    if args.nproc is not None:  # planned here, so a mistake is one line, not one per process
+        return launch.launch(args.nproc, plan)
     if pick_device(plan.config.train.device).type == "cpu":
         keep_freed_memory()  # process-wide, so set here, where the process is ours (train.device)
     try:
@@ -113,22 +114,6 @@ def run(args: argparse.Namespace) -> int:
         t = plan.config.train
         print(summary(result, time_budget(t) if t.budget_drives_schedule else None))
     return 0
-
-
-def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace, **changes: object) -> list[str]:
-    """The flags `args` holds (with `changes`) as a command line again: what --nproc hands each process."""
-    values = {**vars(args), **changes}
-    out: list[str] = []
-    for action in parser._actions:
-        value = values.get(action.dest)
-        if not action.option_strings or action.dest == "help" or value is None or value == action.default:
-            continue
-        flag = max(action.option_strings, key=len)
-        if action.nargs == 0 or (action.nargs == "?" and value == action.const):
-            out.append(flag)
-        else:
-            out += [f"{flag}={v}" for v in (value if isinstance(value, list) else [value])]
-    return out
 
 
 def summary(result, budget: float | None = None) -> str:

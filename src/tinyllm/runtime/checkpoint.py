@@ -323,7 +323,7 @@ def read_config(ckpt: str | Path) -> Config:
     path = Path(ckpt) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{ckpt} has no config.toml: it is not a tinyllm checkpoint or run directory")
-    return resolve(base=read_toml(path))
+    return resolve(base=read_toml(path), base_name=str(path))
 
 
 def find_checkpoint(path: str | Path) -> Path:

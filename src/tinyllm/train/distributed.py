@@ -1,8 +1,9 @@
 """Data-parallel training across the processes torchrun starts: DDP, or FSDP2 for big models.
 
-This module is how one process takes part: joining the process group, wrapping the model, the
-collectives through which all ranks agree, and the torchrun launcher of `tinyllm train --nproc N`.
-Gathering FSDP2 shards into the one-file checkpoint is `sharded_state`.
+This module is how one process takes part: joining the process group, wrapping the model, and
+the collectives through which all ranks agree. Gathering FSDP2 shards into the one-file checkpoint
+is `sharded_state`; starting torchrun for `tinyllm train --nproc N` is `launch`; the batch split
+over the processes (`train.batch_tokens` -> grad_accum) is planned in `run_plan`.
 
 Why it is shaped this way:
 - One `Dist` value says how this process takes part: alone (no torchrun environment: no process
@@ -27,10 +28,8 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tinyllm.config import Config, TrainConfig
 from tinyllm.errors import UserError
 from tinyllm.model.gpt import GPT
-from tinyllm.runtime.device import pick_device
 
 MODES = ("ddp", "fsdp")
 # Why a loop stops, by precedence: the all-reduced max of these codes is what every rank does.
@@ -87,6 +84,11 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def env_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ["WORLD_SIZE"]) if launched() else 1
+
+
 def setup(device: torch.device, mode: str) -> tuple[Dist, torch.device]:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU); alone without torchrun."""
     if not launched():
@@ -111,19 +113,6 @@ def setup(device: torch.device, mode: str) -> tuple[Dist, torch.device]:
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def accumulation_steps(train: TrainConfig, context: int, world_size: int) -> int:
-    """Micro-steps per optimizer step: train.grad_accum, or what makes train.batch_tokens with this world size."""
-    if not train.batch_tokens:
-        return train.grad_accum
-    per = train.micro_batch * context * world_size
-    if train.batch_tokens % per:
-        fit = max(1, round(train.batch_tokens / per)) * per
-        raise UserError(f"train.batch_tokens ({train.batch_tokens:,}) is not a multiple of micro_batch x context x "
-                        f"processes ({train.micro_batch} x {context} x {world_size} = {per:,}): set it to {fit}, "
-                        "or change train.micro_batch or the number of processes")
-    return train.batch_tokens // per
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -236,57 +225,3 @@ def check_same_start(resume_from: Path | None, d: Dist) -> None:
     if main != mine:
         raise UserError(f"rank {d.rank} continues from {mine or 'no checkpoint'} but rank 0 from {main or 'none'}: "
                         "with several machines, put --out RUN_DIR on a filesystem they all share")
-
-
-# -- the launcher -------------------------------------------------------------------------------
-
-
-def launch(nproc: int, train_args: list[str], run_dir: Path, cfg: Config) -> int:
-    """`tinyllm train --nproc N`: run `torchrun --standalone --nproc-per-node N -m tinyllm train ARGS` here.
-
-    Returns the exit status to give. Ctrl-C reaches torchrun (the workers run in sessions of their
-    own), which passes it on once; the workers then finish the step and save, as one process would.
-    """
-    if launched():
-        raise UserError("--nproc starts torchrun itself: drop it when running under torchrun")
-    if nproc < 1:
-        raise UserError(f"--nproc must be at least 1, got {nproc}")
-    accumulation_steps(cfg.train, cfg.context, nproc)  # its mistake as one line here, not one per process
-    device = pick_device(cfg.train.device)
-    if device.type == "cuda" and nproc > torch.cuda.device_count():
-        raise UserError(f"--nproc {nproc} needs one GPU per process, this machine has {torch.cuda.device_count()}: "
-                        f"use --nproc {torch.cuda.device_count()}")
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args
-    from torch.distributed.run import run as torchrun
-
-    from tinyllm.runtime.checkpoint import latest_checkpoint
-
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if device.type == "cpu" and threads is None:
-        # torchrun would give each process one thread; on a CPU the processes share its cores.
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    logger = logging.getLogger("torch.distributed")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)  # the outcome is reported below
-    before = latest_checkpoint(run_dir)
-    try:
-        torchrun(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "tinyllm", "train", *train_args]))
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        if failure.exitcode > 0:  # it printed its own error
-            return failure.exitcode
-        print(f"tinyllm train: error: the process of rank {rank} died ({failure.signal_name() or failure.exitcode}); "
-              f"rerun the same command to continue from the last checkpoint in {run_dir}", file=sys.stderr)
-        return 1
-    except SignalException:
-        saved = latest_checkpoint(run_dir)
-        if saved is not None and saved != before:
-            return 0  # the workers stopped cleanly and rank 0 printed the summary
-        return 130
-    finally:  # the workers inherited these; the process is the caller's again (torchrun sets the variable too)
-        logger.setLevel(level)
-        if threads is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-    return 0

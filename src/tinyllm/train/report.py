@@ -84,9 +84,9 @@ def announce(log: RunLog | QuietLog, cfg: Config, run: RunSummary) -> None:
         verb += f" (chat fine-tuning from {t.init}, loss on {cfg.data.loss_on} tokens)"
     log.write(
         f"{verb}: {run.params:,} parameters ({run.non_embedding_params:,} "
-        f"non-embedding), {m.n_layer} layers x {m.n_embd} wide, context {cfg.context}, on {run.device} "
+        f"non-embedding), {m.n_layer} layers x {m.n_embd} wide, context {m.block_size}, on {run.device} "
         f"with {describe_precision(run.precision)}{run.parallel}; batch {t.micro_batch} x {run.grad_accum} x "
-        f"{run.ranks}{cfg.context} = "
+        f"{run.ranks}{m.block_size} = "
         f"{run.tokens_per_step:,} tokens/step, "
         + (f"budget {t.max_time} (at most {t.max_steps:,} steps), the lr schedule following the time spent"
            if run.follows_time else f"{run.total_steps:,} steps" + (f", budget {t.max_time}" if run.budget else ""))

@@ -9,6 +9,11 @@ shape, the data) are refused with the fix spelled out. A chat fine-tuning run (`
 --init RUN`) starts from another run's weights and config (`train.sft`); continued, it stays an
 SFT run of those same weights.
 
+The plan is also where the batch meets the number of processes: `train.batch_tokens` fixes the
+tokens of an optimizer step over all of them, and `train.grad_accum` follows from it here, once,
+before any process starts (`tinyllm train --nproc N` plans for N), so a batch that does not divide
+is one line, and the trainer and the torchrun launcher take the planned config as it is.
+
 What a run directory holds, and its checkpoints, are `tinyllm.runtime` (`run_dir`, `checkpoint`):
 inference reads them too; this planning is training's alone.
 """
@@ -16,11 +21,11 @@ inference reads them too; this planning is training's alone.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tinyllm.config import DEFAULT_PRESET, Config, read_toml, resolve
+from tinyllm.config import DEFAULT_PRESET, Config, TrainConfig, read_toml, resolve
 from tinyllm.errors import UserError
 from tinyllm.runtime.checkpoint import find_checkpoint, latest_checkpoint, run_dir_of
 from tinyllm.runtime.run_dir import CONFIG_FILE
@@ -47,8 +52,9 @@ def plan_run(
     resume: str | None = None,
     stage: str | None = None,
     init: str | None = None,
+    processes: int = 1,
 ) -> RunPlan:
-    """Decide the config and the starting point of a run.
+    """Decide the config and the starting point of a run of `processes` processes.
 
     `resume`: None continues from the newest checkpoint when `run_dir` has one; "auto" (plain
     `--resume`) insists on one; any other value is a checkpoint or run directory to continue from.
@@ -68,17 +74,33 @@ def plan_run(
     if source is None:
         cfg = _new_config(stage, init, preset, config_file, overrides)
     else:
-        base = read_toml(source / CONFIG_FILE)
+        name = str(source / CONFIG_FILE)
+        base = read_toml(name)
         if preset is not None and preset != base.get("preset"):
             raise UserError(
                 f"{run_dir} was trained with preset {base.get('preset')!r}, not {preset!r}: drop --preset to "
                 "continue it, or pick a new --out to start another run"
             )
-        cfg = resolve(config_file=config_file, overrides=overrides, base=base)
-        _check_compatible(resolve(base=base), cfg, source)
-        _check_same_stage(resolve(base=base), cfg, source, stage, init)
+        cfg = resolve(config_file=config_file, overrides=overrides, base=base, base_name=name)
+        saved = resolve(base=base, base_name=name)
+        _check_compatible(saved, cfg, source)
+        _check_same_stage(saved, cfg, source, stage, init)
     _check_data_dir(cfg)
-    return RunPlan(cfg, run_dir, source)
+    grad_accum = accumulation_steps(cfg.train, cfg.model.block_size, processes)
+    return RunPlan(replace(cfg, train=replace(cfg.train, grad_accum=grad_accum)), run_dir, source)
+
+
+def accumulation_steps(train: TrainConfig, block_size: int, processes: int) -> int:
+    """Micro-steps per optimizer step: train.grad_accum, or what makes train.batch_tokens with this many processes."""
+    if not train.batch_tokens:
+        return train.grad_accum
+    per = train.micro_batch * block_size * processes
+    if train.batch_tokens % per:
+        fit = max(1, round(train.batch_tokens / per)) * per
+        raise UserError(f"train.batch_tokens ({train.batch_tokens:,}) is not a multiple of micro_batch x "
+                        f"model.block_size x processes ({train.micro_batch} x {block_size} x {processes} = {per:,}): "
+                        f"set it to {fit}, or change train.micro_batch or the number of processes")
+    return train.batch_tokens // per
 
 
 def _new_config(stage: str | None, init: str | None, preset: str | None, config_file: str | Path | None,

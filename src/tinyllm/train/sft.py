@@ -57,8 +57,9 @@ def sft_config(init: str | Path, *, config_file: str | Path | None = None,
         base.setdefault(section, {}).update(values)
     base["optim"]["lr"] = float(pretrained.get("optim", {}).get("lr", 3e-4)) * LR_SCALE
     base["train"].update(stage="sft", init=str(ckpt))
-    cfg = resolve(config_file=config_file, overrides=overrides, base=base)
-    _check_same_model(resolve(base=pretrained).model, cfg.model, ckpt)
+    name = str(ckpt / "config.toml")
+    cfg = resolve(config_file=config_file, overrides=overrides, base=base, base_name=name)
+    _check_same_model(resolve(base=pretrained, base_name=name).model, cfg.model, ckpt)
     return cfg
 
 

@@ -86,8 +86,9 @@ class Trainer:
         self.qa: QAResult | None = None  # sft: the end-of-run held-out questions, answered
         # The corpus floor is per token over all tokens: no bound for a loss on assistant tokens only.
         self.floor = self.loader.manifest.get("floor") if cfg.data.loss_on == "all" else None
-        self.grad_accum = distributed.accumulation_steps(t, cfg.context, self.dist.world_size)
-        self.tokens_per_step = t.micro_batch * self.grad_accum * self.dist.world_size * cfg.context
+        self.grad_accum = t.grad_accum  # from train.batch_tokens, when it is set, by the run's plan
+        self.tokens_per_step = t.micro_batch * self.grad_accum * self.dist.world_size * cfg.model.block_size
+        assert t.batch_tokens in (0, self.tokens_per_step), "plan_run derives grad_accum for this many processes"
         self.step, self.tokens = 0, 0
         self.records = StepRecords(t.max_bad_steps)  # losses and norms stay on the device until read
         self.last_val: float | None = None
@@ -117,8 +118,8 @@ class Trainer:
         t, d = self.cfg.train, self.cfg.data
         # Ranks read disjoint rows of each training batch; every rank holds the whole validation set.
         rank, world = (self.dist.rank, self.dist.world_size) if split == "train" else (0, 1)
-        return TokenLoader(data_dir, split, t.micro_batch, self.cfg.context, mode=d.mode, seed=t.seed, sequential=sequential,
-                           loss_on=d.loss_on, rank=rank, world_size=world)
+        return TokenLoader(data_dir, split, t.micro_batch, self.cfg.model.block_size, mode=d.mode, seed=t.seed,
+                           sequential=sequential, loss_on=d.loss_on, rank=rank, world_size=world)
 
     def _val_batches(self, data_dir: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The fixed validation set: `eval_batches` batches' worth of val rows, the same every time.
