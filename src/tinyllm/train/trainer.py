@@ -32,7 +32,7 @@ from tinyllm.config import Config, save_toml, time_budget
 from tinyllm.data.dataset import run_dataset
 from tinyllm.data.loader import TokenLoader
 from tinyllm.errors import UserError
-from tinyllm.eval.loss import EvalResult, LossSum, score_batches
+from tinyllm.eval.loss import EvalResult
 from tinyllm.eval.qa import QAResult
 from tinyllm.eval.tasks import load_probe, probe_record
 from tinyllm.runtime import checkpoint as ckpt
@@ -53,6 +53,7 @@ from tinyllm.train.report import TrainResult
 from tinyllm.train.schedule import LRSchedule, end_work, step_seconds, work_due
 from tinyllm.train.sft import load_init_weights
 from tinyllm.train.step import Diverged, StepRecords, check_ids, reads_after, step_if_finite
+from tinyllm.train.validation import fixed_batches, val_loss
 
 
 class Trainer:
@@ -76,10 +77,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.schedule = LRSchedule(cfg.optim, t.max_steps, self.budget, follow=t.budget_drives_schedule,
                                    clock=time.monotonic)
-        data_dir = run_dataset(cfg.data)
-        self.data_dir = data_dir
+        self.data_dir = data_dir = run_dataset(cfg.data)
         self.loader = self._loader(data_dir, "train", sequential=False)
-        self.val_batches = self._val_batches(data_dir)
+        # The fixed validation set (`validation`): what `tinyllm eval --max-batches eval_batches` scores.
+        self.val_batches = fixed_batches(self._loader(data_dir, "val", sequential=True), t.eval_batches, self.device)
         self.task_probe = load_probe(t.eval_tasks, t.eval_task_items)  # [] when none
         # Rows with ignored targets (pads, non-assistant tokens) make micro-batches unequal: weight by targets.
         self.token_weighted = cfg.data.mode == "padded" or cfg.data.loss_on == "assistant"
@@ -120,17 +121,6 @@ class Trainer:
         rank, world = (self.dist.rank, self.dist.world_size) if split == "train" else (0, 1)
         return TokenLoader(data_dir, split, t.micro_batch, self.cfg.model.block_size, mode=d.mode, seed=t.seed,
                            sequential=sequential, loss_on=d.loss_on, rank=rank, world_size=world)
-
-    def _val_batches(self, data_dir: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The fixed validation set: `eval_batches` batches' worth of val rows, the same every time.
-
-        Sources share them by size, each its first rows, none twice (`TokenLoader.eval_rows`), so
-        the curve compares across evaluations and is what `tinyllm eval --max-batches
-        eval_batches` reports; a val split smaller than the budget is scored whole.
-        """
-        val = self._loader(data_dir, "val", sequential=True)
-        return [(b.inputs.to(self.device), b.targets.to(self.device))
-                for _, b in val.eval_pass(self.cfg.train.eval_batches * val.batch_size)]
 
     def _precision(self) -> torch.dtype | None:
         """The autocast dtype, decided once for all ranks.
@@ -321,20 +311,9 @@ class Trainer:
 
     # -- evaluation, samples, checkpoints -------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> EvalResult:
-        """Loss over the fixed validation batches: the exact mean over their targets and its bits per
-        byte, as `tinyllm eval` gives them."""
-        d = self.dist
-        if not d.active:
-            return score_batches(self.forward, self.val_batches, device=self.device, autocast_dtype=self.amp).result()
-        # DDP ranks score a share each on their own replica; FSDP ranks must run the same forwards, so all score all.
-        mine = self.val_batches if d.sharded else self.val_batches[d.rank :: d.world_size]
-        total = score_batches(self.model, mine, device=self.device, autocast_dtype=self.amp)
-        if not d.sharded:
-            nats, tokens, n_bytes = distributed.sum_across([total.nats, total.tokens, total.bytes], d)
-            total = LossSum(nats, int(tokens), int(n_bytes))
-        return total.result()
+        """Loss over the fixed validation batches, as `tinyllm eval` gives it (mean and bits per byte)."""
+        return val_loss(self.forward, self.model, self.val_batches, self.dist, self.device, self.amp)
 
     def _val_loss_timed(self) -> dict[str, float]:
         """Evaluate, timed (the schedule plans with the cost): val_loss, val_bpb, any eval_tasks' accuracy."""
