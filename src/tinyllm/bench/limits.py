@@ -8,8 +8,8 @@ Why it is shaped this way:
   weight, and attention is a batch of small [T, hd] x [hd, T] products, and those shapes run
   slower. The shape limit is the rate one training step's GEMMs would reach if each ran at its
   own measured speed and nothing else took time: total FLOPs / sum(FLOPs_i / rate_i), the
-  FLOP-weighted harmonic mean. MFU over it says how much the rest (norms, softmax, AdamW, memory
-  traffic, framework overhead) costs.
+  FLOP-weighted harmonic mean. MFU over it says how much the rest (norms, softmax, the optimizer,
+  memory traffic, framework overhead) costs.
 - The GEMM list is read off the model itself (built on the meta device, so no memory), so every
   option switch (SwiGLU, untied head, ...) is counted as it is. Each Linear runs three products
   per step, with the layouts autograd uses: forward x @ W^T, input gradient dy @ W, weight
@@ -20,8 +20,8 @@ Why it is shaped this way:
 - Decoding one token at batch 1 multiplies a vector by every weight matrix: it reads each weight
   once and does 2 FLOPs per weight, so memory bandwidth, not FLOP/s, bounds it. Its limit is
   the rate a GEMV reads one matrix as large as all those weights together, in the decoding
-  dtype: the same bytes per token, and the same luck with the caches (this machine's shared L3
-  holds part of a 200 MB working set; 64 MB streamed ~1.8x faster than 256 MB here).
+  dtype: the same bytes per token, and the same luck with the caches (a shared L3 can hold part
+  of a 200 MB working set: on a 2-core dev CPU 64 MB streamed ~1.8x faster than 256 MB).
 - Each rate is the best of a few timed windows: other processes on a shared machine only ever
   slow a window down, so the fastest window is the closest to what the machine can do.
 """
@@ -39,7 +39,7 @@ from tinyllm.model.gpt import GPT, GPTConfig
 from tinyllm.model.loss import DEFAULT_CHUNK_SIZE
 from tinyllm.runtime.device import synchronize
 
-SQUARE_SIZE = 2048  # 17 GFLOP a product; 2048 and 4096 ran within 2% on 2 cores (PERF_NOTES.md)
+SQUARE_SIZE = 2048  # 17 GFLOP a product; 4096 ran within 2% of its rate on a 2-core CPU
 SQUARE_SIZE_GPU = 8192  # a GPU needs a larger problem to reach its peak
 
 

@@ -12,9 +12,9 @@ Why it is shaped this way:
 - Each side trains in its own subprocess, so its peak memory is its own: the child reads its
   VmHWM (ru_maxrss can carry the parent's peak over into a child started by vfork + exec). The
   data is prepared (and cached) by the parent first, so tokenizing is no part of any peak.
-- Two warm-up steps go untimed: the first steps touch cold memory and run several times slower
-  (shared/PERF_NOTES.md), and with --compile they compile (reported apart). The rate is the median
-  timed step: another process's burst slows one step, not the median.
+- Two warm-up steps go untimed: the first steps touch cold memory and run several times slower,
+  and with --compile they compile (reported apart). The rate is the median timed step: another
+  process's burst slows one step, not the median.
 - MFU counts model FLOPs as nanoGPT and PaLM do: `GPT.flops_per_token()` (6 x matmul weights +
   attention) x tokens/s. Rates in the JSON are FLOP/s, not GFLOP/s.
 """

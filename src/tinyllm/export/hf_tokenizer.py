@@ -3,7 +3,7 @@
 Why it is shaped this way:
 - The BPE comes from the same two GPT-2 files tinyllm's tokenizer reads (`vocab.bpe`,
   `encoder.json`, checked by `Tokenizer()`), built with the `tokenizers` library's byte-level BPE,
-  whose pre-tokenizer regex is GPT-2's. (PERF_NOTES: `GPT2TokenizerFast(vocab_file=..., merges_file=...)`
+  whose pre-tokenizer regex is GPT-2's. (`GPT2TokenizerFast(vocab_file=..., merges_file=...)`
   silently yields empty token lists under transformers 5, so it is not used.) The four special
   tokens are added in id order and checked to land on tinyllm's ids.
 - What the exported tokenizer does with special-token strings inside text: like every Hugging Face

@@ -7,21 +7,17 @@ Why it is shaped this way:
 - The kernel for a few rows (decoding) is fbgemm's `quantized::linear_dynamic`, which PyTorch
   ships for x86: it rounds the activations to 8 bits too, one scale per call (per token at batch
   1; full 8-bit range, not the 7-bit "reduce_range" quantize_dynamic uses by default); each row
-  is put on its own grid (`Int8Linear._fbgemm`), so a row's result does not depend on its batch. Measured
-  side by side at one row on the seed model's shapes (README), against fp32 F.linear: fbgemm
-  1.8-5.3x (4.7x on the 50,260-row head); `aten._weight_int8pack_mm` (weight-only, bf16
-  activations) 3.0-5.4x on the blocks but 2.6x on the head, and with fp32 activations slower
-  than fp32; `torch._int_mm` (int8 activations) 0.9-1.8x; a torch.compile'd dequantize-matmul
-  did not fuse and was 3-10x slower than fp32. fbgemm is also the more faithful: on a trained
-  run, the first 16 greedy tokens agreed with fp32 on 84% of prompts, exactly as often as with
-  the int8 weights applied in fp32 (weight-only), while `_weight_int8pack_mm` agreed on 44%: its
-  output is bf16, and rounding each layer's output to 8 bits of mantissa costs more than
-  rounding its input.
+  is put on its own grid (`Int8Linear._fbgemm`), so a row's result does not depend on its batch.
+  Of the int8 kernels PyTorch has, side by side at one row on the seed model's shapes (README,
+  "int8 weights"), fbgemm was the fastest on the head (4.7x fp32 there; the head is half of a
+  token's bytes) and the most faithful: its greedy tokens agreed with fp32's as often as
+  weight-only int8 did, while `_weight_int8pack_mm` agreed half as often: its output is bf16, and
+  rounding every layer's output to bf16 costs more than rounding its input to 8 bits.
 - More rows (a prompt's prefill, `eval`, no-cache decoding) dequantize the weight to fp32 and run
   the GEMM: exactly weight-only numerics, no activation scale shared across unrelated rows, and
   at that size the GEMM's compute, not the weight's bytes, is what costs. Up to GEMV_ROWS rows
-  (a batch of server requests) stay on fbgemm. Off x86 CPUs (no
-  fbgemm) every call dequantizes: correct, not faster.
+  (a batch of server requests) stay on fbgemm. Off x86 CPUs (no fbgemm) every call dequantizes:
+  correct, not faster.
 - The token embedding stays as it was: a lookup reads one row per token, not the table. With tied
   embeddings the head gets its own int8 copy of the table (a quarter of its fp32 bytes more).
 """

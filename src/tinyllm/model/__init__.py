@@ -1,4 +1,5 @@
-"""The GPT model: `gpt` (config and network), `loss` (fused head + cross-entropy), `kv_cache`.
+"""The GPT model: `gpt` (config and network), `loss` (fused head + cross-entropy), `kv_cache`,
+and `linear` (a one-row bf16 Linear as a matrix-vector product, for decoding).
 
 The model package imports nothing from data, train or inference: it maps token ids to logits or a
 loss, and is the same code for training and decoding.

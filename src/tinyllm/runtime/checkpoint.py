@@ -2,7 +2,7 @@
 
 Layout: `RUN/checkpoints/step-00001000/` holding
   model.safetensors  weights (safetensors: no code runs when a file is loaded)
-  optimizer.pt       AdamW state (torch.save; loaded with weights_only=True)
+  optimizer.pt       AdamW's (or Muon + AdamW's) state (torch.save; loaded with weights_only=True)
   rng.pt             torch RNG streams (CPU, and CUDA when present)
   state.json         step, tokens, schedule, data-loader position, counters, Python/NumPy RNG
   config.toml        the resolved config, so `sample`, `chat`, `eval` need only this directory

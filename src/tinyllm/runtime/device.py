@@ -2,19 +2,18 @@
 
 Why it is shaped this way: the choices differ per device and each has a reason.
 - bf16 autocast: on CUDA when the GPU supports bf16. On a CPU, having bf16 instructions is not
-  enough: on a Zen 4 it measured 1.3-1.75x faster than fp32 (PERF_NOTES.md), but on an Intel Xeon
-  with AVX512_BF16 (and no AMX) bf16 GEMMs ran at 0.55-0.7x of fp32, and on a Xeon with AMX at
-  ~6x (2,090 vs 347 GFLOP/s, 2026-12-02). So "auto" on a CPU with bf16
-  units times one GEMM both ways (~0.1 s) and picks bf16 only when it is clearly faster; without
-  bf16 units bf16 is emulated, and "auto" stays in fp32 without measuring. MPS stays in fp32
-  under "auto" because bf16 support there depends on the macOS version.
+  enough: bf16 was 1.3-1.75x as fast as fp32 on a Zen 4 and ~6x (GEMMs) on a Xeon with AMX, but
+  0.55-0.7x on a Xeon with AVX512_BF16 and no AMX (README, "Speed and quality"). So "auto" on a
+  CPU with bf16 units times one GEMM both ways (~0.1 s) and picks bf16 only when it is clearly
+  faster; without bf16 units bf16 is emulated, and "auto" stays in fp32 without measuring. MPS
+  stays in fp32 under "auto" because bf16 support there depends on the macOS version.
 - TF32 matmuls on CUDA: free speed for training at this scale, and loss curves are unaffected;
   but only when `train.dtype` is not "fp32" (a user who asks for fp32 gets it), and only while the
   trainer runs: `use_tf32` returns what puts the process's settings back.
 - `torch.backends.cpu.get_cpu_capability()` reports only "AVX512", not the bf16 extension, so the
   CPU check reads the kernel's feature flags.
 - On a CPU, glibc's habit of unmapping large freed blocks costs a page fault per 4 KB per step:
-  `keep_freed_memory` turns it off (measured in its docstring). It is process-wide and cannot be
+  `keep_freed_memory` turns it off (README, "Speed and quality"). It is process-wide and cannot be
   undone cleanly, so only entry points that own their process call it (`tinyllm train`, the
   bench children), never the library: a notebook that trains keeps its malloc as it was.
 - A model too big for the device is a size the user chose, so `build_model` turns the allocator's
@@ -138,14 +137,15 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees the same large tensors every time (activations, their
     gradients, the loss's chunk buffers). glibc serves each allocation over 32 MB with its own
-    mmap and unmaps it on free, so every step faults all of that memory in again: 600,000 page
-    faults (2.4 GB) per step of the seed preset at micro-batch 16, measured 2026-12-02. With mmap
-    off and the heap never trimmed, the second step on reuses the first one's pages: 0 faults,
-    6.9 -> 4.6 s per step (seed, bf16) and 0.62 -> 0.50 s (cpu preset), peak RSS 1.11 -> 1.22 GB
-    (cpu preset), 3.40 -> 3.33 GB (seed). torch asks for 64-byte-aligned blocks, a little more
+    mmap and unmaps it on free, so every step faults all of that memory in again (2.4 GB a step
+    for the seed preset at micro-batch 16). With mmap off and the heap never trimmed, the second
+    step on reuses the first one's pages: no faults, faster steps, about the same peak memory
+    (README, "Speed and quality"). torch asks for 64-byte-aligned blocks, a little more
     than a freed block of the same size holds, so a block is reused once its neighbours coalesce:
-    the heap settles within a few steps, then stays put. True when the setting took (Linux with glibc); jemalloc or tcmalloc preloaded
-    keep memory their own way, and the setting is then harmless.
+    the heap settles within a few steps, then stays put.
+
+    True when the setting took (Linux with glibc); jemalloc or tcmalloc preloaded keep memory
+    their own way, and the setting is then harmless.
     """
     if platform.system() != "Linux":
         return False

@@ -38,8 +38,8 @@ import torch
 
 from tinyllm.config import OptimConfig, TrainConfig
 
-# The first steps of a process touch cold memory and run several times slower (PERF_NOTES.md):
-# the expected step time leaves them out once later steps are timed.
+# The first steps of a process touch cold memory and run several times slower than the rest: the
+# expected step time leaves them out once later steps are timed.
 COLD_STEPS = 2
 _RECENT_STEPS = 5
 
