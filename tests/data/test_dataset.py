@@ -4,14 +4,28 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from tinyllm.config import DataConfig
-from tinyllm.data.dataset import default_builtin_dataset, run_dataset
+from tinyllm.data.dataset import default_builtin_dataset, run_dataset, trained_dataset
 from tinyllm.data.manifest import MANIFEST, load_manifest
+from tinyllm.errors import UserError
 
 
 def test_a_run_with_a_data_dir_reads_it_and_prepares_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYLLM_CACHE", str(tmp_path / "cache"))
     assert run_dataset(DataConfig(dir=str(tmp_path / "mine"))) == tmp_path / "mine"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_trained_runs_data_dir_that_is_gone_is_named_as_the_runs(tmp_path, monkeypatch):
+    # eval and bench decode score a finished run: its data.dir may have been deleted since.
+    monkeypatch.setenv("TINYLLM_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=r"the run's data .*mine \(data.dir in its config.toml\) is gone"):
+        trained_dataset(DataConfig(dir=str(tmp_path / "mine")))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / MANIFEST).write_text("{}")
+    assert trained_dataset(DataConfig(dir=str(tmp_path / "mine"))) == tmp_path / "mine"
     assert not (tmp_path / "cache").exists()
 
 
