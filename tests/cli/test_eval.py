@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+from tinyllm.data.loader import TokenLoader
 from tinyllm.eval import qa_accuracy
 from tinyllm.runtime.checkpoint import load_model, read_config
 
@@ -24,7 +25,10 @@ def test_eval_gives_the_val_loss_training_logged(tiny_run):
     assert abs(report["loss"] - last_logged_val_loss(tiny_run.path)) < 1e-4
     # It read the built-in corpus the run trained on, from the cache the run used.
     assert report["data"].startswith(tiny_run.env["TINYLLM_CACHE"])
-    assert report["tokens"] == eval_batches * cfg.train.micro_batch * cfg.model.block_size  # packed rows
+    # Packed rows of model.block_size tokens: the budget's, or the whole val split when it is smaller.
+    val = TokenLoader(report["data"], "val", cfg.train.micro_batch, cfg.model.block_size, sequential=True)
+    rows = sum(val.eval_rows(eval_batches * cfg.train.micro_batch).values())
+    assert report["tokens"] == rows * cfg.model.block_size and 0 < rows <= eval_batches * cfg.train.micro_batch
     assert math.isclose(report["perplexity"], math.exp(report["loss"]))
     assert 0 < report["bits_per_byte"] < report["loss"] / math.log(2)  # > 1 byte per token
     assert 0 < report["floor"] < report["loss"] and math.isclose(report["gap"], report["loss"] - report["floor"])
@@ -58,7 +62,8 @@ def test_mistakes_are_one_line_errors(tiny_run, tmp_path):
 
 def test_a_mix_is_reported_per_source_and_in_total(tiny_run, tmp_path):
     notes = tmp_path / "notes.jsonl"
-    notes.write_text("".join(json.dumps({"text": f"Note {i}: the cat sat on the mat by the door."}) + "\n"
+    # Notes long enough that the val split holds whole rows of the run's 128 tokens.
+    notes.write_text("".join(json.dumps({"text": f"Note {i}: " + "the cat sat on the mat by the door. " * 4}) + "\n"
                              for i in range(40)))
     data = tmp_path / "mix"
     r = tiny_run.tinyllm("prepare", "--source", "builtin", "--source", f"{notes}:3", "--max-tokens", "8000",
