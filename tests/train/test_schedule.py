@@ -5,7 +5,7 @@ import math
 import pytest
 
 from tinyllm.config import OptimConfig, TrainConfig
-from tinyllm.train.schedule import LRSchedule, end_work, step_seconds, work_due
+from tinyllm.train.schedule import LRSchedule, WorkCosts, end_work, step_seconds, work_due
 
 
 class Clock:
@@ -145,11 +145,27 @@ def test_checkpoints_from_before_budgets_drove_the_schedule_still_load():
     assert other.total_steps == 200
 
 
+def costs_measured(step_s: float, **seconds: float) -> WorkCosts:
+    costs = WorkCosts()
+    costs.step_s = step_s
+    for name, s in seconds.items():
+        costs.record(name, s)
+    return costs
+
+
 def test_the_end_of_run_work_is_kept_back_at_its_measured_cost():
     t = TrainConfig(eval_every=50, sample_every=100, checkpoint_every=100)
-    assert end_work(t, {"eval": 3.0, "sample": 5.0, "checkpoint": 0.0}, 0.5) == 0.5 + 3.0 + 5.0 + 1.0
-    assert work_due(t, {"eval": 3.0, "sample": 5.0, "checkpoint": 2.0}, 100, 0.5) == 10.0
-    assert work_due(t, {"eval": 3.0, "sample": 5.0, "checkpoint": 2.0}, 50, 0.5) == 3.0
-    assert work_due(t, {}, 7, 0.5) == 0.0
+    costs = costs_measured(0.5, eval=3.0, sample=5.0, checkpoint=2.0)
+    assert end_work(t, costs_measured(0.5, eval=3.0, sample=5.0, checkpoint=0.0), 0.5) == 0.5 + 3.0 + 5.0 + 1.0
+    assert work_due(t, costs, 100, 0.5) == 10.0
+    assert work_due(t, costs, 50, 0.5) == 3.0
+    assert work_due(t, WorkCosts(), 7, 0.5) == 0.0
+
+
+def test_the_work_is_expected_to_slow_down_as_the_steps_do():
+    costs = costs_measured(0.5, eval=3.0)
+    assert costs.expected("eval", 5.0) == pytest.approx(30.0)  # steps 10x slower: so is the eval
+    assert costs.expected("eval", 0.25) == 3.0  # never expected faster than it was seen
+    assert costs.expected("sample", 5.0) == 10.0  # not yet measured: two steps' worth
     assert step_seconds([9.0, 9.0, 1.0, 1.0]) == 1.0  # the cold first steps left out
     assert step_seconds([9.0, 9.0, 1.0, 1.0, 1.0, 1.0, 2.0]) == 2.0  # a slow-down counts at once

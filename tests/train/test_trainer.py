@@ -135,8 +135,9 @@ class FakeClock:
         return self.now
 
 
-def timed_trainer(monkeypatch, cfg, run, step_seconds, eval_seconds: float = 0.0, **kwargs) -> Trainer:
-    """A Trainer on a fake clock: each step costs `step_seconds(clock)`, each evaluation `eval_seconds`."""
+def timed_trainer(monkeypatch, cfg, run, step_seconds, eval_seconds=0.0, **kwargs) -> Trainer:
+    """A Trainer on a fake clock: each step costs `step_seconds(clock)`, each evaluation
+    `eval_seconds` (or `eval_seconds(clock)`)."""
     clock = FakeClock()
     monkeypatch.setattr(trainer_module, "time", clock)
     trainer = Trainer(cfg, run, echo=False, **kwargs)
@@ -147,7 +148,7 @@ def timed_trainer(monkeypatch, cfg, run, step_seconds, eval_seconds: float = 0.0
         return step()
 
     def timed_evaluate():
-        clock.now += eval_seconds
+        clock.now += eval_seconds(clock) if callable(eval_seconds) else eval_seconds
         return evaluate()
 
     trainer._train_step, trainer.evaluate = timed_step, timed_evaluate
@@ -169,11 +170,24 @@ def test_a_run_slowed_down_halfway_ends_on_time_with_the_lr_at_its_floor(tmp_pat
     logged = records(tmp_path)
     assert all(r["elapsed_s"] <= 40.0 for r in logged if "elapsed_s" in r)  # no step overran
     # The budget was used, less what was kept back and not spent (a step's worth for the plot and a
-    # save estimated at two, both free on this clock) and less than a step left over.
-    assert logged[-1]["step"] == result.steps and result.seconds > 40.0 - 4 * 2.0
+    # save estimated at two, both free on this clock; the last eval expected as slow as the steps
+    # had become, 6 s, took 3 here) and less than a step left over.
+    assert logged[-1]["step"] == result.steps and result.seconds > 40.0 - 4 * 2.0 - 3.0
     assert logged[-1]["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio)  # the schedule ran its course
     lrs = [r["lr"] for r in logged if r["step"] > cfg.optim.warmup_steps]
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False)) and lrs[0] > 2 * lrs[-1]
+
+
+def test_a_run_slowed_tenfold_keeps_back_enough_for_its_slowed_final_eval(tmp_path, data, monkeypatch):
+    # Two processes competing for the cores made a real run's steps and its final eval and save
+    # ~10-30x slower; its end was kept back at their quiet costs and it overran its budget by 66 s.
+    cfg = config(data, max_steps=100_000, max_time="200s", eval_every=10, sample_every=0, checkpoint_every=0)
+    slow = lambda c: c.now >= 50  # noqa: E731
+    trainer = timed_trainer(monkeypatch, cfg, tmp_path, lambda c: 10.0 if slow(c) else 1.0,
+                            eval_seconds=lambda c: 50.0 if slow(c) else 5.0)
+    result = trainer.run()
+    assert result.stopped == "time budget" and result.seconds <= 200.0  # the slowed last eval included
+    assert records(tmp_path)[-1]["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio)
 
 
 def test_a_fast_run_under_a_budget_is_capped_by_max_steps_and_ends_annealed(tmp_path, data, monkeypatch):

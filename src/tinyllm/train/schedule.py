@@ -173,15 +173,36 @@ def step_seconds(timed: list[float]) -> float:
     return max(sum(recent) / len(recent), timed[-1])
 
 
-def work_due(train: TrainConfig, costs: dict[str, float], step: int, step_s: float) -> float:
-    """Seconds of the evaluation, samples and checkpoint due after `step`, at their last measured
-    cost (two steps' worth while not yet measured)."""
+class WorkCosts:
+    """The measured seconds of the periodic work (eval, sample, checkpoint), expected at the step
+    time of now. That work runs the same kernels as the steps, so a competing process slows both
+    alike: a cost measured while steps took 0.5 s is expected to take 20x as long once they take
+    10 s. Taken at face value, a real run slowed that way kept back 18 s for its end and spent 105."""
+
+    def __init__(self) -> None:
+        self.step_s = 0.0  # the expected seconds of a step now, set by the planner
+        self._measured: dict[str, tuple[float, float]] = {}
+
+    def record(self, name: str, seconds: float) -> None:
+        self._measured[name] = (seconds, self.step_s)
+
+    def expected(self, name: str, step_s: float) -> float:
+        """Seconds `name` is expected to take when a step takes `step_s` (two steps' worth while
+        not yet measured)."""
+        seconds, then = self._measured.get(name, (0.0, 0.0))
+        if not seconds:
+            return 2 * step_s
+        return seconds * max(1.0, step_s / then) if then > 0 else seconds
+
+
+def work_due(train: TrainConfig, costs: WorkCosts, step: int, step_s: float) -> float:
+    """Seconds of the evaluation, samples and checkpoint due after `step`."""
     intervals = {"eval": train.eval_every, "sample": train.sample_every, "checkpoint": train.checkpoint_every}
-    return sum(costs.get(name) or 2 * step_s for name, every in intervals.items() if every and step % every == 0)
+    return sum(costs.expected(name, step_s) for name, every in intervals.items() if every and step % every == 0)
 
 
-def end_work(train: TrainConfig, costs: dict[str, float], step_s: float) -> float:
+def end_work(train: TrainConfig, costs: WorkCosts, step_s: float) -> float:
     """Seconds kept back for the end of the run: a last eval, sample and checkpoint, and a step's
     worth for the plot and logs."""
     names = [n for n, on in (("eval", train.eval_every), ("sample", train.sample_every), ("checkpoint", 1)) if on]
-    return step_s + sum(costs.get(name) or 2 * step_s for name in names)
+    return step_s + sum(costs.expected(name, step_s) for name in names)

@@ -50,7 +50,7 @@ from tinyllm.train import distributed, report, sharded_state
 from tinyllm.train.logs import LogWriteError, QuietLog, RunLog, writing
 from tinyllm.train.optim import build_optimizer
 from tinyllm.train.report import TrainResult
-from tinyllm.train.schedule import LRSchedule, end_work, step_seconds, work_due
+from tinyllm.train.schedule import LRSchedule, WorkCosts, end_work, step_seconds, work_due
 from tinyllm.train.sft import load_init_weights
 from tinyllm.train.step import Diverged, StepRecords, check_ids, reads_after, step_if_finite
 from tinyllm.train.validation import fixed_batches, val_loss
@@ -113,7 +113,7 @@ class Trainer:
                 save_toml(self.cfg, self.run_dir / "config.toml")
         self.stop_reason: str | None = None  # what all ranks agreed on; ends the loop
         self.stop_requested: str | None = None  # this process's wish; a signal handler writes it
-        self.overhead = {"eval": 0.0, "sample": 0.0, "checkpoint": 0.0}
+        self.overhead = WorkCosts()
 
     def _loader(self, data_dir: Path, split: str, *, sequential: bool) -> TokenLoader:
         t, d = self.cfg.train, self.cfg.data
@@ -289,6 +289,7 @@ class Trainer:
         if self.budget is None or not self.dist.is_main:
             return None
         t, costs, step_s = self.cfg.train, self.overhead, step_seconds(timed)
+        costs.step_s = step_s
         planned = self.schedule.plan_next(self.step, step_s, work_now=work_due(t, costs, self.step, step_s),
                                           work_next=work_due(t, costs, self.step + 1, step_s),
                                           end=end_work(t, costs, step_s))
@@ -321,7 +322,7 @@ class Trainer:
         result = self.evaluate()
         self.last_val, self.last_bpb = result.loss, result.bits_per_byte
         tasks = probe_record(sharded_state.full_model(self.model, self.dist), self.task_probe) if self.task_probe else {}
-        self.overhead["eval"] = time.monotonic() - started
+        self.overhead.record("eval", time.monotonic() - started)
         bpb = {"val_bpb": result.bits_per_byte} if self.last_bpb is not None else {}
         return {"val_loss": result.loss, **bpb, **tasks}
 
@@ -339,7 +340,7 @@ class Trainer:
         if model is None:
             return
         report.write_samples(self.log, model, tok, self.cfg.train, self.step, self.device, self.data_dir)
-        self.overhead["sample"] = time.monotonic() - started
+        self.overhead.record("sample", time.monotonic() - started)
 
     def _checkpoint(self) -> Path:
         started = time.monotonic()
@@ -352,7 +353,7 @@ class Trainer:
                                         state=state, config=self.cfg, keep=self.cfg.train.keep_checkpoints)
         self.last_ckpt = distributed.from_main(path, self.dist)
         self.saved_step = self.step
-        self.overhead["checkpoint"] = time.monotonic() - started
+        self.overhead.record("checkpoint", time.monotonic() - started)
         return self.last_ckpt
 
     # -- the end of the run ---------------------------------------------------------------------
