@@ -191,4 +191,4 @@ def test_an_older_runs_config_with_fit_steps_to_time_loads_with_the_same_meaning
     old["optim"]["schedule"] = "cosine"
     cfg = resolve(base=old)
     assert cfg.train.budget_drives_schedule is fitted and cfg.optim.schedule == "cosine"
-    assert cfg.train.max_time == "8m" and "fit_steps_to_time" not in read_toml(saved)["train"]
+    assert cfg.train.max_time == "9m" and "fit_steps_to_time" not in read_toml(saved)["train"]

@@ -34,7 +34,7 @@ def test_cpu_preset_trains_samples_and_evaluates_end_to_end(tmp_path):
 
     saved = read_toml(run / "config.toml")
     assert saved["preset"] == "cpu" and saved["optim"]["optimizer"] == "muon"
-    assert saved["optim"]["schedule"] == "wsd" and saved["train"]["max_time"] == "8m"
+    assert saved["optim"]["schedule"] == "wsd" and saved["train"]["max_time"] == "9m"
     assert saved["train"]["dtype"] == "auto" and saved["train"]["auto_dtype"] in ("bf16", "fp32")
     assert [p.name for p in list_checkpoints(run)] == ["step-00000006", "step-00000012"]  # keep_checkpoints 2
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
