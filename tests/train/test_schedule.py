@@ -5,7 +5,14 @@ import math
 import pytest
 
 from tinyllm.config import OptimConfig, TrainConfig
-from tinyllm.train.schedule import LRSchedule, WorkCosts, end_work, step_seconds, work_due
+from tinyllm.train.schedule import (
+    LRSchedule,
+    WorkCosts,
+    end_work,
+    step_seconds,
+    typical_step_seconds,
+    work_due,
+)
 
 
 class Clock:
@@ -164,7 +171,11 @@ def test_the_end_of_run_work_is_kept_back_at_its_measured_cost():
 
 def test_the_work_is_expected_to_slow_down_as_the_steps_do():
     costs = costs_measured(0.5, eval=3.0)
+    costs.step_s = typical_step_seconds([0.5, 0.5, 5.0, 5.0, 5.0])
     assert costs.expected("eval", 5.0) == pytest.approx(30.0)  # steps 10x slower: so is the eval
+    costs.step_s = typical_step_seconds([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 5.0])
+    assert costs.expected("eval", 5.0) == pytest.approx(3.0 * 1.4 / 0.5)  # one slow step counts as a fifth
+    costs.step_s = 0.25
     assert costs.expected("eval", 0.25) == 3.0  # never expected faster than it was seen
     assert costs.expected("sample", 5.0) == 10.0  # not yet measured: two steps' worth
     assert step_seconds([9.0, 9.0, 1.0, 1.0]) == 1.0  # the cold first steps left out

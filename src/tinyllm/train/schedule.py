@@ -169,8 +169,14 @@ def step_seconds(timed: list[float]) -> float:
     or the last alone when it was slower. A mean alone lags a slow-down by several steps, and near
     the end that lag is a last step planned too late, which then does not fit; a one-off slow step
     costs at most that step's worth of budget left unused."""
+    return max(typical_step_seconds(timed), timed[-1])
+
+
+def typical_step_seconds(timed: list[float]) -> float:
+    """The mean of the last few steps past the cold first ones: how slow the machine is now, not
+    swayed by one step, as `WorkCosts` scales by it."""
     recent = (timed[COLD_STEPS:] or timed)[-_RECENT_STEPS:]
-    return max(sum(recent) / len(recent), timed[-1])
+    return sum(recent) / len(recent)
 
 
 class WorkCosts:
@@ -180,19 +186,20 @@ class WorkCosts:
     10 s. Taken at face value, a real run slowed that way kept back 18 s for its end and spent 105."""
 
     def __init__(self) -> None:
-        self.step_s = 0.0  # the expected seconds of a step now, set by the planner
+        self.step_s = 0.0  # the typical seconds of a step now (`typical_step_seconds`), set by the planner
         self._measured: dict[str, tuple[float, float]] = {}
 
     def record(self, name: str, seconds: float) -> None:
         self._measured[name] = (seconds, self.step_s)
 
     def expected(self, name: str, step_s: float) -> float:
-        """Seconds `name` is expected to take when a step takes `step_s` (two steps' worth while
-        not yet measured)."""
+        """Seconds `name` is expected to take now, scaled by the typical step time now against
+        then (one slow step alone would stop a run early); two steps' worth of `step_s` while not
+        yet measured."""
         seconds, then = self._measured.get(name, (0.0, 0.0))
         if not seconds:
             return 2 * step_s
-        return seconds * max(1.0, step_s / then) if then > 0 else seconds
+        return seconds * max(1.0, self.step_s / then) if then > 0 else seconds
 
 
 def work_due(train: TrainConfig, costs: WorkCosts, step: int, step_s: float) -> float:

@@ -50,7 +50,14 @@ from tinyllm.train import distributed, report, sharded_state
 from tinyllm.train.logs import LogWriteError, QuietLog, RunLog, writing
 from tinyllm.train.optim import build_optimizer
 from tinyllm.train.report import TrainResult
-from tinyllm.train.schedule import LRSchedule, WorkCosts, end_work, step_seconds, work_due
+from tinyllm.train.schedule import (
+    LRSchedule,
+    WorkCosts,
+    end_work,
+    step_seconds,
+    typical_step_seconds,
+    work_due,
+)
 from tinyllm.train.sft import load_init_weights
 from tinyllm.train.step import Diverged, StepRecords, check_ids, reads_after, step_if_finite
 from tinyllm.train.validation import fixed_batches, val_loss
@@ -289,7 +296,7 @@ class Trainer:
         if self.budget is None or not self.dist.is_main:
             return None
         t, costs, step_s = self.cfg.train, self.overhead, step_seconds(timed)
-        costs.step_s = step_s
+        costs.step_s = typical_step_seconds(timed)
         planned = self.schedule.plan_next(self.step, step_s, work_now=work_due(t, costs, self.step, step_s),
                                           work_next=work_due(t, costs, self.step + 1, step_s),
                                           end=end_work(t, costs, step_s))
