@@ -19,7 +19,6 @@ import torch.distributed as dist
 import torch.distributed.run
 
 from tinyllm.config import resolve
-from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.data.prompts import opening_prompts
 from tinyllm.runtime.checkpoint import latest_checkpoint, load_model
 from tinyllm.train import distributed
@@ -31,19 +30,9 @@ BATCH = {"train.micro_batch": 2, "train.batch_tokens": 128, "train.eval_every": 
          "train.checkpoint_every": 0}
 # A constant rate after warmup: a run cut at step 4 and continued to 8 follows the 8-step run.
 CONSTANT = {"optim.schedule": "constant", "optim.warmup_steps": 2}
-TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    return str(default_builtin_dataset(max_tokens=60_000, cache_dir=tmp_path_factory.mktemp("cache")))
-
-
-@pytest.fixture(autouse=True)
-def no_torchrun(monkeypatch):
-    """The tests themselves run as one plain process."""
-    for key in TORCHRUN_ENV:
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("no_torchrun")  # fixtures in conftest.py
 
 
 def settings(data: str, steps: int, **extra) -> dict:

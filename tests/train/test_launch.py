@@ -15,24 +15,13 @@ import torch.distributed.run
 
 from tinyllm.cli import build_parser, main
 from tinyllm.config import read_toml, resolve
-from tinyllm.data.dataset import default_builtin_dataset
 from tinyllm.runtime.checkpoint import latest_checkpoint
 from tinyllm.train import launch
 from tinyllm.train.run_plan import plan_run
 
-from .test_distributed import TORCHRUN_ENV, cli_flags, settings, train_here
+from .test_distributed import cli_flags, settings, train_here
 
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    return str(default_builtin_dataset(max_tokens=60_000, cache_dir=tmp_path_factory.mktemp("cache")))
-
-
-@pytest.fixture(autouse=True)
-def no_torchrun(monkeypatch):
-    """The tests themselves run as one plain process."""
-    for key in TORCHRUN_ENV:
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("no_torchrun")  # fixtures in conftest.py
 
 
 @pytest.fixture
