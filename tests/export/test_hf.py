@@ -31,6 +31,8 @@ from tinyllm.tokenizer import EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, STOP_I
 ROPE = dict(pos_emb="rope", norm="rmsnorm")
 EXPORTABLE = {  # id -> (GPTConfig options, the transformers class it must load as)
     "gpt2": ({}, "GPT2LMHeadModel"),
+    # the cpu preset's: doc_mask changes no weight, and a prompt is one document
+    "gpt2-doc_mask": (dict(doc_mask=True), "GPT2LMHeadModel"),
     "gpt2-relu2-nobias-untied": (dict(mlp="relu2", bias=False, tie_embeddings=False), "GPT2LMHeadModel"),
     "llama": ({**ROPE, "mlp": "swiglu", "bias": False, "tie_embeddings": False}, "LlamaForCausalLM"),
     "llama-bias-tied": ({**ROPE, "mlp": "swiglu", "bias": True}, "LlamaForCausalLM"),

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyllm.model import GPT, GPTConfig
+from tinyllm.tokenizer import EOT
 
 TINY = dict(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -90,6 +91,24 @@ def test_attention_is_causal(name):
     la, lb = model(a), model(b)
     torch.testing.assert_close(la[:, :8], lb[:, :8])
     assert not torch.allclose(la[:, 8:], lb[:, 8:])
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_doc_mask_sees_each_document_of_a_packed_row_as_if_alone(pos_emb):
+    """With model.doc_mask a row of documents back to back gives each one the logits (and so the
+    loss) it gets alone, from its <|endoftext|> on; without it the earlier document leaks in."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=EOT + 4, block_size=32, n_layer=2, n_head=2, n_embd=32, pos_emb=pos_emb)
+    tail = torch.randint(0, 1000, (2, 11))  # the end of a document cut by the row's start
+    doc = torch.randint(0, 1000, (2, 20))
+    doc[:, 0] = EOT
+    row = torch.cat([tail, doc], dim=1)
+    masked = GPT(GPTConfig(**cfg, doc_mask=True)).eval()
+    torch.testing.assert_close(masked(row)[:, 11:], masked(doc), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked(row)[:, :11], masked(tail), atol=1e-5, rtol=1e-5)
+    plain = GPT(GPTConfig(**cfg)).eval()
+    plain.load_state_dict(masked.state_dict())
+    assert not torch.allclose(plain(row)[:, 11:], plain(doc), atol=1e-3)
 
 
 def test_loss_equals_plain_cross_entropy_over_the_real_vocabulary():

@@ -7,6 +7,7 @@ import torch
 
 from tinyllm.model import GPT, GPTConfig, KVCache
 from tinyllm.model.kv_cache import BatchKVCache
+from tinyllm.tokenizer import EOT
 
 TINY = dict(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -25,6 +26,21 @@ def test_cached_pieces_give_the_full_forward_logits(options, pieces):
         start += n
     assert cache.length == 16
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_doc_mask_decodes_a_prompt_as_its_full_forward(pos_emb):
+    """A prompt is one document (it starts with <|endoftext|>), so the cache, which builds no
+    document mask, gives what the masked full forward gives."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=EOT + 4, block_size=16, n_layer=2, n_head=2, n_embd=32,
+                    pos_emb=pos_emb, doc_mask=True)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 1000, (1, 16))
+    idx[0, 0] = EOT
+    cache = model.make_kv_cache(batch_size=1)
+    outs = [model(idx[:, :6], kv_cache=cache)] + [model(idx[:, i : i + 1], kv_cache=cache) for i in range(6, 16)]
+    torch.testing.assert_close(torch.cat(outs, dim=1), model(idx), atol=1e-5, rtol=1e-5)
 
 
 def test_overflowing_the_cache_or_the_context_raises():

@@ -32,13 +32,15 @@ HELP = ("final val loss in equal wall-clock time, vs the corpus floor or on any 
 # name -> (what it is, --set overrides on the preset). Each names its whole block, so a variant
 # means the same whatever the preset's own block is.
 _GPT2 = {"model.pos_emb": "learned", "model.norm": "layernorm", "model.qk_norm": False, "model.mlp": "gelu",
-         "model.bias": True}
+         "model.bias": True, "model.doc_mask": False}
 _ROPE = {**_GPT2, "model.pos_emb": "rope", "model.norm": "rmsnorm", "model.qk_norm": True}
 _MODERN = {**_ROPE, "model.mlp": "relu2", "model.bias": False}
 VARIANTS: dict[str, tuple[str, dict]] = {
     "gpt2": ("the classic GPT-2 recipe: learned positions, LayerNorm, GELU, AdamW", {**_GPT2, "optim.optimizer": "adamw"}),
     "modern": ("RoPE, RMSNorm, QK-norm, ReLU^2, no biases; AdamW", {**_MODERN, "optim.optimizer": "adamw"}),
     "muon": ("the GPT-2 blocks; Muon for block matrices, AdamW for the rest", {**_GPT2, "optim.optimizer": "muon"}),
+    "muon-doc": ("muon, each document of a row seen alone (model.doc_mask)",
+                 {**_GPT2, "model.doc_mask": True, "optim.optimizer": "muon"}),
     "rope-muon": ("RoPE, RMSNorm, QK-norm (GELU, biases); Muon", {**_ROPE, "optim.optimizer": "muon"}),
     "modern-muon": ("modern blocks and Muon", {**_MODERN, "optim.optimizer": "muon"}),
 }

@@ -19,6 +19,8 @@ Why it is shaped this way:
   only; no RoPE arch has a GELU MLP with RMSNorm or QK-norm). gpt2 and starcoder2 require every
   bias and llama is the only RMSNorm arch that loads MLP and output biases, so a bias-free
   LayerNorm model gets zero biases.
+- `model.doc_mask` changes no weight: it only keeps training rows' documents apart, and a prompt
+  is one document (it starts with <|endoftext|>), so the exported model computes the same.
 - RoPE layout: tinyllm rotates pairs (i, i + hd/2), llama.cpp's NEOX type (starcoder2, qwen3,
   apertus). llama
   and arcee use the NORM type, pairs (2i, 2i+1), so their q and k rows are permuted per head

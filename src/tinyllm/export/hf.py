@@ -24,6 +24,8 @@ Why it is shaped this way:
 - The name map is checked against the key names and shapes of the transformers class built on the
   meta device (no memory, no init), so drift in the installed transformers fails the export rather
   than the later load. The folder is written under a temporary name, then renamed into place.
+- `model.doc_mask` changes no weight: it only keeps training rows' documents apart, and a prompt
+  is one document (it starts with <|endoftext|>), so the exported model computes the same.
 - Logits agree up to block_size tokens (`max_position_embeddings`). Beyond it tinyllm's sampler
   re-encodes a shifted window; transformers' RoPE models keep counting and GPT-2 cannot go on.
 """

@@ -15,6 +15,9 @@ Shape of the design:
   positions cache.length .. cache.length + T - 1 and attend to every cached position plus, causally,
   to each other. With a `BatchKVCache` (independent rows of different lengths) each row feeds one
   token at its own position and attends to its own keys only (the cache's `key_mask`).
+- `doc_mask`: without a cache, each document of a packed row (from its <|endoftext|>) attends only
+  to itself and counts positions from its start, so it is computed as if alone, as a prompt is.
+  The cache builds no such mask: a prompt is one document.
 
 Module names (for checkpoint conversion): wte, wpe, blocks.{i}.{ln_1, attn.{c_attn, c_proj, q_norm,
 k_norm}, ln_2, mlp.{c_fc, c_proj}}, ln_f, lm_head (absent when tied). SwiGLU's c_fc holds [gate; up].
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from tinyllm.model.kv_cache import KVCache
 from tinyllm.model.linear import Linear, linear
 from tinyllm.model.loss import chunked_cross_entropy, fused_linear_cross_entropy
+from tinyllm.model.positions import apply_rope, document_mask, document_positions, rope_cos_sin
 
 POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -54,6 +58,9 @@ class GPTConfig:
     tie_embeddings: bool = True  # the output head reuses the token embedding table
     rope_theta: float = 10000.0
     pad_vocab_to: int = 64  # embedding rows are rounded up to a multiple of this
+    # Each document in a row is seen as if alone: attention stops at its <|endoftext|>, and
+    # positions count from there (as in a prompt, which starts with one).
+    doc_mask: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_to"):
@@ -107,28 +114,6 @@ def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, bias=config.bias)
 
 
-def rope_cos_sin(head_dim: int, pos: Tensor, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotation angles for positions pos [T] ([T, hd/2] each), or pos [B, T]
-    (rows at their own positions: [B, 1, T, hd/2], to broadcast over heads).
-
-    Computed per forward rather than stored: it is tiny, and keeps the tables fp32 whatever dtype
-    the model is cast to.
-    """
-    inv_freq = theta ** (
-        -torch.arange(0, head_dim, 2, dtype=torch.float32, device=pos.device) / head_dim
-    )
-    angles = pos.float()[..., None] * inv_freq  # [..., T, head_dim/2]
-    if pos.dim() == 2:
-        angles = angles[:, None]
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, H, T, hd] by position; pairs are (i, i + hd/2) (the Llama / NeoX layout)."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # [B, H, T, hd/2] each
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
@@ -142,7 +127,11 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv_cache: KVCache | None
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        kv_cache: KVCache | None,
+        doc_mask: Tensor | None = None,
     ) -> Tensor:
         B, T, C = x.shape
         # [B, T, C] -> 3 x [B, H, T, hd]
@@ -163,7 +152,9 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, H, past + T, hd]
             k, v = k.to(q.dtype), v.to(q.dtype)
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0 and mask is None:
+        if doc_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask, dropout_p=dropout_p)
+        elif past == 0 and mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             # Query i sits at position past + i and sees keys 0 .. past + i. (SDPA's is_causal
@@ -214,9 +205,13 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv_cache: KVCache | None
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        kv_cache: KVCache | None,
+        doc_mask: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, doc_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -301,6 +296,9 @@ class GPT(nn.Module):
         T = idx.shape[1]
         # [T] continuing after the cache, or [B, 1] when its rows sit at different positions
         pos = torch.arange(T, device=idx.device) if kv_cache is None else kv_cache.positions(T)
+        mask = None
+        if cfg.doc_mask and kv_cache is None:
+            pos, mask = document_positions(idx), document_mask(idx)  # [B, T], [B, 1, T, T]
 
         x = self.wte(idx)  # [B, T, C]
         rope = None
@@ -310,7 +308,7 @@ class GPT(nn.Module):
             rope = rope_cos_sin(cfg.head_dim, pos, cfg.rope_theta)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, kv_cache)
+            x = block(x, rope, kv_cache, mask)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.ln_f(x)
