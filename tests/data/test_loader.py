@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tinyllm.data import loader as loader_module
 from tinyllm.data.document import Document
 from tinyllm.data.loader import TokenLoader
 from tinyllm.errors import UserError
@@ -65,8 +66,21 @@ def test_padded_rows_are_endoftext_and_a_document_with_pad_and_no_loss_after_the
         assert (b.inputs[r, n:] == PAD).all() and (b.targets[r, n:] == -1).all()
     assert b.inputs[0, :3].tolist() == get_tokenizer().prompt_ids("one two") and b.inputs[0, 3] == PAD
     assert tok.decode(b.targets[0, :3].tolist()) == "one two<|endoftext|>"  # the model learns to end
-    short = TokenLoader(tmp_path, "train", batch_size=1, context=T, mode="padded", sequential=True).next_batch()
-    assert short.inputs.shape == (1, len(ids[0]))  # padded to the batch's longest row, not to T
+
+
+def test_padded_batches_are_a_multiple_of_the_width_bucket_wide(tmp_path, quiet_prepare, monkeypatch):
+    """A batch's width is its longest row rounded up to WIDTH_BUCKET, at most the context: a few
+    shapes in all, not one per batch (each new shape costs oneDNN a bf16 kernel build)."""
+    docs = [Document(text=" ".join(["word"] * n)) for n in (2, 9, 17, 30, 5, 12)]
+    m = quiet_prepare([ListSource("toy", docs)], tmp_path, val_fraction=0)
+    ids = shard_docs(tmp_path, m, "toy", "train")
+    monkeypatch.setattr(loader_module, "WIDTH_BUCKET", 8)
+    loader = TokenLoader(tmp_path, "train", batch_size=1, context=24, mode="padded", sequential=True)
+    for doc in ids:
+        b = loader.next_batch()
+        n = min(len(doc), 24)  # (input, target) pairs of <|endoftext|> + the document, cut to the context
+        assert b.inputs.shape[1] == min(24, -(-n // 8) * 8)
+        assert b.inputs[0, :n].tolist() == [EOT, *doc][:n] and (b.targets[0, n:] == -1).all()
 
 
 def test_mixture_follows_the_weights(tmp_path, quiet_prepare):

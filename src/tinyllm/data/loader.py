@@ -56,6 +56,7 @@ MODES = ("packed", "padded")
 LOSS_ON = ("all", "assistant")
 STATE_VERSION = 1
 _BLOCK = 4096  # rows per seeded draw of sources
+WIDTH_BUCKET = 64  # padded batches are a multiple of this many tokens wide (up to the context)
 
 
 @dataclass
@@ -280,7 +281,7 @@ class TokenLoader:
     def _collate(self, rows: list[tuple[np.ndarray, np.ndarray | None]]) -> Batch:
         tokens = [t for t, _ in rows]
         masks = [m for _, m in rows] if self.loss_on == "assistant" else None
-        return _packed(tokens, masks) if self.mode == "packed" else _padded(tokens, masks)
+        return _packed(tokens, masks) if self.mode == "packed" else _padded(tokens, masks, self.context)
 
     # -- position ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -335,8 +336,10 @@ def _packed(rows: list[np.ndarray], masks: list[np.ndarray] | None) -> Batch:
     return Batch(inputs=torch.from_numpy(w[:, :-1].copy()), targets=torch.from_numpy(targets))
 
 
-def _padded(rows: list[np.ndarray], masks: list[np.ndarray] | None) -> Batch:
-    width = max(len(r) for r in rows) - 1  # the batch's longest row, as (input, target) pairs; <= T
+def _padded(rows: list[np.ndarray], masks: list[np.ndarray] | None, context: int) -> Batch:
+    # The batch's longest row, as (input, target) pairs, rounded up to a multiple of WIDTH_BUCKET
+    # (<= context): each new shape costs oneDNN a kernel build under bf16, and torch.compile a recompile.
+    width = min(context, -(-(max(len(r) for r in rows) - 1) // WIDTH_BUCKET) * WIDTH_BUCKET)
     inputs = np.full((len(rows), width), PAD, dtype=np.int64)  # [B, width]
     targets = np.full((len(rows), width), -1, dtype=np.int64)  # [B, width]; -1: no loss
     for i, r in enumerate(rows):
