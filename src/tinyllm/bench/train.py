@@ -7,8 +7,9 @@ Why it is shaped this way:
 - The tinyllm side is the trainer's own step, `Trainer._train_step` (model, fused loss, the preset's
   optimizer, autocast, clipping) on the preset's data, one micro-batch per step, in the precision
   `train.dtype = "auto"` picks here and in the other one; nothing of the loop is rewritten here.
-- The peer is what people commonly run: transformers' `GPT2LMHeadModel` at the same dimensions and
-  micro-batch, loss from `labels=`, torch's AdamW with the same clipping, fp32, eager.
+- The peers are what people commonly run (`bench.peers`): transformers' `GPT2LMHeadModel`, and the
+  same model written the obvious way in one file (nanoGPT-style), at the same dimensions and
+  micro-batch, torch's AdamW with the same clipping, fp32, eager.
 - Each side trains in its own subprocess, so its peak memory is its own: the child reads its
   VmHWM (ru_maxrss can carry the parent's peak over into a child started by vfork + exec). The
   data is prepared (and cached) by the parent first, so tokenizing is no part of any peak.
@@ -34,7 +35,8 @@ from pathlib import Path
 
 from tinyllm.errors import UserError
 
-HELP = "training tokens/s and MFU vs the machine's matmul limits, and vs Hugging Face GPT-2 in a plain loop"
+HELP = ("training tokens/s and MFU vs the machine's matmul limits, and vs Hugging Face GPT-2 and a plain PyTorch "
+        "GPT in plain loops")
 WARMUP_STEPS = 2  # cold memory: the first steps run several times slower
 PRECISIONS = ("fp32", "bf16")
 _GB = 1e9
@@ -46,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows per step, for tinyllm and the peer alike (default: the preset's train.micro_batch)")
     p.add_argument("--steps", type=int, default=3, metavar="N",
                    help=f"timed steps per run, after {WARMUP_STEPS} untimed warm-up steps (default 3)")
-    p.add_argument("--no-peer", action="store_true", help="skip the Hugging Face GPT2LMHeadModel run")
+    p.add_argument("--no-peer", action="store_true",
+                   help="skip the peer runs (Hugging Face GPT2LMHeadModel and the plain PyTorch GPT)")
     p.add_argument("--compile", action="store_true",
                    help="run tinyllm under torch.compile (default: eager, whatever the preset says); the warm-up "
                    "(compilation included) is reported apart")
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> dict:
     spec = {"preset": args.preset, "micro_batch": batch, "steps": args.steps, "compile": args.compile}
     ours = {p: _in_subprocess({**spec, "side": "tinyllm", "precision": p}) for p in (chosen, _other(chosen))}
     peer = None if args.no_peer else _in_subprocess({**spec, "side": "peer", "precision": "fp32"})
+    plain = None if args.no_peer else _in_subprocess({**spec, "side": "plain", "precision": "fp32"})
     limits = _limit_figures(_measure_limits(gemms, device, "after", measured), device)
     fpt, (peaks, peak_info) = ours[chosen]["flops_per_token"], mfu_peaks(device, limits)  # GPU: vendor bf16 peak
     for p, r in ours.items():
@@ -96,7 +100,8 @@ def run(args: argparse.Namespace) -> dict:
         "preset_dtype": cfg.train.dtype,
         **{k: main[k] for k in ("tokens_per_s", "model_flops_per_s", "mfu", "mfu_shapes", "peak_rss_gb")},
         "by_precision": {p: {k: v for k, v in r.items() if k not in _SHARED} for p, r in ours.items()},
-        **_peer_figures(peer, main, fpt, limits["square_limit_fp32"]),
+        **_peer_figures("peer", peer, main, fpt, limits["square_limit_fp32"]),
+        **_peer_figures("plain", plain, main, fpt, limits["square_limit_fp32"]),
         "allocator": main["allocator"],
         "ld_preload": main["ld_preload"],
         "load_avg": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
@@ -154,19 +159,20 @@ def _limit_figures(measured: dict, device) -> dict:
     }
 
 
-def _peer_figures(peer: dict | None, main: dict, fpt: float, fp32_limit: float) -> dict:
+def _peer_figures(side: str, peer: dict | None, main: dict, fpt: float, fp32_limit: float) -> dict:
+    """side "peer" (Hugging Face) or "plain": its run and tinyllm's speed and memory against it."""
     if peer is None:
-        return {"peer": None, "peer_tokens_per_s": None, "peer_mfu": None, "speedup_vs_peer": None,
-                "speedup_vs_peer_cpu": None, "peer_peak_rss_gb": None}
+        return {side: None, f"{side}_tokens_per_s": None, f"{side}_mfu": None, f"speedup_vs_{side}": None,
+                f"speedup_vs_{side}_cpu": None, f"{side}_peak_rss_gb": None}
     return {
-        "peer": {k: v for k, v in peer.items() if k not in ("threads", "allocator", "ld_preload", "flops_per_token")},
-        "peer_tokens_per_s": peer["tokens_per_s"],
-        "peer_mfu": round(peer["tokens_per_s"] * fpt / fp32_limit, 4),
-        "speedup_vs_peer": round(main["tokens_per_s"] / peer["tokens_per_s"], 3),
-        # The same ratio per CPU-second: what it would be if the load had not moved between the runs.
-        "speedup_vs_peer_cpu": (round(main["tokens_per_cpu_s"] / peer["tokens_per_cpu_s"], 3)
-                                if "tokens_per_cpu_s" in peer else None),
-        "peer_peak_rss_gb": peer["peak_rss_gb"],
+        side: {k: v for k, v in peer.items() if k not in ("threads", "allocator", "ld_preload", "flops_per_token")},
+        f"{side}_tokens_per_s": peer["tokens_per_s"],
+        f"{side}_mfu": round(peer["tokens_per_s"] * fpt / fp32_limit, 4),
+        f"speedup_vs_{side}": round(main["tokens_per_s"] / peer["tokens_per_s"], 3),
+        # per CPU-second: what the ratio would be on a quiet machine, whatever else ran meanwhile
+        f"speedup_vs_{side}_cpu": (round(main["tokens_per_cpu_s"] / peer["tokens_per_cpu_s"], 3)
+                                   if "tokens_per_cpu_s" in peer else None),
+        f"{side}_peak_rss_gb": peer["peak_rss_gb"],
     }
 
 
@@ -218,10 +224,12 @@ def _in_subprocess(spec: dict) -> dict:
 
 def child_main() -> None:
     """A measuring subprocess: argv is [spec as JSON, path to write the figures to]."""
+    from tinyllm.bench.peers import hf_step, plain_step
+
     os.dup2(2, 1)  # anything a library prints goes to stderr; the parent's stdout stays its own
     spec, out = json.loads(sys.argv[1]), Path(sys.argv[2])
     with tempfile.TemporaryDirectory(prefix="tinyllm-bench-run-") as run_dir:
-        step, info = (_tinyllm_step if spec["side"] == "tinyllm" else _peer_step)(spec, Path(run_dir))
+        step, info = {"tinyllm": _tinyllm_step, "peer": hf_step, "plain": plain_step}[spec["side"]](spec, Path(run_dir))
         warmup_s, step_s, cpu_s = _time_steps(step, spec["steps"], info.pop("device"), f"{spec['side']} {spec['precision']}")
     cuda = info.pop("cuda")
     result = {
@@ -274,42 +282,6 @@ def _tinyllm_step(spec: dict, run_dir: Path) -> tuple[Callable[[], float | None]
             "tokens_per_step": trainer.tokens_per_step, "device": trainer.device,
             "cuda": trainer.device.type == "cuda", "compile": spec["compile"]}
     return (lambda: (trainer._train_step(), trainer._read_steps()[0])[1]), info  # the loss read: a sync, as timed
-
-
-def _peer_step(spec: dict, run_dir: Path) -> tuple[Callable[[], float], dict]:
-    """GPT2LMHeadModel at the preset's dimensions in a plain fp32 eager AdamW loop, on random ids."""
-    import torch
-    import transformers
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tinyllm.config import resolve
-    from tinyllm.runtime.device import pick_device
-
-    cfg = resolve(spec["preset"])
-    m, o = cfg.model, cfg.optim
-    device = pick_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    hf = GPT2Config(vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer,
-                    n_head=m.n_head, resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout)
-    model = GPT2LMHeadModel(hf).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                  weight_decay=o.weight_decay)
-    shape = (spec["micro_batch"], cfg.model.block_size)
-
-    def step() -> float:
-        ids = torch.randint(0, m.vocab_size, shape, device=device)  # the content does not change the speed
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if o.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    info = {"name": f"transformers {transformers.__version__} GPT2LMHeadModel, fp32 eager, torch.optim.AdamW",
-            "attn_implementation": model.config._attn_implementation, "parameters": model.num_parameters(),
-            "tokens_per_step": shape[0] * shape[1], "device": device, "cuda": device.type == "cuda"}
-    return step, info
 
 
 def _memory(cuda: bool) -> dict:
@@ -385,12 +357,16 @@ def format(r: dict) -> str:
     for p, v in r["by_precision"].items():
         lines.append(_row(f"tinyllm {p}" + (" (auto)" if p == r["precision"] else ""), v, r["flops_per_token"],
                           v["mfu"], v["mfu_shapes"]))
-    if r["peer"] is not None:
-        lines.append(_row("peer: HF GPT-2 fp32", r["peer"], r["flops_per_token"], r["peer_mfu"],
-                          r["peer_tokens_per_s"] * r["flops_per_token"] / r["shape_limit_fp32"]))
-        cpu = f", {r['speedup_vs_peer_cpu']:.2f}x per CPU-second" if r["speedup_vs_peer_cpu"] else ""
-        lines += ["", f"tinyllm ({r['precision']}) vs peer: {r['speedup_vs_peer']:.2f}x tokens/s{cpu} "
-                      f"(peer: {r['peer']['name']}, attention {r['peer']['attn_implementation']})"]
+    sides = [(side, label) for side, label in (("peer", "peer: HF GPT-2 fp32"), ("plain", "peer: plain PyTorch fp32"))
+             if r.get(side) is not None]
+    for side, label in sides:
+        lines.append(_row(label, r[side], r["flops_per_token"], r[f"{side}_mfu"],
+                          r[f"{side}_tokens_per_s"] * r["flops_per_token"] / r["shape_limit_fp32"]))
+    lines += [""] if sides else []
+    for side, _ in sides:
+        cpu = f", {r[f'speedup_vs_{side}_cpu']:.2f}x per CPU-second" if r[f"speedup_vs_{side}_cpu"] else ""
+        lines.append(f"tinyllm ({r['precision']}) vs {r[side]['name']}: {r[f'speedup_vs_{side}']:.2f}x tokens/s{cpu} "
+                     f"(attention {r[side]['attn_implementation']})")
     return "\n".join(lines)
 
 
