@@ -169,6 +169,14 @@ def test_the_end_of_run_work_is_kept_back_at_its_measured_cost():
     assert work_due(t, WorkCosts(), 7, 0.5) == 0.0
 
 
+def test_sft_keeps_back_its_held_out_questions_and_pretraining_asks_none():
+    costs = costs_measured(0.5, checkpoint=2.0, qa=10.0)
+    sft = TrainConfig(stage="sft", init="run", eval_every=0, sample_every=0, qa_questions=200)
+    assert end_work(sft, costs, 0.5) == 0.5 + 2.0 + 10.0
+    assert end_work(TrainConfig(stage="sft", init="run", eval_every=0, sample_every=0, qa_questions=0), costs, 0.5) == 0.5 + 2.0
+    assert end_work(TrainConfig(eval_every=0, sample_every=0, qa_questions=200), costs, 0.5) == 0.5 + 2.0
+
+
 def test_the_work_is_expected_to_slow_down_as_the_steps_do():
     costs = costs_measured(0.5, eval=3.0)
     costs.step_s = typical_step_seconds([0.5, 0.5, 5.0, 5.0, 5.0])

@@ -22,6 +22,8 @@ from tinyllm.eval.loss import evaluate_loss
 from tinyllm.eval.qa import qa_accuracy
 from tinyllm.runtime.checkpoint import latest_checkpoint, load_model, read_config
 from tinyllm.tokenizer import IM_END, IM_START, PAD, get_tokenizer
+from tinyllm.train import report as report_module
+from tinyllm.train import trainer as trainer_module
 from tinyllm.train.run_plan import plan_run
 from tinyllm.train.sft import SFT_DEFAULTS
 from tinyllm.train.trainer import Trainer
@@ -162,6 +164,29 @@ def test_sft_uses_its_time_budget_to_the_end_after_slow_first_steps(tmp_path, pr
     assert result.stopped == "time budget" and 40.0 - 4 * 0.5 < result.seconds <= 40.0
     last = records(tmp_path)[-1]
     assert last["step"] == result.steps and last["lr"] == pytest.approx(plan.config.optim.lr * 0.1)
+
+
+def test_sft_keeps_back_the_time_of_its_held_out_questions(tmp_path, pretrained, monkeypatch):
+    """The end-of-run QA is timed on its first questions before the first step and kept back from
+    the budget, so the run still ends on time (unreserved, 200 questions overran 3 minutes by 9 s)."""
+    plan = sft_plan(tmp_path, pretrained, **{**QUIET, "train.max_time": "40s", "train.qa_questions": 20})
+    trainer = timed_trainer(monkeypatch, plan.config, tmp_path, lambda c: 0.5)
+    clock = trainer_module.time
+    monkeypatch.setattr(report_module, "time", clock)
+    asked = []
+
+    def slow_qa(model, data_dir, questions):  # half a second a question on the run's clock
+        result = real_qa(model, data_dir, questions)
+        clock.now += 0.5 * result.total
+        asked.append(result.total)
+        return result
+
+    real_qa = report_module.held_out_qa
+    monkeypatch.setattr(report_module, "held_out_qa", slow_qa)
+    result = trainer.run()
+    # Less than a step, a checkpoint's unmeasured estimate (two steps) and the log's step unspent.
+    assert result.stopped == "time budget" and 40.0 - 4 * 0.5 - 0.01 < result.seconds <= 40.0
+    assert asked[0] < asked[-1] == 20 and result.qa_accuracy is not None  # a probe, then all 20
 
 
 def test_sft_val_loss_falls_and_resumes_exactly(tmp_path, pretrained):

@@ -173,6 +173,21 @@ def write_samples(log: RunLog | QuietLog, model: nn.Module, tok: Tokenizer, trai
             log.sample(step, prompt, tok.decode_text(ids))
 
 
+def qa_seconds(gather: Callable[[], nn.Module | None], data_dir: Path, questions: int, *, probe: int = 16) -> float | None:
+    """Seconds the end-of-run QA is expected to take, from the first `probe` of its questions, so
+    the budget keeps them back (unreserved, 200 questions overran a 3-minute SFT budget by 9 s).
+    None on ranks other than 0 and when there is nothing to ask."""
+    model = gather()
+    if model is None:
+        return None
+    started = time.monotonic()
+    try:
+        qa = held_out_qa(model, data_dir, min(probe, questions))
+    except UserError:
+        return None
+    return None if qa is None else (time.monotonic() - started) * questions / qa.total
+
+
 def end_of_run_qa(log: RunLog | QuietLog, gather: Callable[[], nn.Module | None], data_dir: Path, questions: int, *,
                   step: int, tokens: int, val_loss: float | None) -> QAResult | None:
     """SFT's end-of-run figure, after the checkpoint is safe: exact answers to held-out questions

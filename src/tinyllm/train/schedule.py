@@ -209,7 +209,9 @@ def work_due(train: TrainConfig, costs: WorkCosts, step: int, step_s: float) -> 
 
 
 def end_work(train: TrainConfig, costs: WorkCosts, step_s: float) -> float:
-    """Seconds kept back for the end of the run: a last eval, sample and checkpoint, and a step's
-    worth for the plot and logs."""
-    names = [n for n, on in (("eval", train.eval_every), ("sample", train.sample_every), ("checkpoint", 1)) if on]
+    """Seconds kept back for the end of the run: a last eval, sample and checkpoint, SFT's held-out
+    questions, and a step's worth for the plot and logs."""
+    qa = train.stage == "sft" and train.qa_questions
+    names = [n for n, on in (("eval", train.eval_every), ("sample", train.sample_every), ("checkpoint", 1),
+                             ("qa", qa)) if on]
     return step_s + sum(costs.expected(name, step_s) for name in names)

@@ -37,7 +37,7 @@ LR_SCALE = 0.3
 # Applied over the pretrained run's config. Padded rows keep each story with its questions (a
 # packed window may start after the story it asks about). The budget suits CPU and drives the
 # schedule, so it is used to its end; max_steps caps it on faster machines (a GPU), not on a
-# 2-core CPU, which fits ~800 steps in 3 minutes in bf16 and ~650 in fp32.
+# 2-core CPU (README: Chat fine-tuning).
 SFT_DEFAULTS: dict[str, dict[str, typing.Any]] = {
     "data": {"loss_on": "assistant", "mode": "padded"},
     "optim": {"schedule": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1},

@@ -179,6 +179,8 @@ class Trainer:
                 self._evaluate()
             if self.step == 0 and t.sample_every:
                 self._sample()
+            if t.stage == "sft" and t.qa_questions and self.budget is not None:
+                self._time_qa()
             timed: list[float] = []
             while self.stop_reason is None:
                 started = time.monotonic()
@@ -348,6 +350,11 @@ class Trainer:
             return
         report.write_samples(self.log, model, tok, self.cfg.train, self.step, self.device, self.data_dir)
         self.overhead.record("sample", time.monotonic() - started)
+
+    def _time_qa(self) -> None:
+        gather = partial(sharded_state.full_model, self.model, self.dist)  # FSDP ranks all help gather it
+        if seconds := report.qa_seconds(gather, self.data_dir, self.cfg.train.qa_questions):
+            self.overhead.record("qa", seconds)
 
     def _checkpoint(self) -> Path:
         started = time.monotonic()
