@@ -352,7 +352,7 @@ def format(r: dict) -> str:
     lines.append("  passes (before, after): square " + ", ".join(
         f"{p} {' / '.join(f'{x / g:.0f}' for x in passes[f'square_{p}'])}" for p in PRECISIONS))
     warm = "warm-up s (compile)" if r["compile"] else "warm-up s"
-    lines += ["", f"{'training':<22}{'tokens/s':>9}{'tok/CPU-s':>11}{'GFLOP/s':>9}{'mfu':>7}{'mfu_shapes':>12}"
+    lines += ["", f"{'training':<26}{'tokens/s':>9}{'tok/CPU-s':>11}{'GFLOP/s':>9}{'mfu':>7}{'mfu_shapes':>12}"
                   f"{'peak RSS GB':>13}{warm:>21}"]
     for p, v in r["by_precision"].items():
         lines.append(_row(f"tinyllm {p}" + (" (auto)" if p == r["precision"] else ""), v, r["flops_per_token"],
@@ -372,5 +372,5 @@ def format(r: dict) -> str:
 
 def _row(name: str, v: dict, flops_per_token: float, mfu: float, mfu_shapes: float) -> str:
     per_cpu = f"{v['tokens_per_cpu_s']:,.0f}" if "tokens_per_cpu_s" in v else "-"
-    return (f"{name:<22}{v['tokens_per_s']:>9,.0f}{per_cpu:>11}{v['tokens_per_s'] * flops_per_token / 1e9:>9.1f}"
+    return (f"{name:<26}{v['tokens_per_s']:>9,.0f}{per_cpu:>11}{v['tokens_per_s'] * flops_per_token / 1e9:>9.1f}"
             f"{mfu:>7.3f}{mfu_shapes:>12.3f}{v['peak_rss_gb']:>13.2f}{sum(v['warmup_s']):>21.1f}")
