@@ -155,3 +155,15 @@ def test_only_rows_with_a_target_reach_the_head_in_a_few_heights(monkeypatch):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
     assert loss.ROW_BUCKET == 64 and seen == [64, 64, 64, 128]
+
+
+def test_the_fused_loss_runs_eagerly_under_torch_compile():
+    """Traced, its row-block loop would unroll into one huge graph: torch.compile leaves it out."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    loss = torch.compile(lambda h, w, t: fused_linear_cross_entropy(h, w, t), backend=counter)
+    torch.testing.assert_close(loss(h := torch.randn(8, 16), w := torch.randn(32, 16), t := torch.randint(0, 32, (8,))),
+                               F.cross_entropy(h @ w.t(), t))
+    assert counter.op_count == 0

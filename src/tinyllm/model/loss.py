@@ -174,10 +174,6 @@ def _accumulate_chunk_grads(
         grad_w.add_(torch.mm(g.t(), h_c, out=gw_low))
 
 
-# Runs eagerly under torch.compile: it is already a hand-scheduled loop of large kernels, and
-# tracing it would unroll hundreds of row blocks into one graph (minutes of C++ compilation) and
-# break the graph at its data-dependent checks anyway.
-@torch.compiler.disable
 def _scored_rows(keep: Tensor) -> Tensor:
     """Indices of the rows with a target first, padded with ignored rows to a multiple of
     ROW_BUCKET. A head GEMM of a new height every batch made oneDNN build (and keep) a bf16 kernel
@@ -188,6 +184,10 @@ def _scored_rows(keep: Tensor) -> Tensor:
     return torch.argsort((~keep).to(torch.uint8), stable=True)[:m]
 
 
+# Runs eagerly under torch.compile: it is already a hand-scheduled loop of large kernels, and
+# tracing it would unroll hundreds of row blocks into one graph (minutes of C++ compilation) and
+# break the graph at its data-dependent checks anyway.
+@torch.compiler.disable
 def fused_linear_cross_entropy(
     h: Tensor,
     weight: Tensor,
