@@ -18,10 +18,11 @@ WIDE = Lexicon(
     connectives=("Then",), max_sentences=3, max_questions=2,
 )
 _PLOT_EVENTS = {**DEFAULT_LEXICON.events, "was_very": 0.0, "said": 0.0, "shouted": 0.0,
-                "go_with": 0.0, "have": 0.0}
+                "go_with": 0.0, "have": 0.0, "look": 0.0, "still": 0.0}
 PLOT = Lexicon(
     **{**_SMALL, "names": (("Ann", "she"), ("Bea", "she"))}, kinds=(("girl", "she"),),
-    colours=("red",), nouns=("kite",), connectives=(), weather_weight=0.0, events=_PLOT_EVENTS,
+    colours=("red",), nouns=("kite",), connectives=(), weather_weight=0.0, appositive_weight=0.0,
+    events=_PLOT_EVENTS,
     max_sentences=5, max_questions=1,
 )
 TREES: dict[Lexicon, list] = {}

@@ -14,7 +14,8 @@ def test_tiny_grammars_reach_every_kind_of_sentence_and_question():
     text = "\n".join(linear_text(d.document) for d in tree(WIDE) + tree(PLOT))
     for phrase in ("Then she", "It was a cold day.", "He and", ' said, "Hi!"', ' shouted, "',
                    " was very sad.", " felt sad.", " found a ", " had a ", " gave the ",
-                   " left the ", " picked up the ", " met a ", " went to the ", "Who is ",
+                   " left the ", " picked up the ", " met a ", " went to the ", "Ann, the shy girl, ",
+                   " looked at the kite. It was red.", " was still sad.", "Who is ",
                    "Where is ", "How does ", "What colour is ", "Who has ", "Where did ",
                    "What did ", "<|im_start|>user\nWho is Ann?<|im_end|>\n<|im_start|>assistant\n"
                    "A shy girl.<|im_end|>\n<|im_start|>user\n"):
@@ -34,6 +35,7 @@ class StoryFacts:
         self.chars: dict[str, dict] = {}
         self.objs: dict[str, dict] = {}
         self.gifts: list[tuple[str, str, str]] = []
+        self.seen: str | None = None  # the object whose colour the next sentence gives
         sentences = [s.strip() for s in _SENTENCE.findall(text)]
         assert " ".join(sentences) == text.strip()
         last = None
@@ -45,13 +47,24 @@ class StoryFacts:
             if re.fullmatch(r"It was a \w+ day\.", s):
                 last = None
                 continue
+            if m := re.fullmatch(r"It was (\w+)\.", s):  # after "X found a kite ..." or "X looked at the kite."
+                assert self.seen is not None, s
+                o = self.objs[self.seen]
+                assert o["colour"] in (None, m[1]), s  # a first sight sets it, a look restates it
+                o["colour"], self.seen = m[1], None
+                continue
+            assert self.seen is None, f"no colour given for the {self.seen}"
             s = re.sub(r"^(Then|Later,|After that,|Soon,) ", "", s)
             who, rest = s.split(" ", 1)
             if who.lower() in ("she", "he"):
                 assert last is not None and _PRONOUN[last] == who.lower(), s
                 who = last
+            elif m := re.fullmatch(r"(\w+), the (\w+) (\w+), (.+)", s):  # described again
+                who, rest = m[1], m[4]
+                assert (self.chars[who]["trait"], self.chars[who]["kind"]) == (m[2], m[3]), s
             self._event(who, rest)
             last = who
+        assert self.seen is None, f"no colour given for the {self.seen}"
 
     def _event(self, who: str, rest: str) -> None:
         c = self.chars[who]
@@ -60,12 +73,13 @@ class StoryFacts:
             c["place"] = m[2]
             if m[1]:
                 self.chars[m[1]]["place"] = m[2]
-        elif m := re.fullmatch(r"(found|had) a (\w+) (\w+)(?: (\w+) the (\w+))?\.", rest):
-            assert m[3] not in self.objs
+        elif m := re.fullmatch(r"(found|had) a (\w+)(?: (\w+) the (\w+))?\.", rest):
+            assert m[2] not in self.objs
             if m[1] == "found":  # found where they are
-                assert (m[4], m[5]) == (_PREP[c["place"]], c["place"])
-            self.objs[m[3]] = {"colour": m[2], "holder": who, "place": None,
-                               "found": (who, m[5]) if m[1] == "found" else None}
+                assert (m[3], m[4]) == (_PREP[c["place"]], c["place"])
+            self.objs[m[2]] = {"colour": None, "holder": who, "place": None,
+                               "found": (who, m[4]) if m[1] == "found" else None}
+            self.seen = m[2]
         elif m := re.fullmatch(r"(gave|left|picked up) the (\w+) (\w+)(?: to (\w+)| (\w+) the (\w+))?\.", rest):
             o = self.objs[m[3]]
             assert o["colour"] == m[2]  # the colour is carried from where the object appeared
@@ -86,6 +100,12 @@ class StoryFacts:
             self.chars[m[3]] = {"trait": m[1], "kind": m[2], "place": c["place"], "feeling": None}
         elif m := re.fullmatch(r"(?:felt|was very) (\w+)\.", rest):
             c["feeling"] = m[1]
+        elif m := re.fullmatch(r"was still (\w+)\.", rest):
+            assert c["feeling"] == m[1]
+        elif m := re.fullmatch(r"looked at the (\w+)\.", rest):
+            o = self.objs[m[1]]
+            assert o["holder"] == who or (o["holder"] is None and o["place"] == c["place"])
+            self.seen = m[1]
         else:
             assert re.fullmatch(r'(said|shouted), "[^"]+"', rest), rest
 

@@ -20,7 +20,10 @@ from tinyllm.data.builtin.tape import ParseError, ParseTape, SampleTape, enumera
 from tinyllm.data.document import Document, tokenize_document
 from tinyllm.tokenizer import Tokenizer
 
-VERSION = 2  # 2: "The kite is red." holds the story's token " red" for attention to copy; "Red." did not
+# 3: a colour follows its object ("found a kite. It was red.") and the story restates the facts the
+#    questions ask for (", the little dog,", "looked at the kite.", "was still happy.");
+# 2: "The kite is red." holds the story's token " red" for attention to copy; "Red." did not.
+VERSION = 3
 
 
 def _stream_seed(seed: int, index: int) -> int:

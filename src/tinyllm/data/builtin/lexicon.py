@@ -11,8 +11,8 @@ Unique decodability rests on two properties checked here, once, when a lexicon i
 - the words that can open a sentence (names, pronouns, connectives, the weather lead) are
   prefix-free together, since one pick chooses among all of them.
 Words never contain a double quote, a newline or "<|", which mark dialogue, questions and the
-chat template. Words that follow the article "a" (traits, colours, kinds) start with a consonant,
-so the article never depends on a later choice.
+chat template. Words that follow the article "a" (traits, nouns) start with a consonant, so the
+article never depends on a later choice.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ WEATHER_LEAD = "It was a"
 # Event names, in the order the generator offers them; `Lexicon.events` gives each a weight.
 EVENTS = (
     "go", "go_with", "find", "have", "give", "leave", "pick_up", "meet",
-    "felt", "was_very", "said", "shouted",
+    "felt", "was_very", "said", "shouted", "look", "still",
 )
 # Events available to every character in every state: one must have weight, or a subject could
 # be picked with nothing to do.
@@ -40,6 +40,8 @@ def _default_events() -> dict[str, float]:
     return {
         "go": 3.0, "go_with": 1.0, "find": 3.0, "have": 1.0, "give": 3.0, "leave": 1.5,
         "pick_up": 2.0, "meet": 2.0, "felt": 1.0, "was_very": 0.7, "said": 1.2, "shouted": 0.5,
+        # These two restate a fact (a colour, a feeling) so the story practises recalling it.
+        "look": 3.0, "still": 2.5,
     }
 
 
@@ -92,6 +94,8 @@ class Lexicon:
     connectives: tuple[str, ...] = ("Then", "Later,", "After that,", "Soon,")
     events: Mapping[str, float] = field(default_factory=_default_events)
 
+    # A named subject is described again (", the little dog,") with this weight against its events'.
+    appositive_weight: float = 2.0
     # Sentence-start weights: each character's name, the previous subject's pronoun, each
     # connective, the weather sentence.
     name_weight: float = 1.0
@@ -145,7 +149,7 @@ def _check_lexicon(lex: Lexicon) -> None:
                 raise ValueError(f"Lexicon.{name} has {w!r}: words are non-empty, trimmed, "
                                  "without double quotes, newlines or '<|'")
         _check_prefix_free(f"Lexicon.{name}", items)
-    for name in ("traits", "colours", "kinds"):
+    for name in ("traits", "nouns"):
         for w in words[name]:
             if w[0].lower() in "aeiou":
                 raise ValueError(f"Lexicon.{name} has {w!r}: it follows the article 'a', so it "
@@ -163,7 +167,8 @@ def _check_lexicon(lex: Lexicon) -> None:
         raise ValueError(f"Lexicon.events must give a weight >= 0 to exactly {EVENTS}")
     if not any(lex.events[e] > 0 for e in ALWAYS_AVAILABLE):
         raise ValueError(f"Lexicon.events: one of {ALWAYS_AVAILABLE} needs a positive weight")
-    if min(lex.name_weight, lex.pronoun_weight) <= 0 or min(lex.connective_weight, lex.weather_weight) < 0:
+    if min(lex.name_weight, lex.pronoun_weight) <= 0 or min(lex.connective_weight, lex.weather_weight,
+                                                             lex.appositive_weight) < 0:
         raise ValueError("Lexicon: name and pronoun weights must be > 0, others >= 0")
     if not 1 <= lex.min_sentences <= lex.max_sentences:
         raise ValueError("Lexicon: need 1 <= min_sentences <= max_sentences")

@@ -7,6 +7,13 @@ document's. Stopping decisions (end of story, questions or not, another question
 too; their texts are " " (go on), "\\n<|im_start|>user\\n" (questions follow) and
 "<|endoftext|>" (the end), so the tape's text is exactly `doc.rendered() + "<|endoftext|>"`.
 Each question is built from the final world state, so its answer is fixed by the story.
+Why facts are told this way (README: Main job, QA by question kind): a question names a character
+or an object, and the answer is a word told about it. A colour comes after its object ("She found a
+kite in the park. It was red."), where a small model learns to fetch it; told before ("a red kite")
+it was answered little better than a guess. And the story itself recalls each kind of fact it asks
+about ("Mia, the little dog, went ...", "She looked at the kite. It was red.", "Mia was still
+happy."), as it already recalls where someone is ("found a kite in the park"): the model practises
+those lookups on every story, not only on the few answer tokens.
 """
 
 from __future__ import annotations
@@ -25,7 +32,10 @@ _LEADS = {
     "go": " went to the", "go_with": " and", "find": " found a", "have": " had a",
     "give": " gave the", "leave": " left the", "pick_up": " picked up the", "meet": " met a",
     "felt": " felt", "was_very": " was very", "said": ' said, "', "shouted": ' shouted, "',
+    "look": " looked at the", "still": " was still",
 }
+# Offered beside the leads after a named subject: ", the little dog," then the event.
+_APPOSITIVE = ", the"
 
 
 class _Char:
@@ -161,12 +171,13 @@ def _sentence(tape: Tape, g: Grammar, w: _World) -> None:
             texts[-1] = " " + last.pronoun
         i = tape.weighted(texts, weights[:subjects])
     subject = w.chars[i] if i < len(w.chars) else last
-    _event(tape, g, w, subject)
+    _event(tape, g, w, subject, named=i < len(w.chars))
     w.last = subject
 
 
-def _event(tape: Tape, g: Grammar, w: _World, c: _Char) -> None:
-    """An event for subject `c`, among those its state allows; each changes the world."""
+def _event(tape: Tape, g: Grammar, w: _World, c: _Char, named: bool = False) -> None:
+    """An event for subject `c`, among those its state allows; most change the world, "look" and
+    "still" restate a fact. A `named` subject may first be described (`_APPOSITIVE`)."""
     others = [d for d in w.chars if d is not c]
     held = [o for o in w.objs if o.holder is c]
     here = c.place
@@ -178,10 +189,24 @@ def _event(tape: Tape, g: Grammar, w: _World, c: _Char) -> None:
         "have": room, "give": bool(held and near), "leave": bool(held) and here is not None,
         "pick_up": bool(loose), "meet": len(w.chars) < g.lex.max_characters,
         "felt": True, "was_very": True, "said": True, "shouted": True,
+        "look": bool(held or loose), "still": c.feeling is not None,
     }
     events = [ew for ew in g.event_weight if can[ew[0]]]
-    e = events[tape.weighted([_LEADS[e] for e, _ in events], [wt for _, wt in events])][0]
-    if e in ("felt", "was_very"):
+    leads, weights = [_LEADS[e] for e, _ in events], [wt for _, wt in events]
+    if named and g.lex.appositive_weight > 0:
+        i = tape.weighted([*leads, _APPOSITIVE], [*weights, g.lex.appositive_weight])
+    else:
+        i = tape.weighted(leads, weights)
+    if i == len(leads):  # ", the little dog," then the event
+        tape.say(f" {c.trait} {c.kind},")
+        i = tape.weighted(leads, weights)
+    e = events[i][0]
+    if e == "look":
+        obj = (held + loose)[tape.uniform([" " + o.noun for o in held + loose])]
+        tape.say(f". It was {obj.colour}.")
+    elif e == "still":
+        tape.say(f" {c.feeling}.")
+    elif e in ("felt", "was_very"):
         c.feeling = g.lex.feelings[tape.pick(g.feeling)]
         tape.say(".")
     elif e in ("said", "shouted"):
@@ -197,11 +222,12 @@ def _event(tape: Tape, g: Grammar, w: _World, c: _Char) -> None:
         for m in movers:
             m.place = place
     elif e in ("find", "have"):
-        colour = g.lex.colours[tape.pick(g.colour)]
         used = {o.noun for o in w.objs}
         nouns = [n for n in g.lex.nouns if n not in used]
         noun = nouns[tape.uniform([" " + n for n in nouns])]
-        tape.say(g.place_at[here] if e == "find" else ".")
+        tape.say((g.place_at[here] if e == "find" else ".") + " It was")
+        colour = g.lex.colours[tape.pick(g.colour)]
+        tape.say(".")
         w.objs.append(_Obj(noun, colour, c, here if e == "find" else None))
     elif e == "meet":
         w.chars.append(_new_char(tape, g, w, place=here))
