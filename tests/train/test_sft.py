@@ -9,6 +9,7 @@ model on the builtin grammar with a small lexicon (20 s of the file's 30 s on 2 
 import copy
 import json
 import re
+from functools import partial
 
 import pytest
 import torch
@@ -166,13 +167,18 @@ def test_sft_uses_its_time_budget_to_the_end_after_slow_first_steps(tmp_path, pr
     assert last["step"] == result.steps and last["lr"] == pytest.approx(plan.config.optim.lr * 0.1)
 
 
-def test_sft_keeps_back_the_time_of_its_held_out_questions(tmp_path, pretrained, monkeypatch):
+@pytest.mark.parametrize(("questions", "probe", "expected"), [(8, 4, [4, 8]), (20, 16, [10, 10])])
+def test_sft_keeps_back_the_time_of_its_held_out_questions(tmp_path, pretrained, monkeypatch, questions, probe,
+                                                           expected):
     """The end-of-run QA is timed on its first questions before the first step and kept back from
-    the budget, so the run still ends on time (unreserved, 200 questions overran 3 minutes by 9 s)."""
-    plan = sft_plan(tmp_path, pretrained, **{**QUIET, "train.max_time": "40s", "train.qa_questions": 20})
+    the budget, so the run still ends on time (unreserved, 200 questions overran 3 minutes by 9 s).
+    Asked for more questions than fit the context (20; 10 fit in 64 tokens), the probe asks all there
+    are and only those are kept back (it once reserved 20 and the run ended 6.5 s early)."""
+    plan = sft_plan(tmp_path, pretrained, **{**QUIET, "train.max_time": "40s", "train.qa_questions": questions})
     trainer = timed_trainer(monkeypatch, plan.config, tmp_path, lambda c: 0.5)
     clock = trainer_module.time
     monkeypatch.setattr(report_module, "time", clock)
+    monkeypatch.setattr(report_module, "qa_seconds", partial(report_module.qa_seconds, probe=probe))
     asked = []
 
     def slow_qa(model, data_dir, questions):  # half a second a question on the run's clock
@@ -186,7 +192,7 @@ def test_sft_keeps_back_the_time_of_its_held_out_questions(tmp_path, pretrained,
     result = trainer.run()
     # Less than a step, a checkpoint's unmeasured estimate (two steps) and the log's step unspent.
     assert result.stopped == "time budget" and 40.0 - 4 * 0.5 - 0.01 < result.seconds <= 40.0
-    assert asked[0] < asked[-1] == 20 and result.qa_accuracy is not None  # a probe, then all 20
+    assert asked == expected and result.qa_accuracy is not None  # the probe, then the end-of-run QA
 
 
 def test_sft_val_loss_falls_and_resumes_exactly(tmp_path, pretrained):

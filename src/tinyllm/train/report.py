@@ -185,7 +185,11 @@ def qa_seconds(gather: Callable[[], nn.Module | None], data_dir: Path, questions
         qa = held_out_qa(model, data_dir, min(probe, questions))
     except UserError:
         return None
-    return None if qa is None else (time.monotonic() - started) * questions / qa.total
+    if qa is None:
+        return None
+    elapsed = time.monotonic() - started
+    # Fewer than asked for are all there are (the rest do not fit the context): the end asks the same.
+    return elapsed if qa.total < min(probe, questions) else elapsed * questions / qa.total
 
 
 def end_of_run_qa(log: RunLog | QuietLog, gather: Callable[[], nn.Module | None], data_dir: Path, questions: int, *,
