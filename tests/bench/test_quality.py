@@ -43,6 +43,7 @@ def test_a_variant_is_the_same_block_over_any_preset():
             "learned", "layernorm", "gelu", True)
         assert (cfgs["rope-muon"].pos_emb, cfgs["rope-muon"].qk_norm, cfgs["rope-muon"].mlp) == ("rope", True, "gelu")
         assert (cfgs["modern"].mlp, cfgs["modern"].bias) == ("relu2", False)
+        assert (cfgs["muon-doc-256"].n_embd, cfgs["muon-doc-256"].doc_mask) == (256, True)
 
 
 def test_unknown_variant_is_refused_before_training(capsys):

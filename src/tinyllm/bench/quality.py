@@ -41,6 +41,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "muon": ("the GPT-2 blocks; Muon for block matrices, AdamW for the rest", {**_GPT2, "optim.optimizer": "muon"}),
     "muon-doc": ("muon, each document of a row seen alone (model.doc_mask)",
                  {**_GPT2, "model.doc_mask": True, "optim.optimizer": "muon"}),
+    "muon-doc-256": ("muon-doc 256 wide, the cpu preset's width before it became 128",
+                     {**_GPT2, "model.doc_mask": True, "optim.optimizer": "muon", "model.n_embd": 256}),
     "rope-muon": ("RoPE, RMSNorm, QK-norm (GELU, biases); Muon", {**_ROPE, "optim.optimizer": "muon"}),
     "modern-muon": ("modern blocks and Muon", {**_MODERN, "optim.optimizer": "muon"}),
 }
