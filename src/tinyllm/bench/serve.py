@@ -41,7 +41,7 @@ DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a mess
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu", help="whose model size to serve, random weights (default cpu: 4 x 256)")
+    p.add_argument("--preset", default="cpu", help="whose model size to serve, random weights (default cpu: 4 x 128)")
     p.add_argument("--run", metavar="RUN_DIR", help="serve this trained run instead of a preset's random model")
     p.add_argument("--concurrency", default="1,8,32", metavar="LIST",
                    help="comma-separated numbers of concurrent clients, one measurement each (default 1,8,32)")
