@@ -8,6 +8,7 @@ import pytest
 
 from tinyllm.cli import build_parser, main
 from tinyllm.cli.run_args import load_run
+from tinyllm.inference.layout import is_column_major
 from tinyllm.inference.quantize import Int8Linear
 
 COMMANDS = {"sample": "sample from", "chat": "chat with", "eval": "evaluate", "serve": "serve"}
@@ -47,3 +48,10 @@ def test_eval_reports_the_int8_loss_within_one_percent(tiny_run):
     assert runs["int8"]["tokens"] == runs["none"]["tokens"]  # the same rows
     assert runs["int8"]["loss"] != runs["none"]["loss"]  # the int8 model was scored, not the fp32 one
     assert runs["int8"]["loss"] == pytest.approx(runs["none"]["loss"], rel=0.01)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_commands_that_decode_get_the_decoding_layout_and_export_does_not(tiny_run, command):
+    args = build_parser().parse_args([command, "--run", str(tiny_run.path), "--device", "cpu"])
+    assert is_column_major(load_run(args, COMMANDS[command])[0].head_weight)
+    assert load_run(args, "export", decoding=False)[0].head_weight.is_contiguous()

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("--max-tokens, --requests-per-client and --threads must be at least 1")
     import torch  # imported when the benchmark runs, not for --help
 
+    from tinyllm.inference.layout import decode_layout
     from tinyllm.tokenizer import get_tokenizer
 
     if args.run:
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> dict:
 
         torch.manual_seed(0)
         model, source = GPT(resolve(args.preset).model).eval(), f"preset {args.preset}, random weights"
+    decode_layout(model)
     cfg = model.config
     results = bench_serve(model, get_tokenizer(), concurrency=levels, max_tokens=args.max_tokens,
                           requests_per_client=args.requests_per_client, threads=args.threads)

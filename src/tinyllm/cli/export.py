@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_gguf(args, dtype)
     from tinyllm.export import export_hf, hf_architecture  # torch: after --help
 
-    model, _, ckpt = load_run(args, "export")
+    model, _, ckpt = load_run(args, "export", decoding=False)
     try:
         out = export_hf(model, args.out, dtype=dtype)
     except OSError as e:  # export_hf writes a temporary folder and renames it: nothing half-written is left
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_gguf(args: argparse.Namespace, dtype: str) -> int:
     from tinyllm.export.gguf import export_gguf, gguf_architecture  # torch: after --help
 
-    model, _, ckpt = load_run(args, "export")
+    model, _, ckpt = load_run(args, "export", decoding=False)
     name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name
     try:
         out = export_gguf(model, args.out, dtype=dtype, name=name)

@@ -45,13 +45,15 @@ def check_quantize(mode: str) -> None:
         raise UserError(f"--quantize {mode}: choose one of {', '.join(QUANTIZE_CHOICES)}")
 
 
-def load_run(args: argparse.Namespace, verb: str) -> tuple[GPT, Config, Path]:
+def load_run(args: argparse.Namespace, verb: str, *, decoding: bool = True) -> tuple[GPT, Config, Path]:
     """The model (eval mode), its config and checkpoint path named by --checkpoint or --run,
-    quantized as --quantize asks (where the command has that flag)."""
+    quantized as --quantize asks (where the command has that flag). `decoding`: the weights are
+    laid out for fast decoding (`tinyllm.inference.layout`); export wants them as trained."""
     if not args.run and not args.checkpoint:
         raise UserError(f"give --run RUN_DIR (or --checkpoint PATH) to {verb}")
     quantize = getattr(args, "quantize", "none")
     check_quantize(quantize)
+    from tinyllm.inference.layout import decode_layout
     from tinyllm.inference.quantize import quantize_model
     from tinyllm.runtime.checkpoint import load_model
     from tinyllm.runtime.device import pick_device
@@ -62,4 +64,5 @@ def load_run(args: argparse.Namespace, verb: str) -> tuple[GPT, Config, Path]:
     except UserError:  # its message names the training config key, not this flag
         raise UserError(f"--device {name}: this machine has no such device; use --device auto or cpu") from None
     model, cfg, ckpt = load_model(args.checkpoint or args.run, device)
-    return quantize_model(model, quantize), cfg, ckpt
+    model = quantize_model(model, quantize)
+    return (decode_layout(model) if decoding else model), cfg, ckpt

@@ -12,7 +12,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     PyTorch sends a one-row F.linear to its GEMM, which in bf16 reads the weights well below the
     bandwidth torch.mv / addmv reach: a seed-size bf16 token took 1.27x less CPU time this way.
-    In fp32 it did not pay (0.96x), so fp32 keeps F.linear. Under autocast F.linear stays too:
+    In fp32 it did not pay (0.96x), so fp32 keeps F.linear (its one-row speed comes from the weights'
+    layout instead: tinyllm.inference.layout). Under autocast F.linear stays too:
     CPU autocast does not cast addmv's operands.
     """
     if (x.numel() != x.shape[-1] or weight.dtype != torch.bfloat16

@@ -1,0 +1,67 @@
+"""The decoding layout: wide fp32 weights column-major on CPU, the same values and the same outputs."""
+
+from __future__ import annotations
+
+import torch
+
+from tinyllm.inference.layout import decode_layout, is_column_major, wide_weights
+from tinyllm.inference.quantize import quantize_int8
+from tinyllm.inference.sampling import generate
+from tinyllm.model.gpt import GPT, GPTConfig
+
+
+def _model(**overrides) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, **overrides})
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        model.wte.weight.mul_(20)  # sharp logits: greedy choices are not decided by rounding noise
+    return model
+
+
+def test_wide_weights_turn_column_major_with_the_same_values():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    decode_layout(model)
+    block = model.blocks[0]
+    # The head (tied: the embedding table) and the Linear layers with more outputs than inputs.
+    assert {id(w) for w in wide_weights(model)} == {
+        id(model.wte.weight), *(id(b.attn.c_attn.weight) for b in model.blocks), *(id(b.mlp.c_fc.weight) for b in model.blocks)
+    }
+    assert all(is_column_major(w) for w in wide_weights(model))
+    assert block.mlp.c_proj.weight.is_contiguous() and block.attn.c_proj.weight.is_contiguous()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].shape == after[k].shape for k in before)
+    assert isinstance(model.wte.weight, torch.nn.Parameter)
+
+
+def test_outputs_match_the_trained_layout():
+    model, laid_out = _model(), decode_layout(_model())
+    idx = torch.randint(0, model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(model(idx), laid_out(idx), atol=1e-4)
+        loss = model(idx, targets=idx.roll(-1, 1))
+        assert torch.allclose(loss, laid_out(idx, targets=idx.roll(-1, 1)), atol=1e-5)
+    prompt = idx[0, :8].tolist()
+    a = list(generate(model, prompt, 24, temperature=0))
+    assert a == list(generate(laid_out, prompt, 24, temperature=0))
+    assert a == list(generate(laid_out, prompt, 24, temperature=0, use_cache=False))
+
+
+def test_an_untied_head_is_laid_out_too():
+    model = decode_layout(_model(tie_embeddings=False))
+    assert is_column_major(model.lm_head.weight) and model.wte.weight.is_contiguous()
+
+
+def test_bf16_and_int8_models_are_left_as_they_are():
+    bf16 = decode_layout(_model().to(torch.bfloat16))
+    assert all(w.is_contiguous() for w in wide_weights(bf16))
+    int8 = decode_layout(quantize_int8(_model()))
+    assert int8.wte.weight.is_contiguous()
+
+
+def test_laying_out_twice_changes_nothing_more():
+    model = decode_layout(_model())
+    storages = [w.data_ptr() for w in wide_weights(model)]
+    decode_layout(model)
+    assert [w.data_ptr() for w in wide_weights(model)] == storages
