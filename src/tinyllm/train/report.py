@@ -88,6 +88,7 @@ def announce(log: RunLog | QuietLog, cfg: Config, run: RunSummary) -> None:
         f"with {describe_precision(run.precision)}{run.parallel}; batch {t.micro_batch} x {run.grad_accum} x "
         f"{run.ranks}{m.block_size} = "
         f"{run.tokens_per_step:,} tokens/step, "
+        + (f"loss on a random {t.loss_fraction:.0%} of positions, " if t.loss_fraction < 1 else "")
         + (f"budget {t.max_time} (at most {t.max_steps:,} steps), the lr schedule following the time spent"
            if run.follows_time else f"{run.total_steps:,} steps" + (f", budget {t.max_time}" if run.budget else ""))
         + (", torch.compile (the first steps include compiling)" if run.compiled else "")

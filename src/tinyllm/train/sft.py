@@ -43,7 +43,7 @@ LR_SCALE = 0.3
 SFT_DEFAULTS: dict[str, dict[str, typing.Any]] = {
     "data": {"loss_on": "assistant", "mode": "padded"},
     "optim": {"schedule": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1},
-    "train": {"max_steps": 5000, "max_time": "5m", "eval_every": 50,
+    "train": {"max_steps": 5000, "max_time": "5m", "eval_every": 50, "loss_fraction": 1.0,
               "eval_batches": 16, "sample_every": 0, "checkpoint_every": 100, "qa_questions": 200},
 }
 # Model settings that do not change the weights' shapes or meaning, so fine-tuning may change them.

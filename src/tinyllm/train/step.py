@@ -43,6 +43,15 @@ def check_ids(batch: Batch, vocab_size: int) -> Batch:
     return batch
 
 
+def keep_scored(batch: Batch, fraction: float, generator: torch.Generator) -> Batch:
+    """`batch` with each target kept with probability `fraction` and the others -1 (`train.loss_fraction`):
+    the fused loss then projects only the kept rows onto the vocabulary."""
+    if fraction >= 1:
+        return batch
+    drop = torch.rand(batch.targets.shape, generator=generator) >= fraction  # [B, T]
+    return Batch(inputs=batch.inputs, targets=batch.targets.masked_fill(drop, -1))
+
+
 def reads_after(train: TrainConfig, step: int, last: bool = False) -> bool:
     """Whether the loop's bookkeeping after `step` reads the device: logs, evaluations and saves do."""
     return last or any(every and step % every == 0 for every in (train.log_every, train.eval_every,

@@ -59,7 +59,14 @@ from tinyllm.train.schedule import (
     work_due,
 )
 from tinyllm.train.sft import load_init_weights
-from tinyllm.train.step import Diverged, StepRecords, check_ids, reads_after, step_if_finite
+from tinyllm.train.step import (
+    Diverged,
+    StepRecords,
+    check_ids,
+    keep_scored,
+    reads_after,
+    step_if_finite,
+)
 from tinyllm.train.validation import fixed_batches, val_loss
 
 
@@ -90,7 +97,8 @@ class Trainer:
         self.val_batches = fixed_batches(self._loader(data_dir, "val", sequential=True), t.eval_batches, self.device)
         self.task_probe = load_probe(t.eval_tasks, t.eval_task_items)  # [] when none
         # Rows with ignored targets (pads, non-assistant tokens) make micro-batches unequal: weight by targets.
-        self.token_weighted = cfg.data.mode == "padded" or cfg.data.loss_on == "assistant"
+        # So does a loss on some positions only (train.loss_fraction).
+        self.token_weighted = cfg.data.mode == "padded" or cfg.data.loss_on == "assistant" or t.loss_fraction < 1
         self.qa: QAResult | None = None  # sft: the end-of-run held-out questions, answered
         # The corpus floor is per token over all tokens: no bound for a loss on assistant tokens only.
         self.floor = self.loader.manifest.get("floor") if cfg.data.loss_on == "all" else None
@@ -235,6 +243,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         # Ids checked on the CPU, before the copy: the model then need not read them back.
         batches = [check_ids(self.loader.next_batch(), self.cfg.model.vocab_size) for _ in range(self.grad_accum)]
+        # Which positions are scored: a function of the seed, rank and step, so a resumed run draws the same.
+        t = self.cfg.train
+        scored = torch.Generator().manual_seed(t.seed * 1_000_003 + self.dist.rank * 100_003 + self.step)
+        batches = [keep_scored(b, t.loss_fraction, scored) for b in batches]
         # The step's loss is the mean over its targets: each micro-batch's mean counts by its share
         # of them. In packed pretraining every target counts, so shares are equal: 1/grad_accum.
         counts = [int((b.targets != -1).sum()) for b in batches] if self.token_weighted else []
