@@ -34,6 +34,25 @@ def preferring():
     return model_preferring
 
 
+def stop_after(trainer, step: int) -> None:
+    """Make `trainer` stop as Ctrl-C would when asked after `step`: it saves and ends once the step
+    under way (the next) is done."""
+    original = trainer._after_step
+
+    def after(*args):
+        original(*args)
+        if trainer.step == step:
+            trainer.stop()
+
+    trainer._after_step = after
+
+
+@pytest.fixture(scope="session")
+def stopping():
+    """`stopping(trainer, step)`: see `stop_after`; a stopped-then-resumed run for exact-resume tests."""
+    return stop_after
+
+
 def fill_disk_under(log, which: str) -> Path:
     """From now on, writes to the run log's `which` file fail as on a full disk (ENOSPC from the
     kernel: /dev/full); returns the path the error should name."""

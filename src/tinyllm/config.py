@@ -90,8 +90,8 @@ class TrainConfig:
     grad_accum: int = 4
     # The share of positions, drawn at random each step, whose next-token loss pretraining computes.
     # Every token still goes through the blocks, but a skipped one costs no vocabulary projection,
-    # most of a narrow model's compute: at 0.3 the `cpu` preset ran 2.1x the tokens in its minutes
-    # (README: Main job). Validation always scores every position. 1: all of them.
+    # most of a narrow model's compute: at 0.3 the `cpu` preset ran 2.1x the tokens in its minutes,
+    # but learned real text less (README: Main job). Validation always scores every position.
     loss_fraction: float = 1.0
     max_steps: int = 5000
     # Wall-clock budget ("90s", "10m", "2h", "1h30m"); "" or "none" for none. The learning-rate

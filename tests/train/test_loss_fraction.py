@@ -49,7 +49,7 @@ def test_a_share_outside_0_1_is_a_config_error(bad):
         resolve("tiny", overrides=[("train.loss_fraction", bad, "test")])
 
 
-def test_pretraining_on_a_share_learns_says_so_and_resumes_exactly(tmp_path, data):
+def test_pretraining_on_a_share_learns_says_so_and_resumes_exactly(tmp_path, data, stopping):
     cfg = config(data, max_steps=8, checkpoint_every=0, eval_every=4)
     whole = tmp_path / "whole"
     result = Trainer(cfg, whole, echo=False).run()
@@ -58,14 +58,7 @@ def test_pretraining_on_a_share_learns_says_so_and_resumes_exactly(tmp_path, dat
     assert result.val_loss == vals[-1] < vals[0]
     split = tmp_path / "split"
     first = Trainer(cfg, split, echo=False)
-    original = first._after_step
-
-    def stop_at_3(*args):
-        original(*args)
-        if first.step == 3:
-            first.stop()
-
-    first._after_step = stop_at_3
+    stopping(first, 3)
     first.run()
     Trainer(cfg, split, resume_from=latest_checkpoint(split), echo=False).run()
     assert [r.get("loss") for r in records(split)] == [r.get("loss") for r in records(whole)]

@@ -49,20 +49,13 @@ def test_padded_pretraining_learns(tmp_path, mix):
     assert result.val_loss == vals[-1] < vals[0] - 3.0 and result.stopped == "finished"
 
 
-def test_padded_pretraining_resumes_exactly(tmp_path, mix):
+def test_padded_pretraining_resumes_exactly(tmp_path, mix, stopping):
     cfg = config(mix, max_steps=8, checkpoint_every=0, eval_every=4)
     whole = tmp_path / "whole"
     Trainer(cfg, whole, echo=False).run()
     split = tmp_path / "split"
     first = Trainer(cfg, split, echo=False)
-    original = first._after_step
-
-    def stop_at_3(*args):
-        original(*args)
-        if first.step == 3:
-            first.stop()
-
-    first._after_step = stop_at_3
+    stopping(first, 3)
     first.run()
     assert latest_checkpoint(split).name == "step-00000004"
     Trainer(cfg, split, resume_from=latest_checkpoint(split), echo=False).run()

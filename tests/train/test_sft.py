@@ -195,7 +195,7 @@ def test_sft_keeps_back_the_time_of_its_held_out_questions(tmp_path, pretrained,
     assert asked == expected and result.qa_accuracy is not None  # the probe, then the end-of-run QA
 
 
-def test_sft_val_loss_falls_and_resumes_exactly(tmp_path, pretrained):
+def test_sft_val_loss_falls_and_resumes_exactly(tmp_path, pretrained, stopping):
     settings = {**QUIET, "train.max_steps": 6, "train.eval_every": 3, "optim.warmup_steps": 1}
     whole = tmp_path / "whole"
     plan = sft_plan(whole, pretrained, **settings)
@@ -203,14 +203,7 @@ def test_sft_val_loss_falls_and_resumes_exactly(tmp_path, pretrained):
 
     split = tmp_path / "split"
     first = Trainer(sft_plan(split, pretrained, **settings).config, split, echo=False)
-    original = first._after_step
-
-    def stop_at_2(*args):  # asked for after step 1, taken at the end of step 2
-        original(*args)
-        if first.step == 1:
-            first.stop()
-
-    first._after_step = stop_at_2
+    stopping(first, 1)  # asked for after step 1, taken at the end of step 2
     first.run()
     again = plan_run(split)  # running again into the directory continues it as an SFT run
     assert again.config.train.stage == "sft" and again.config.train.init == plan.config.train.init

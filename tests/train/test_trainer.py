@@ -47,21 +47,14 @@ def test_tiny_learns_val_loss_falls_by_a_margin(tmp_path, data):
         assert (tmp_path / name).is_file()
 
 
-def test_stopped_and_resumed_equals_uninterrupted(tmp_path, data):
+def test_stopped_and_resumed_equals_uninterrupted(tmp_path, data, stopping):
     cfg = config(data, max_steps=12, checkpoint_every=0, sample_every=4, eval_every=6)
     whole = tmp_path / "whole"
     Trainer(cfg, whole, echo=False).run()
 
     split = tmp_path / "split"
     first = Trainer(cfg, split, echo=False)
-    original = first._after_step
-
-    def stop_at_5(*args):  # asked for after step 4, taken at the end of the step under way: 5
-        original(*args)
-        if first.step == 4:
-            first.stop()
-
-    first._after_step = stop_at_5
+    stopping(first, 4)  # asked for after step 4, taken at the end of the step under way: 5
     assert first.run().stopped == "interrupted"
     assert latest_checkpoint(split).name == "step-00000005"
     plan = plan_run(split)  # running again into the directory continues it
