@@ -66,7 +66,7 @@ def test_pretraining_on_a_share_learns_says_so_and_resumes_exactly(tmp_path, dat
 
 
 def test_the_scored_positions_change_with_the_step_and_validation_scores_all(tmp_path, data, monkeypatch):
-    from tinyllm.train import trainer as trainer_module
+    from tinyllm.train import step as step_module
 
     seen = []
 
@@ -75,7 +75,7 @@ def test_the_scored_positions_change_with_the_step_and_validation_scores_all(tmp
         seen.append(kept.targets)
         return kept
 
-    monkeypatch.setattr(trainer_module, "keep_scored", spy)
+    monkeypatch.setattr(step_module, "keep_scored", spy)
     trainer = Trainer(config(data, max_steps=2), tmp_path, echo=False)
     trainer.run()
     assert len(seen) == 2 * trainer.grad_accum

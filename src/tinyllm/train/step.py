@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tinyllm.config import TrainConfig
-from tinyllm.data.loader import Batch
+from tinyllm.config import Config, TrainConfig
+from tinyllm.data.loader import Batch, TokenLoader
 from tinyllm.errors import UserError
 
 
@@ -50,6 +50,18 @@ def keep_scored(batch: Batch, fraction: float, generator: torch.Generator) -> Ba
         return batch
     drop = torch.rand(batch.targets.shape, generator=generator) >= fraction  # [B, T]
     return Batch(inputs=batch.inputs, targets=batch.targets.masked_fill(drop, -1))
+
+
+def next_batches(loader: TokenLoader, count: int, cfg: Config, rank: int, step: int) -> list[Batch]:
+    """The step's `count` micro-batches, their ids checked on the CPU before the copy (the model
+    then need not read them back), with `train.loss_fraction` of the targets kept (`keep_scored`).
+    Which ones is a function of the seed, rank and step, so a resumed run draws the same."""
+    batches = [check_ids(loader.next_batch(), cfg.model.vocab_size) for _ in range(count)]
+    train = cfg.train
+    if train.loss_fraction >= 1:
+        return batches
+    generator = torch.Generator().manual_seed(train.seed * 1_000_003 + rank * 100_003 + step)
+    return [keep_scored(b, train.loss_fraction, generator) for b in batches]
 
 
 def reads_after(train: TrainConfig, step: int, last: bool = False) -> bool:

@@ -59,14 +59,7 @@ from tinyllm.train.schedule import (
     work_due,
 )
 from tinyllm.train.sft import load_init_weights
-from tinyllm.train.step import (
-    Diverged,
-    StepRecords,
-    check_ids,
-    keep_scored,
-    reads_after,
-    step_if_finite,
-)
+from tinyllm.train.step import Diverged, StepRecords, next_batches, reads_after, step_if_finite
 from tinyllm.train.validation import fixed_batches, val_loss
 
 
@@ -241,12 +234,7 @@ class Trainer:
         and gradient norm stay on the device (`records`) until a step that reads them; the lr."""
         lr, clip = self.schedule.apply(self.optimizer, self.step), self.cfg.optim.grad_clip
         total = torch.zeros((), device=self.device)
-        # Ids checked on the CPU, before the copy: the model then need not read them back.
-        batches = [check_ids(self.loader.next_batch(), self.cfg.model.vocab_size) for _ in range(self.grad_accum)]
-        # Which positions are scored: a function of the seed, rank and step, so a resumed run draws the same.
-        t = self.cfg.train
-        scored = torch.Generator().manual_seed(t.seed * 1_000_003 + self.dist.rank * 100_003 + self.step)
-        batches = [keep_scored(b, t.loss_fraction, scored) for b in batches]
+        batches = next_batches(self.loader, self.grad_accum, self.cfg, self.dist.rank, self.step)
         # The step's loss is the mean over its targets: each micro-batch's mean counts by its share
         # of them. In packed pretraining every target counts, so shares are equal: 1/grad_accum.
         counts = [int((b.targets != -1).sum()) for b in batches] if self.token_weighted else []
