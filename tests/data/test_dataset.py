@@ -55,3 +55,19 @@ def test_concurrent_requests_for_the_cache_prepare_it_once(tmp_path):
     assert sorted(p.name for p in paths[0].iterdir() if not p.name.startswith(".")) == sorted(
         [MANIFEST] + [s["file"] for sp in m["sources"]["builtin"]["splits"].values() for s in sp["shards"]]
     )
+
+
+def test_chat_fine_tuning_reads_every_question_and_is_scored_on_the_sampled_ones(tmp_path, monkeypatch):
+    from tinyllm.data.dataset import qa_dataset
+    from tinyllm.eval.qa import held_out_documents
+
+    monkeypatch.setenv("TINYLLM_CACHE", str(tmp_path))
+    sampled = run_dataset(DataConfig(builtin_tokens=20_000))
+    every = run_dataset(DataConfig(builtin_tokens=20_000, builtin_questions="every"))
+    assert every != sampled  # its own cache entry: a different corpus
+    docs = list(held_out_documents(every, split="train"))
+    asked = [len(d.messages or ()) // 2 for d in docs]
+    assert min(asked) >= 1 and max(asked) == 6  # every story asked, up to 6 questions
+    assert sum(not d.messages for d in held_out_documents(sampled, split="train")) > 0.3 * len(docs)
+    assert qa_dataset(DataConfig(builtin_tokens=20_000, builtin_questions="every")) == sampled
+    assert qa_dataset(DataConfig(dir=str(sampled))) == sampled

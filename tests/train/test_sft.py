@@ -264,3 +264,17 @@ def test_sft_learns_to_answer_held_out_questions(tmp_path):
     answers = [e.answer.strip() for e in trainer.qa.examples]
     assert sum(bool(re.fullmatch(r"[A-Z][a-z ]*\.", a)) for a in answers) >= 0.9 * len(answers)  # the answer form
     assert result.qa_accuracy >= QA_FLOOR
+
+
+def test_sft_on_the_builtin_corpus_reads_every_question_and_is_scored_on_the_sampled_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYLLM_CACHE", str(tmp_path / "cache"))
+    pre = {"data.builtin_tokens": 20_000, "model.block_size": 256, "train.max_steps": 1, "train.eval_every": 0,
+           "train.sample_every": 0, "train.checkpoint_every": 0}
+    Trainer(resolve("tiny", overrides=[(k, v, "test") for k, v in pre.items()]), tmp_path / "pre", echo=False).run()
+    cfg = sft_plan(tmp_path / "sft", tmp_path / "pre", **{"train.qa_questions": 5}).config
+    assert cfg.data.builtin_questions == "every"
+    trainer = Trainer(cfg, tmp_path / "sft", echo=False)
+    assert trainer.qa_dir == Trainer(read_config(tmp_path / "pre"), tmp_path / "pre2", echo=False).data_dir
+    assert trainer.data_dir != trainer.qa_dir
+    fixed = sft_plan(tmp_path / "sft2", tmp_path / "pre", **{"data.builtin_questions": "sampled"}).config
+    assert Trainer(fixed, tmp_path / "sft2", echo=False).data_dir == trainer.qa_dir

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--qa must be >= 0, got {args.qa}")
     if args.task:
         return run_tasks(args)
-    from tinyllm.data.dataset import trained_dataset
+    from tinyllm.data.dataset import qa_dataset, trained_dataset
     from tinyllm.eval import evaluate_loss, qa_accuracy  # torch: after --help
 
     model, cfg, ckpt = load_run(args, "evaluate")
@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
               "tokens": result.tokens, "bytes": result.bytes, "floor": result.floor, "gap": result.gap,
               "sources": {name: figures(r) for name, r in result.sources.items()}}
     if args.qa:
-        qa = qa_accuracy(model, data_dir, max_questions=args.qa, split=args.split)
+        qa_dir = Path(args.data) if args.data else qa_dataset(cfg.data)
+        qa = qa_accuracy(model, qa_dir, max_questions=args.qa, split=args.split)
         report["qa"] = {"correct": qa.correct, "total": qa.total, "accuracy": qa.accuracy, "skipped": qa.skipped}
     print(json.dumps(report) if args.json else format_report(report))
     return 0

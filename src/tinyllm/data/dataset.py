@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,7 @@ def run_dataset(data: DataConfig) -> Path:
     """The prepared directory a run with this data config reads (preparing the built-in one if needed)."""
     if data.dir:
         return Path(data.dir)
-    return default_builtin_dataset(max_tokens=data.builtin_tokens)
+    return default_builtin_dataset(max_tokens=data.builtin_tokens, questions=data.builtin_questions)
 
 
 def trained_dataset(data: DataConfig) -> Path:
@@ -41,13 +42,21 @@ def trained_dataset(data: DataConfig) -> Path:
     return path
 
 
-def default_builtin_dataset(max_tokens: int = BUILTIN_MAX_TOKENS, seed: int = 0, cache_dir: Path | None = None) -> Path:
+def qa_dataset(data: DataConfig) -> Path:
+    """The prepared directory whose held-out questions score a run (`tinyllm eval --qa`, the end of
+    a chat fine-tuning): its own, but the built-in corpus's sampled questions for a run that read
+    the every-question corpus, so that every run is scored on the same questions."""
+    return trained_dataset(replace(data, builtin_questions="sampled"))
+
+
+def default_builtin_dataset(max_tokens: int = BUILTIN_MAX_TOKENS, seed: int = 0, cache_dir: Path | None = None,
+                            questions: str = "sampled") -> Path:
     """The builtin corpus prepared once into a cache directory and reused afterwards.
 
     The directory is `<cache>/builtin-<key>` where the cache is `cache_dir`, else `$TINYLLM_CACHE`,
     else `~/.cache/tinyllm`, and the key hashes everything that shapes the data.
     """
-    sources = resolve_sources([], seed=seed)
+    sources = resolve_sources([], seed=seed, builtin_questions=questions)
     options = PrepareOptions(max_tokens=max_tokens)
     tok = get_tokenizer()
     key_src = json.dumps(prepare_settings(sources, options, tok), sort_keys=True)

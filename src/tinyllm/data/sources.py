@@ -116,19 +116,22 @@ class BuiltinSource(Source):
 
     max_tokens = BUILTIN_MAX_TOKENS
 
-    def __init__(self, spec: str, weight: float, seed: int, split: str | None = None) -> None:
+    def __init__(self, spec: str, weight: float, seed: int, split: str | None = None,
+                 questions: str = "sampled") -> None:
         self.name, self.spec, self.weight, self.seed, self.split = BUILTIN, spec, weight, seed, split
+        self.questions = questions  # data.builtin_questions
         self.counters = ReadCounters()
 
-    def identity(self) -> dict:
-        from tinyllm.data.builtin import BuiltinCorpus
+    def _corpus(self):  # -> BuiltinCorpus
+        from tinyllm.data.builtin import QUESTION_LEXICONS, BuiltinCorpus
 
-        return {"kind": "builtin", "seed": self.seed, "corpus": BuiltinCorpus(seed=self.seed).identity}
+        return BuiltinCorpus(seed=self.seed, lexicon=QUESTION_LEXICONS[self.questions])
+
+    def identity(self) -> dict:
+        return {"kind": "builtin", "seed": self.seed, "corpus": self._corpus().identity}
 
     def documents(self, start: int = 0) -> Iterator[Document]:
-        from tinyllm.data.builtin import BuiltinCorpus
-
-        return BuiltinCorpus(seed=self.seed).documents(start)
+        return self._corpus().documents(start)
 
 
 class PythonDocsSource(Source):
@@ -286,13 +289,14 @@ def _is_number(s: str) -> bool:
 
 
 def resolve_sources(specs: list[str], *, val_specs: list[str] | None = None, field: str = "text",
-                    seed: int = 0) -> list[Source]:
-    """Sources for the `--source` specs (the builtin corpus when there are none), then the
-    `--val-source` specs, names unique. With val specs every source has a fixed split (module docstring)."""
+                    seed: int = 0, builtin_questions: str = "sampled") -> list[Source]:
+    """Sources for the `--source` specs (the builtin corpus when there are none, its questions
+    `data.builtin_questions`), then the `--val-source` specs, names unique. With val specs every
+    source has a fixed split (module docstring)."""
     val_specs = val_specs or []
     train: list[Source] = []
     for text in specs or [BUILTIN]:
-        src = _resolve(parse_spec(text), "train" if val_specs else None, field, seed, train)
+        src = _resolve(parse_spec(text), "train" if val_specs else None, field, seed, train, builtin_questions)
         if any(o.name == src.name for o in train):
             raise UserError(f"--source {text}: {src.name} is given twice; give each source once")
         train.append(src)
@@ -310,9 +314,10 @@ def resolve_sources(specs: list[str], *, val_specs: list[str] | None = None, fie
     return train + val
 
 
-def _resolve(s: SourceSpec, split: str | None, field: str, seed: int, taken: list[Source]) -> Source:
+def _resolve(s: SourceSpec, split: str | None, field: str, seed: int, taken: list[Source],
+             builtin_questions: str = "sampled") -> Source:
     if s.name == BUILTIN:
-        src: Source = BuiltinSource(s.text, s.weight, seed, split)
+        src: Source = BuiltinSource(s.text, s.weight, seed, split, builtin_questions)
     elif s.name == PYDOCS:
         src = PythonDocsSource(s.text, s.weight, split)
     elif s.name is not None:

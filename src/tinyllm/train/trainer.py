@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from tinyllm.config import Config, save_toml, time_budget
-from tinyllm.data.dataset import run_dataset
+from tinyllm.data.dataset import qa_dataset, run_dataset
 from tinyllm.data.loader import TokenLoader
 from tinyllm.errors import UserError
 from tinyllm.eval.loss import EvalResult
@@ -85,6 +85,7 @@ class Trainer:
         self.schedule = LRSchedule(cfg.optim, t.max_steps, self.budget, follow=t.budget_drives_schedule,
                                    clock=time.monotonic)
         self.data_dir = data_dir = run_dataset(cfg.data)
+        self.qa_dir = qa_dataset(cfg.data) if t.qa_questions else data_dir
         self.loader = self._loader(data_dir, "train", sequential=False)
         # The fixed validation set (`validation`): what `tinyllm eval --max-batches eval_batches` scores.
         self.val_batches = fixed_batches(self._loader(data_dir, "val", sequential=True), t.eval_batches, self.device)
@@ -353,7 +354,7 @@ class Trainer:
 
     def _time_qa(self) -> None:
         gather = partial(sharded_state.full_model, self.model, self.dist)  # FSDP ranks all help gather it
-        if seconds := report.qa_seconds(gather, self.data_dir, self.cfg.train.qa_questions):
+        if seconds := report.qa_seconds(gather, self.qa_dir, self.cfg.train.qa_questions):
             self.overhead.record("qa", seconds)
 
     def _checkpoint(self) -> Path:
@@ -384,7 +385,7 @@ class Trainer:
         path = self.last_ckpt if self.saved_step == self.step else self._checkpoint()
         if self.cfg.train.stage == "sft":
             self.qa = report.end_of_run_qa(self.log, partial(sharded_state.full_model, self.model, self.dist),
-                                           self.data_dir, self.cfg.train.qa_questions, step=self.step,
+                                           self.qa_dir, self.cfg.train.qa_questions, step=self.step,
                                            tokens=self.tokens, val_loss=self.last_val)
         self.log.plot()
         self.log.close()

@@ -23,10 +23,10 @@ from tinyllm.data.builtin.corpus import (
     linear_text,
     parse_document,
 )
-from tinyllm.data.builtin.lexicon import DEFAULT_LEXICON, Lexicon
+from tinyllm.data.builtin.lexicon import DEFAULT_LEXICON, QUESTION_LEXICONS, Lexicon
 from tinyllm.data.builtin.tape import AmbiguityError, ParseError
 
 __all__ = [
     "DEFAULT_LEXICON", "VERSION", "AmbiguityError", "BuiltinCorpus", "Derivation", "Lexicon",
-    "ParseError", "entropy_floor", "enumerate_documents", "linear_text", "parse_document",
+    "ParseError", "QUESTION_LEXICONS", "entropy_floor", "enumerate_documents", "linear_text", "parse_document",
 ]
