@@ -49,7 +49,7 @@ class DataConfig:
     # How many tokens of the built-in corpus to prepare when `dir` is "".
     builtin_tokens: int = 5_000_000
     # Which questions follow the built-in stories: "sampled" (half the stories, 1 to 3 each: the
-    # pretraining corpus) or "every" (every story, every question it settles up to 6: chat
+    # pretraining corpus) or "every" (every story, every question it settles up to 12: chat
     # fine-tuning's default). Held-out QA always asks the sampled corpus's questions.
     builtin_questions: Literal["sampled", "every"] = "sampled"
     # Which targets carry the loss: "all" tokens, or only the "assistant" tokens of ChatML

@@ -67,7 +67,7 @@ def test_chat_fine_tuning_reads_every_question_and_is_scored_on_the_sampled_ones
     assert every != sampled  # its own cache entry: a different corpus
     docs = list(held_out_documents(every, split="train"))
     asked = [len(d.messages or ()) // 2 for d in docs]
-    assert min(asked) >= 1 and max(asked) == 6  # every story asked, up to 6 questions
+    assert min(asked) >= 1 and 6 < max(asked) <= 12  # every story asked, up to 12 questions
     assert sum(not d.messages for d in held_out_documents(sampled, split="train")) > 0.3 * len(docs)
     assert qa_dataset(DataConfig(builtin_tokens=20_000, builtin_questions="every")) == sampled
     assert qa_dataset(DataConfig(dir=str(sampled))) == sampled

@@ -6,7 +6,8 @@ module only finds the data and prints. By default it reads the data the run was 
 the way the trainer finds it (`tinyllm.data.dataset`: the config's data.dir, else the built-in
 corpus prepared into the cache with the run's data.builtin_tokens), and cuts and scores rows as the
 run did (its model.block_size, data.mode, data.loss_on and train.micro_batch), so `--max-batches train.eval_batches` scores the
-very rows of the trainer's periodic val loss. Each source of a mix is scored on its own rows, each
+very rows of the trainer's periodic val loss. --qa always asks the sampled corpus's questions (`qa_dataset`), also of
+a chat fine-tuning that read every question of every story, so runs compare. Each source of a mix is scored on its own rows, each
 once, and reported on its own line; the total is over all their tokens (`tinyllm.eval.loss`). The
 model runs in fp32 whatever precision it trained in.
 """

@@ -190,9 +190,9 @@ def _check_prefix_free(what: str, items) -> None:
 
 DEFAULT_LEXICON = Lexicon()
 # The corpus chat fine-tuning reads (`data.builtin_questions = "every"`): every story followed by
-# every question it settles, up to 6, so each forward over a story trains several answers. On the
+# every question it settles, up to 12, so each forward over a story trains several answers. On the
 # default pipeline's pretrained model it answered more held-out questions than the sampled corpus's
 # 1 to 3 per asked story (README: Chat fine-tuning).
-EVERY_QUESTION = replace(DEFAULT_LEXICON, qa_share=1.0, more_question_prob=1.0, max_questions=6)
+EVERY_QUESTION = replace(DEFAULT_LEXICON, qa_share=1.0, more_question_prob=1.0, max_questions=12)
 # `data.builtin_questions` -> the lexicon of that corpus.
 QUESTION_LEXICONS = {"sampled": DEFAULT_LEXICON, "every": EVERY_QUESTION}
