@@ -10,6 +10,7 @@ import torch
 from tinyllm.errors import UserError
 from tinyllm.inference import generate
 from tinyllm.inference.batch import BatchDecoder
+from tinyllm.inference.layout import pack_head
 from tinyllm.model import GPT, GPTConfig
 
 # block_size 24 is short enough that the long rows below run past it (RoPE: the window is cut).
@@ -92,6 +93,18 @@ def test_each_row_samples_with_its_own_params():
     want = alone(model, "b", params["b"])
     assert got["b"] == want and len(want) < MAX_NEW
     assert got["a"] == alone(model, "a", params["a"])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_rows_that_sample_alike_draw_together_each_from_its_own_seed(packed):
+    model = tiny(pos_emb="rope")
+    if packed:  # as the server's worker runs it: batches through oneDNN's packed head
+        pack_head(model)
+    params = {k: dict(temperature=0.9, top_k=50, seed=i) for i, k in enumerate(("a", "b", "d"))}
+    params["c"] = dict(temperature=0)
+    got = run_batched(model, params)
+    for key in ("a", "b", "d"):
+        assert got[key] == alone(model, key, params[key]), key
 
 
 def test_a_bad_request_is_refused_before_any_forward():

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from tinyllm.inference.layout import decode_layout, is_column_major, wide_weights
-from tinyllm.inference.quantize import quantize_int8
+from tinyllm.inference.layout import (
+    PackedHead,
+    decode_layout,
+    is_column_major,
+    pack_head,
+    wide_weights,
+)
+from tinyllm.inference.quantize import quantize_int8, weight_bytes
 from tinyllm.inference.sampling import generate
 from tinyllm.model.gpt import GPT, GPTConfig
 
@@ -65,3 +71,25 @@ def test_laying_out_twice_changes_nothing_more():
     storages = [w.data_ptr() for w in wide_weights(model)]
     decode_layout(model)
     assert [w.data_ptr() for w in wide_weights(model)] == storages
+
+
+def test_a_packed_head_computes_the_same_logits_and_saves_nothing():
+    model, packed = decode_layout(_model()), pack_head(decode_layout(_model()))
+    assert isinstance(packed.head_proj, PackedHead)
+    assert packed.state_dict().keys() == model.state_dict().keys()
+    assert weight_bytes(packed) == weight_bytes(model)  # a one-row step reads the weight itself
+    idx = torch.randint(0, model.config.vocab_size, (3, 20))
+    with torch.no_grad():
+        # One row (the column-major product), a batch of decoding rows, and a whole prefill.
+        for rows in (idx[:1, -1:], idx[:, -1:], idx):
+            assert torch.allclose(model(rows), packed(rows), atol=1e-4)
+        targets = idx.roll(-1, 1)
+        assert torch.allclose(model(idx, targets=targets), packed(idx, targets=targets), atol=1e-5)
+    prompt = idx[0, :8].tolist()
+    assert list(generate(model, prompt, 24, temperature=0)) == list(generate(packed, prompt, 24, temperature=0))
+
+
+def test_only_fp32_heads_are_packed():
+    assert pack_head(_model().to(torch.bfloat16)).head_proj is None
+    int8 = quantize_int8(_model())
+    assert pack_head(int8).head_proj is not None and not isinstance(int8.head_proj, PackedHead)

@@ -173,3 +173,14 @@ def test_draws_follow_the_distribution():
     freq = torch.bincount(drawn, minlength=4).double() / n
     # 3 standard errors of a frequency near 0.5 over 20,000 draws is ~0.011.
     torch.testing.assert_close(freq, LOGITS.exp()[0].double(), atol=0.012, rtol=0)
+
+
+def test_each_row_can_draw_from_its_own_generator():
+    rows = LOGITS.expand(3, -1)
+    seeds = (5, 6, 7)
+    alone = [int(sample_next(LOGITS, temperature=1.0, generator=torch.Generator().manual_seed(s))[0])
+             for s in seeds]
+    many = [torch.Generator().manual_seed(s) for s in seeds]
+    assert sample_next(rows, temperature=1.0, generator=many).tolist() == alone
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        sample_next(rows, temperature=1.0, generator=many[:2])

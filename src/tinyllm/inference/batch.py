@@ -13,6 +13,7 @@ Why it is shaped this way:
   request alone (the tests hold greedy runs to exact equality, learned positions and RoPE).
 - Sampling stays per row, through the same `sample_next` with the row's own temperature, top-k,
   top-p, seeded generator, logit bias and stop ids: a seed draws the same tokens alone or batched.
+  Rows that sample alike are drawn in one call, each from its own generator.
 - The context window follows `generate`: with learned positions a row that fills the context
   ends; with RoPE its oldest half is dropped and the rest prefilled again, alone, before the step
   feeds its last token.
@@ -146,12 +147,11 @@ class BatchDecoder:
         last = torch.tensor([[self._rows[k].ids[-1]] for k in self._keys], device=device)  # [B, 1]
         # Ids were checked at add or drawn from the vocabulary: no need to read them back.
         logits = self.model(last, kv_cache=self._cache, last_only=True, known_valid=True)
-        logits = logits[:, -1, :]  # [B, V]
-        for i, key in enumerate(list(self._keys)):
-            row = self._rows[key]
-            out[key] = token = self._draw(row, logits[i : i + 1])
+        keys = list(self._keys)
+        for key, token in zip(keys, self._draw_rows(keys, logits[:, -1, :]), strict=True):
+            out[key] = token
             if token is not None:
-                row.ids.append(token)
+                self._rows[key].ids.append(token)
         for key, token in out.items():
             if token is None:
                 self.remove(key)
@@ -166,6 +166,30 @@ class BatchDecoder:
             return cache, None
         x = torch.tensor([ids], dtype=torch.long, device=cache.k.device)
         return cache, self.model(x, kv_cache=cache, last_only=True)[:, -1, :]
+
+    def _draw_rows(self, keys: list[Hashable], logits: Tensor) -> list[int | None]:
+        """A token for each of `keys`' rows from logits [B, V] (None: a stop id), drawn together
+        where rows sample alike: one draw per row over the vocabulary was a fifth of a batch-8
+        step. Each row still draws its own number from its own generator, as `_draw` does."""
+        rows = [self._rows[key] for key in keys]
+        if any(row.bias is not None for row in rows):
+            logits = logits.float().clone()
+            for i, row in enumerate(rows):
+                if row.bias is not None:
+                    logits[i] += row.bias
+        alike: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            s = row.sampling
+            alike.setdefault((s["temperature"], s["top_k"], s["top_p"]), []).append(i)
+        tokens = [0] * len(rows)
+        for (temperature, top_k, top_p), idx in alike.items():
+            part = logits if len(idx) == len(rows) else logits[idx]
+            generators = [rows[i].sampling["generator"] for i in idx]
+            picked = sample_next(part, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 generator=generators)
+            for i, token in zip(idx, picked.tolist(), strict=True):
+                tokens[i] = token
+        return [None if t in row.stop_ids else t for t, row in zip(tokens, rows, strict=True)]
 
     def _draw(self, row: _Row, logits: Tensor) -> int | None:
         """A token sampled from logits [1, V] for `row`; None when it is a stop id."""

@@ -45,13 +45,15 @@ def sample_next(
     temperature: float,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
 ) -> Tensor:
     """Next token ids [B] from logits [B, V].
 
     temperature 0 takes the argmax (top_k and top_p are then irrelevant). Otherwise the logits are
     divided by the temperature, restricted to the k most likely tokens (top_k) and to the smallest
     set whose probability reaches top_p (top_p, always at least one token), and sampled.
+    `generator` may be one per row (a server's batch of seeded requests): each row then draws
+    from its own, the same number as it would alone.
     """
     check_sampling_args(temperature, top_k, top_p)
     if logits.dim() != 2:
@@ -78,7 +80,13 @@ def sample_next(
     # over a quarter of a batch-8 decoding step in the server. A token of probability 0 is never
     # found (its cdf equals the one before it).
     cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)  # [B, V], float64
-    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device, generator=generator)
+    if generator is None or isinstance(generator, torch.Generator):
+        u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device, generator=generator)
+    else:
+        if len(generator) != cdf.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {cdf.shape[0]} rows of logits")
+        u = torch.cat([torch.rand(1, 1, dtype=cdf.dtype, device=cdf.device, generator=g)
+                       for g in generator])
     picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [B, 1]
     return picked.squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 

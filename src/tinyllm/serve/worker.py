@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tinyllm.inference.batch import BatchDecoder
+from tinyllm.inference.layout import pack_head
 from tinyllm.inference.logprobs import token_logprobs
 from tinyllm.model.gpt import GPT
 
@@ -132,6 +133,7 @@ class GenerationWorker:
         if self._thread is not None:
             raise RuntimeError("the worker is already running")
         self.model.eval()  # once for all jobs: the batch decoder needs eval mode
+        pack_head(self.model)  # batches of rows through the head: oneDNN's packed GEMM on CPU
         self._thread = threading.Thread(target=self._run, name="tinyllm-generation", daemon=True)
         self._thread.start()
 
