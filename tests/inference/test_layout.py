@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tinyllm.inference.layout import (
-    PackedHead,
+    PackedLinear,
     decode_layout,
     is_column_major,
     pack_head,
@@ -25,20 +25,29 @@ def _model(**overrides) -> GPT:
     return model
 
 
-def test_wide_weights_turn_column_major_with_the_same_values():
+def test_the_head_turns_column_major_and_the_blocks_packed_with_the_same_state():
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     decode_layout(model)
-    block = model.blocks[0]
-    # The head (tied: the embedding table) and the Linear layers with more outputs than inputs.
-    assert {id(w) for w in wide_weights(model)} == {
-        id(model.wte.weight), *(id(b.attn.c_attn.weight) for b in model.blocks), *(id(b.mlp.c_fc.weight) for b in model.blocks)
-    }
-    assert all(is_column_major(w) for w in wide_weights(model))
-    assert block.mlp.c_proj.weight.is_contiguous() and block.attn.c_proj.weight.is_contiguous()
+    assert wide_weights(model) == [model.wte.weight] and is_column_major(model.wte.weight)
+    for block in model.blocks:  # every Linear layer of the blocks, its parameters kept
+        for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            assert isinstance(layer, PackedLinear) and isinstance(layer.weight, torch.nn.Parameter)
+            assert layer.weight.is_contiguous()  # packing copies; the weight stays as trained
     after = model.state_dict()
+    assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) and before[k].shape == after[k].shape for k in before)
     assert isinstance(model.wte.weight, torch.nn.Parameter)
+
+
+def test_a_laid_out_model_still_has_gradients():
+    model, laid_out = _model(), decode_layout(_model())
+    idx = torch.randint(0, model.config.vocab_size, (2, 20))
+    for m in (model, laid_out):
+        m(idx, targets=idx.roll(-1, 1)).backward()
+    grads = dict(laid_out.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[name].grad, atol=1e-5), name
 
 
 def test_outputs_match_the_trained_layout():
@@ -75,7 +84,7 @@ def test_laying_out_twice_changes_nothing_more():
 
 def test_a_packed_head_computes_the_same_logits_and_saves_nothing():
     model, packed = decode_layout(_model()), pack_head(decode_layout(_model()))
-    assert isinstance(packed.head_proj, PackedHead)
+    assert isinstance(packed.head_proj, PackedLinear) and packed.head_proj.one_row
     assert packed.state_dict().keys() == model.state_dict().keys()
     assert weight_bytes(packed) == weight_bytes(model)  # a one-row step reads the weight itself
     idx = torch.randint(0, model.config.vocab_size, (3, 20))
@@ -92,4 +101,4 @@ def test_a_packed_head_computes_the_same_logits_and_saves_nothing():
 def test_only_fp32_heads_are_packed():
     assert pack_head(_model().to(torch.bfloat16)).head_proj is None
     int8 = quantize_int8(_model())
-    assert pack_head(int8).head_proj is not None and not isinstance(int8.head_proj, PackedHead)
+    assert pack_head(int8).head_proj is not None and not isinstance(int8.head_proj, PackedLinear)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from tinyllm.inference.layout import PackedHead
+from tinyllm.inference.layout import PackedLinear
 from tinyllm.inference.sampling import generate
 from tinyllm.model.gpt import GPT
 from tinyllm.serve.worker import GenerationWorker, Job, Overloaded, SamplingParams, Unavailable
@@ -153,7 +153,7 @@ def test_running_jobs_decode_in_one_forward_with_the_tokens_they_get_alone(make_
     finally:
         w.stop()
     batches = model.batches[:]
-    assert isinstance(model.head_proj, PackedHead)  # the worker's batches take the packed head
+    assert isinstance(model.head_proj, PackedLinear)  # the worker's batches take the packed head
     for key, prompt in prompts.items():
         got = [v for name, kind, v in events if name == key and kind == "token"]
         assert got == list(generate(model, prompt, lengths[key], temperature=0)), key

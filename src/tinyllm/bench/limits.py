@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tinyllm.inference.layout import onednn
 from tinyllm.model.gpt import GPT, GPTConfig
 from tinyllm.model.loss import DEFAULT_CHUNK_SIZE
 from tinyllm.runtime.device import synchronize
@@ -201,8 +202,9 @@ def _harmonic(rates: list[tuple[Gemm, float]]) -> ShapeLimit:
 def gemv_bandwidth(nbytes: int, dtype: torch.dtype, device: torch.device, *, window_s: float = 0.3,
                    windows: int = 3) -> float:
     """Bytes/s a matrix-vector product reads from an `nbytes` matrix: the best of `windows` windows of >= window_s,
-    for the matrix stored row-major and column-major, whichever reads faster (on a Zen 4 with MKL,
-    column-major read 21 GB/s against row-major's 15: `tinyllm.inference.layout`)."""
+    for the matrix stored row-major and column-major, and in fp32 on CPU packed for oneDNN, whichever
+    reads fastest (on a Zen 4 with MKL, column-major read 21 GB/s against row-major's 15:
+    `tinyllm.inference.layout`)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     cols = 1024
     rows = max(nbytes // itemsize // cols, 1)
@@ -213,4 +215,12 @@ def gemv_bandwidth(nbytes: int, dtype: torch.dtype, device: torch.device, *, win
         return _best_rate(lambda: torch.mv(matrix, vector, out=out), rows * cols * itemsize, device, window_s, windows)
 
     row_major = rate(torch.randn(rows, cols, device=device).to(dtype))
-    return max(row_major, rate(torch.randn(cols, rows, device=device).to(dtype).t()))
+    best = max(row_major, rate(torch.randn(cols, rows, device=device).to(dtype).t()))
+    if dtype == torch.float32 and device.type == "cpu" and onednn():
+        # oneDNN's product over a packed copy, as the blocks decode (tinyllm.inference.layout)
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.randn(rows, cols))
+        row = vector[None]
+        best = max(best, _best_rate(
+            lambda: torch.ops.mkldnn._linear_pointwise(row, packed, None, "none", [], ""),
+            rows * cols * itemsize, device, window_s, windows))
+    return best

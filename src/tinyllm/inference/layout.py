@@ -1,4 +1,4 @@
-"""Weight layout for decoding on CPU: fp32 matrices with more outputs than inputs, column-major.
+"""Weight layout for decoding on CPU (fp32): the head column-major, the blocks packed for oneDNN.
 
 Why it is shaped this way:
 - A cached decoding step at batch 1 multiplies one row by every weight, so its time is the
@@ -18,22 +18,44 @@ Why it is shaped this way:
   Not for training or export: a training step is many rows, and safetensors wants contiguous
   tensors, so only the commands that decode (`sample`, `chat`, `eval`, `serve`, the benchmarks)
   call `decode_layout`.
-- A product of several rows (a server's batch of decoding requests, a prompt's prefill) is a
-  different kernel: MKL's fp32 GEMM over the `cpu` preset's [50260, 128] head took 4.4-5.1 ms for
-  8 rows on one Zen 4 core, in either layout, and oneDNN's over a copy packed in its own blocked
-  layout 2.1-2.6 ms (16 rows 3.0 against 5.2, 32 rows 5.1 against 8.9); for one row it was slower
-  (1.1 against 0.9 ms). So the server's worker, which decodes batches, gives the head a packed copy
-  for two rows or more (`pack_head`) and keeps the column-major product for one; a process that
-  decodes one row at a time (`sample`, `chat`) does not pay the copy's memory (the head's size again).
+- The blocks' Linear layers do better still through oneDNN's fp32 product over a copy of each
+  weight packed in its own blocked layout (`PackedLinear`): a seed-size token's block products,
+  weights streaming from memory, took 4.5-5.2 ms against 6.4-6.7 column-major (Zen 4, 2
+  threads), and greedy decoding ran 77.5 tokens/s against 73.5 (README). So where PyTorch has oneDNN,
+  `decode_layout` packs them (the copy costs their size again: 3 MB at the `cpu` preset, 100 MB at
+  seed size); the weights themselves stay as trained, and serve a step that needs gradients.
+- The head stays column-major for one row: oneDNN's one-row product over the `cpu` preset's
+  [50260, 128] head was slower (1.1 against 0.9 ms). For several rows (a server's batch of
+  decoding requests) MKL's product was slow in either layout (8 rows 4.4-5.1 ms on one core) and
+  oneDNN's packed one took 2.1-2.6 (16 rows 3.0 against 5.2, 32 rows 5.1 against 8.9). So the
+  server's worker, which decodes batches, gives the head a packed copy for two rows or more
+  (`pack_head`); a process that decodes one row at a time (`sample`, `chat`) does not pay the
+  copy's memory (the head's size again).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyllm.model.gpt import GPT
+from tinyllm.model.linear import replace_linears
+
+
+@functools.cache
+def onednn() -> bool:
+    """Whether this PyTorch runs oneDNN's fp32 product over a packed weight (`PackedLinear`)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2))
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2), packed, None, "none", [], "")
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+    return True
 
 
 def wide_weights(model: GPT) -> list[Tensor]:
@@ -52,43 +74,52 @@ def is_column_major(weight: Tensor) -> bool:
 
 @torch.no_grad()
 def decode_layout(model: GPT) -> GPT:
-    """Store `wide_weights` column-major (in place) when the model is fp32 on CPU; else unchanged."""
+    """Lay an fp32 CPU model out for decoding (in place): the head column-major, and the blocks'
+    Linear layers packed for oneDNN (without oneDNN: the wide ones column-major). Else unchanged."""
     head = model.head_weight
     if head.device.type != "cpu" or head.dtype != torch.float32 or model.head_proj is not None:
         return model
-    for weight in wide_weights(model):
+    if onednn():
+        replace_linears(model.blocks, lambda layer: PackedLinear(layer.weight, layer.bias))
+    for weight in wide_weights(model):  # the head, and block layers left unpacked
         if not is_column_major(weight):
             weight.data = weight.data.t().contiguous().t()
     return model
 
 
-class PackedHead(nn.Module):
-    """The head [V, C] as a `head_proj`: one row through F.linear over the (column-major) weight,
-    several through oneDNN's GEMM over a packed copy. The copy is opaque to PyTorch (not a buffer,
-    not in any state dict); the weight is registered, unsaved, so `weight_bytes` counts the bytes
-    a one-row step reads."""
+class PackedLinear(nn.Module):
+    """x @ weight.T + bias through oneDNN's fp32 product over a packed copy of the weight.
 
-    def __init__(self, weight: Tensor) -> None:
+    The weight and bias are the layer's own tensors (a `Linear`'s parameters keep their names in
+    the state dict; a view such as the head's is an unsaved buffer, which `weight_bytes` counts);
+    the copy is opaque to PyTorch and saved nowhere. `one_row`: a single row takes F.linear over
+    the weight as laid out instead (the column-major head). A product that needs gradients takes
+    F.linear too: oneDNN's has no backward.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, *, one_row: bool = False) -> None:
         super().__init__()
-        self.register_buffer("weight", weight, persistent=False)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+        if isinstance(weight, nn.Parameter):
+            self.weight, self.bias = weight, bias
+        else:
+            self.register_buffer("weight", weight, persistent=False)
+            self.register_buffer("bias", bias, persistent=False)
+        self.one_row = one_row
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.numel() == x.shape[-1]:
-            return F.linear(x, self.weight)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        if ((self.one_row and x.numel() == x.shape[-1])
+                or (torch.is_grad_enabled() and self.weight.requires_grad)):
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 @torch.no_grad()
 def pack_head(model: GPT) -> GPT:
-    """Give an fp32 CPU model a `PackedHead` (in place) for products of several rows; else unchanged
-    (another device or dtype, an int8 head, or a PyTorch built without oneDNN)."""
+    """Give an fp32 CPU model a packed head for products of several rows (in place, one row still
+    column-major); else unchanged (another device or dtype, an int8 head, no oneDNN)."""
     head = model.head_weight
-    if (head.device.type != "cpu" or head.dtype != torch.float32 or model.head_proj is not None
-            or not torch.backends.mkldnn.is_available()):
-        return model
-    try:
-        model.head_proj = PackedHead(head[: model.config.vocab_size])
-    except RuntimeError:  # a oneDNN build without this fp32 kernel: the plain product still works
-        pass
+    if (head.device.type == "cpu" and head.dtype == torch.float32 and model.head_proj is None
+            and onednn()):
+        model.head_proj = PackedLinear(model.head_weight[: model.config.vocab_size], one_row=True)
     return model

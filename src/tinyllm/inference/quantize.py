@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from tinyllm.errors import UserError
 from tinyllm.model.gpt import GPT
+from tinyllm.model.linear import replace_linears
 
 QUANTIZE_CHOICES = ("none", "int8")
 # Up to this many rows per call fbgemm's int8 kernel; more, the dequantized fp32 GEMM.
@@ -116,12 +117,7 @@ def quantize_int8(model: GPT) -> GPT:
     The result is for inference only (buffers, no parameters to train); the head computes the
     real vocabulary's logits, as the model's own head does.
     """
-    for block in model.blocks:
-        for name, module in list(block.named_modules()):
-            if isinstance(module, nn.Linear):
-                parent_name, _, attr = name.rpartition(".")
-                parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, attr, Int8Linear(module.weight, module.bias))
+    replace_linears(model.blocks, lambda layer: Int8Linear(layer.weight, layer.bias))
     model.head_proj = Int8Linear(model.head_weight[: model.config.vocab_size])
     return model
 

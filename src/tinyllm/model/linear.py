@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,3 +31,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def replace_linears(root: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
+    """Swap every nn.Linear inside `root` for `make(layer)`, in place (int8 or packed inference layers)."""
+    for name, module in list(root.named_modules()):
+        if isinstance(module, nn.Linear) and name:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(root.get_submodule(parent_name) if parent_name else root, attr, make(module))
