@@ -97,7 +97,7 @@ class BatchDecoder:
             logit_bias_tensor(logit_bias, cfg.vocab_size, device),
         )
         cache, logits = self._prefill(ids)
-        token = self._draw(row, logits)
+        token = self._draw([row], logits)[0]
         if token is None:
             return None
         row.ids.append(token)  # not in the cache yet: the next step feeds it
@@ -148,7 +148,8 @@ class BatchDecoder:
         # Ids were checked at add or drawn from the vocabulary: no need to read them back.
         logits = self.model(last, kv_cache=self._cache, last_only=True, known_valid=True)
         keys = list(self._keys)
-        for key, token in zip(keys, self._draw_rows(keys, logits[:, -1, :]), strict=True):
+        tokens = self._draw([self._rows[key] for key in keys], logits[:, -1, :])
+        for key, token in zip(keys, tokens, strict=True):
             out[key] = token
             if token is not None:
                 self._rows[key].ids.append(token)
@@ -167,11 +168,10 @@ class BatchDecoder:
         x = torch.tensor([ids], dtype=torch.long, device=cache.k.device)
         return cache, self.model(x, kv_cache=cache, last_only=True)[:, -1, :]
 
-    def _draw_rows(self, keys: list[Hashable], logits: Tensor) -> list[int | None]:
-        """A token for each of `keys`' rows from logits [B, V] (None: a stop id), drawn together
-        where rows sample alike: one draw per row over the vocabulary was a fifth of a batch-8
-        step. Each row still draws its own number from its own generator, as `_draw` does."""
-        rows = [self._rows[key] for key in keys]
+    def _draw(self, rows: list[_Row], logits: Tensor) -> list[int | None]:
+        """A token for each row from logits [len(rows), V] (None: a stop id), drawn together where
+        rows sample alike: one draw per row over the vocabulary was a fifth of a batch-8 step.
+        Each row still draws its own number from its own generator, as it would alone."""
         if any(row.bias is not None for row in rows):
             logits = logits.float().clone()
             for i, row in enumerate(rows):
@@ -190,11 +190,4 @@ class BatchDecoder:
             for i, token in zip(idx, picked.tolist(), strict=True):
                 tokens[i] = token
         return [None if t in row.stop_ids else t for t, row in zip(tokens, rows, strict=True)]
-
-    def _draw(self, row: _Row, logits: Tensor) -> int | None:
-        """A token sampled from logits [1, V] for `row`; None when it is a stop id."""
-        if row.bias is not None:
-            logits = logits.float() + row.bias
-        token = int(sample_next(logits, **row.sampling)[0])
-        return None if token in row.stop_ids else token
 
