@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch  # imported when the benchmark runs, not for --help
 
     from tinyllm.config import resolve
-    from tinyllm.inference.layout import decode_layout, pack_head
+    from tinyllm.inference.layout import decode_layout
     from tinyllm.inference.quantize import quantize_int8
     from tinyllm.model.gpt import GPT
     from tinyllm.runtime.device import pick_device
@@ -95,8 +95,7 @@ def run(args: argparse.Namespace) -> dict:
         reference.load_state_dict(model.state_dict())
         quantize_int8(model)
         decode_layout(reference)
-    decode_layout(model)  # after quantize_int8 it changes nothing
-    pack_head(model)  # as the server's worker does: batches of rows take oneDNN's packed GEMM
+    decode_layout(model)  # as sample/chat/serve load it; after quantize_int8 it changes nothing
     rates = _rates(model, batches, args.prompt_tokens, args.new_tokens, device)
     result = {
         "preset": args.preset,

@@ -24,13 +24,13 @@ Why it is shaped this way:
   threads), and greedy decoding ran 77.5 tokens/s against 73.5 (README). So where PyTorch has oneDNN,
   `decode_layout` packs them (the copy costs their size again: 3 MB at the `cpu` preset, 100 MB at
   seed size); the weights themselves stay as trained, and serve a step that needs gradients.
-- The head stays column-major for one row: oneDNN's one-row product over the `cpu` preset's
-  [50260, 128] head was slower (1.1 against 0.9 ms). For several rows (a server's batch of
-  decoding requests) MKL's product was slow in either layout (8 rows 4.4-5.1 ms on one core) and
-  oneDNN's packed one took 2.1-2.6 (16 rows 3.0 against 5.2, 32 rows 5.1 against 8.9). So the
-  server's worker, which decodes batches, gives the head a packed copy for two rows or more
-  (`pack_head`); a process that decodes one row at a time (`sample`, `chat`) does not pay the
-  copy's memory (the head's size again).
+- The head is packed too (`pack_head`), for one row as for many: on 2 threads oneDNN's one-row
+  product streamed the seed head, [50260, 512], at 26.4 GB/s against column-major's 23.0 (3.90
+  against 4.48 ms), and the `cpu` preset's [50260, 128] at 56 against 33 (0.46 against 0.78 ms);
+  several rows (a server's batch of decoding requests) ran 2.1-2.6 ms for 8 rows against MKL's
+  4.4-5.1 in either layout. On one thread it was the other way round for one row (6.87 against
+  4.36 ms, 1.18 against 0.96), so a single row on a single thread still takes the column-major
+  head. The packed copy costs the head's size again (26 MB at the `cpu` preset, 103 MB at seed size).
 """
 
 from __future__ import annotations
@@ -74,8 +74,9 @@ def is_column_major(weight: Tensor) -> bool:
 
 @torch.no_grad()
 def decode_layout(model: GPT) -> GPT:
-    """Lay an fp32 CPU model out for decoding (in place): the head column-major, and the blocks'
-    Linear layers packed for oneDNN (without oneDNN: the wide ones column-major). Else unchanged."""
+    """Lay an fp32 CPU model out for decoding (in place): the head and the blocks' Linear layers
+    packed for oneDNN, the head column-major as well (without oneDNN: the head and the wide
+    block layers column-major). Else unchanged."""
     head = model.head_weight
     if head.device.type != "cpu" or head.dtype != torch.float32 or model.head_proj is not None:
         return model
@@ -84,7 +85,7 @@ def decode_layout(model: GPT) -> GPT:
     for weight in wide_weights(model):  # the head, and block layers left unpacked
         if not is_column_major(weight):
             weight.data = weight.data.t().contiguous().t()
-    return model
+    return pack_head(model)
 
 
 class PackedLinear(nn.Module):
@@ -92,10 +93,14 @@ class PackedLinear(nn.Module):
 
     The weight and bias are the layer's own tensors (a `Linear`'s parameters keep their names in
     the state dict; a view such as the head's is an unsaved buffer, which `weight_bytes` counts);
-    the copy is opaque to PyTorch and saved nowhere. `one_row`: a single row takes F.linear over
-    the weight as laid out instead (the column-major head). A product that needs gradients takes
-    F.linear too: oneDNN's has no backward.
+    the copy is opaque to PyTorch and saved nowhere. `one_row`: a single row on a single thread
+    takes F.linear over the weight as laid out instead (the column-major head; see the module's
+    notes). A product that needs gradients takes F.linear too: oneDNN's has no backward.
     """
+
+    # As a GPT's head_proj, the head's own values: a loss takes the fused chunked loss over
+    # head_weight instead, which ran 1.1-1.5x faster than logits from here (`tinyllm eval`).
+    replaces_head = False
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None, *, one_row: bool = False) -> None:
         super().__init__()
@@ -108,7 +113,7 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
     def forward(self, x: Tensor) -> Tensor:
-        if ((self.one_row and x.numel() == x.shape[-1])
+        if ((self.one_row and x.numel() == x.shape[-1] and torch.get_num_threads() == 1)
                 or (torch.is_grad_enabled() and self.weight.requires_grad)):
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -116,8 +121,8 @@ class PackedLinear(nn.Module):
 
 @torch.no_grad()
 def pack_head(model: GPT) -> GPT:
-    """Give an fp32 CPU model a packed head for products of several rows (in place, one row still
-    column-major); else unchanged (another device or dtype, an int8 head, no oneDNN)."""
+    """Give an fp32 CPU model a packed head (in place; one row on one thread still takes the
+    column-major head); else unchanged (another device or dtype, an int8 head, no oneDNN)."""
     head = model.head_weight
     if (head.device.type == "cpu" and head.dtype == torch.float32 and model.head_proj is None
             and onednn()):

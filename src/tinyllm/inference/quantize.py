@@ -53,6 +53,8 @@ class Int8Linear(nn.Module):
     The output has the input's dtype.
     """
 
+    replaces_head = True  # as a GPT's head_proj, its own (rounded) weights: losses go through it too
+
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
         q, scale = quantize_rows(weight)

@@ -236,7 +236,9 @@ class GPT(nn.Module):
             else Linear(config.n_embd, config.padded_vocab_size, bias=False)
         )
         # An inference-only stand-in for the head over the real vocabulary, [.., C] -> [.., V]
-        # (int8: tinyllm.inference.quantize); None computes it from head_weight.
+        # (int8: tinyllm.inference.quantize; a packed copy: tinyllm.inference.layout); None
+        # computes it from head_weight. A loss takes it only if it holds weights of its own
+        # (`replaces_head`): a copy of head_weight is faster through the fused loss.
         self.head_proj: nn.Module | None = None
         self.apply(_init_weights)
         # Each block adds two residual branches; scaling their output projections keeps the
@@ -268,7 +270,7 @@ class GPT(nn.Module):
         (none -1), so no check reads them back from the device (the trainer's hot path).
         """
         x = self._hidden(idx, kv_cache, known_valid)  # [B, T, C]
-        if targets is not None and self.head_proj is not None:
+        if targets is not None and getattr(self.head_proj, "replaces_head", False):
             return chunked_cross_entropy(self.head_proj, x, targets)
         if targets is not None:
             if targets.shape != idx.shape:
