@@ -38,6 +38,7 @@ def test_the_head_turns_column_major_and_the_blocks_packed_with_the_same_state()
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) and before[k].shape == after[k].shape for k in before)
     assert isinstance(model.wte.weight, torch.nn.Parameter)
+    assert isinstance(model.head_proj, PackedLinear) and model.head_proj.one_row
 
 
 def test_a_laid_out_model_still_has_gradients():
@@ -84,6 +85,7 @@ def test_laying_out_twice_changes_nothing_more():
 
 def test_a_packed_head_computes_the_same_logits_and_saves_nothing(monkeypatch):
     model, packed = _model(), decode_layout(_model())
+    assert isinstance(packed.head_proj, PackedLinear)  # every decoding command gets the packed head
     assert packed.state_dict().keys() == model.state_dict().keys()
     assert weight_bytes(packed) == weight_bytes(model)  # a step reads the head once, packed or not
     idx = torch.randint(0, model.config.vocab_size, (3, 20))
