@@ -39,6 +39,15 @@ def test_the_summary_says_how_to_continue_a_run_its_budget_ended():
     assert "--max-steps 200 " in summary(TrainResult(Path("runs/x"), 100, 1, 9.0, 1.0, None, "finished", None), 480.0)
 
 
+def test_a_gap_over_part_of_the_val_split_says_so():
+    # The corpus floor is the whole val split's; a val loss over some of its rows is not comparable.
+    part = TrainResult(Path("runs/x"), 900, 1, 479.0, 0.95, 0.79, "time budget", None, val_rows=(64, 82))
+    assert "gap 0.1600\n  (the val loss is over 64 of the val split's 82 rows" in summary(part, 480.0)
+    assert "tinyllm eval --run runs/x` gives the whole split's gap" in summary(part, 480.0)
+    whole = TrainResult(Path("runs/x"), 900, 1, 479.0, 0.95, 0.79, "time budget", None, val_rows=(82, 82))
+    assert "gap 0.1600\nrun directory" in summary(whole, 480.0)
+
+
 def test_list_presets():
     r = tinyllm("train", "--list-presets")
     names = [line.split()[0] for line in r.stdout.splitlines()]

@@ -31,6 +31,8 @@ def test_cpu_preset_trains_samples_and_evaluates_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "finished: 12 steps" in r.stdout
     assert re.search(r"final val loss \d+\.\d{4} nats/token \(\d+\.\d{4} bits/byte\)", r.stdout)
+    # Shrunk, its 2 val batches are 8 of the split's rows: the gap says it is not the whole split's.
+    assert re.search(r"\(the val loss is over 8 of the val split's \d+ rows", r.stdout)
 
     saved = read_toml(run / "config.toml")
     assert saved["preset"] == "cpu" and saved["optim"]["optimizer"] == "muon"

@@ -132,6 +132,10 @@ def summary(result, budget: float | None = None) -> str:
         if result.floor is not None:
             line += f" | corpus floor {result.floor:.4f} | gap {result.val_loss - result.floor:.4f}"
         lines.append(line)
+        if result.floor is not None and result.val_rows and result.val_rows[0] < result.val_rows[1]:
+            scored, rows = result.val_rows
+            lines.append(f"  (the val loss is over {scored:,} of the val split's {rows:,} rows (train.eval_batches), "
+                         f"the floor over all of them: `tinyllm eval --run {run}` gives the whole split's gap)")
     if result.qa_accuracy is not None:
         lines.append(f"held-out QA: {result.qa_accuracy:.1%} exact answers")
     lines += [f"run directory: {result.run_dir} (loss.png, train_output.txt, metrics.jsonl, checkpoints/)", "try next:"]

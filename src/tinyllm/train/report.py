@@ -54,6 +54,7 @@ class TrainResult:
     checkpoint: Path | None
     qa_accuracy: float | None = None  # sft: exact-answer accuracy on held-out questions
     val_bpb: float | None = None  # the val loss in bits per byte of the scored targets
+    val_rows: tuple[int, int] | None = None  # the rows the val loss scored, of the val split's
 
 
 @dataclass(frozen=True)

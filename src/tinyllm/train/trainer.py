@@ -88,7 +88,10 @@ class Trainer:
         self.qa_dir = qa_dataset(cfg.data) if t.qa_questions else data_dir
         self.loader = self._loader(data_dir, "train", sequential=False)
         # The fixed validation set (`validation`): what `tinyllm eval --max-batches eval_batches` scores.
-        self.val_batches = fixed_batches(self._loader(data_dir, "val", sequential=True), t.eval_batches, self.device)
+        val = self._loader(data_dir, "val", sequential=True)
+        self.val_batches = fixed_batches(val, t.eval_batches, self.device)
+        # (rows scored, rows in the split): a corpus floor is the whole split's, so a gap to it is exact only for all.
+        self.val_rows = (sum(len(x) for x, _ in self.val_batches), sum(val.eval_rows().values()))
         self.task_probe = load_probe(t.eval_tasks, t.eval_task_items)  # [] when none
         # Rows with ignored targets (pads, non-assistant tokens) make micro-batches unequal: weight by targets.
         # So does a loss on some positions only (train.loss_fraction).
@@ -393,4 +396,5 @@ class Trainer:
 
     def _result(self, reason: str, path: Path | None) -> TrainResult:
         return TrainResult(self.run_dir, self.step, self.tokens, time.monotonic() - self.clock, self.last_val,
-                           self.floor, reason, path, self.qa.accuracy if self.qa else None, self.last_bpb)
+                           self.floor, reason, path, self.qa.accuracy if self.qa else None, self.last_bpb,
+                           self.val_rows)
