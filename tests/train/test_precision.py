@@ -97,3 +97,27 @@ def test_an_explicit_dtype_is_not_timed(tmp_path, data, monkeypatch):
     timed = bf16_timing(monkeypatch, 3.0)
     trainer = Trainer(config(data, dtype="fp32"), tmp_path, echo=False)
     assert trainer.amp is None and timed == [] and recorded(tmp_path) == ""
+
+
+def test_a_recorded_bf16_is_not_kept_on_a_cpu_without_bf16_units(tmp_path, data, monkeypatch):
+    """A run begun where bf16 is fast (a GPU, a CPU with AMX), then resumed or fine-tuned on a
+    laptop without bf16 units: emulated bf16 trained at half the speed of fp32."""
+    run = tmp_path / "run"
+    bf16_timing(monkeypatch, 3.0)
+    Trainer(config(data, max_steps=2), run, echo=False).run()
+    assert recorded(run) == "bf16"
+
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    # A new run from the saved file (as chat fine-tuning's config starts from the pretrained run's).
+    again = plan_run(tmp_path / "again", config_file=run / "config.toml")
+    assert Trainer(again.config, tmp_path / "again", echo=False).amp is None
+    # An explicit bf16 is the user's to ask for, units or not.
+    explicit = plan_run(tmp_path / "bf16", config_file=run / "config.toml", overrides=[("train.dtype", "bf16", "test")])
+    assert Trainer(explicit.config, tmp_path / "bf16", echo=False).amp is torch.bfloat16
+
+    plan = plan_run(run, overrides=[("train.max_steps", 3, "test")])
+    resumed = Trainer(plan.config, run, resume_from=plan.resume_from, echo=False)
+    assert resumed.amp is None
+    assert resumed.run().steps == 3 and recorded(run) == "fp32"
+    log = (run / "train_output.txt").read_text()
+    assert "chose bf16 where it started (train.auto_dtype), but this cpu has no bf16 units: training in fp32" in log

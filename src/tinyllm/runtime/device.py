@@ -72,6 +72,25 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def has_bf16_units(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively; elsewhere bf16 is emulated, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def recorded_choice(device: torch.device, dtype: str, recorded: str) -> tuple[str, str | None]:
+    """The `train.dtype` to decide with when a run recorded what "auto" chose (`train.auto_dtype`),
+    and a line for the log when that choice is not kept: bf16 on a device without bf16 units (the
+    run began on another machine), where emulated bf16 trained at half fp32's speed."""
+    if dtype != "auto" or not recorded:
+        return dtype, None
+    if recorded == "bf16" and not has_bf16_units(device):
+        return "auto", (f"this run chose bf16 where it started (train.auto_dtype), but this {device.type} "
+                        f"has no bf16 units: training in fp32")
+    return recorded, None
+
+
 def autocast_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype | None:
     """The autocast dtype for `train.dtype` on `device`; None means plain fp32."""
     if dtype == "fp32":

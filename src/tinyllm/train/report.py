@@ -75,6 +75,7 @@ class RunSummary:
     budget: float | None  # seconds
     compiled: bool
     compile_blocker: str | None  # why train.compile is on but not used
+    precision_note: str | None = None  # why a recorded train.auto_dtype was not kept
 
 
 def announce(log: RunLog | QuietLog, cfg: Config, run: RunSummary) -> None:
@@ -96,6 +97,8 @@ def announce(log: RunLog | QuietLog, cfg: Config, run: RunSummary) -> None:
     )
     if run.compile_blocker:
         log.write(f"train.compile is on, but {run.compile_blocker}: training without it")
+    if run.precision_note:
+        log.write(run.precision_note)
 
 
 def already_finished(run_dir: Path, step: int, schedule: LRSchedule) -> str:

@@ -42,6 +42,7 @@ from tinyllm.runtime.device import (
     build_model,
     compile_blocker,
     pick_device,
+    recorded_choice,
     synchronize,
     use_tf32,
 )
@@ -138,10 +139,10 @@ class Trainer:
         """The autocast dtype, decided once for all ranks.
 
         "auto" on a CPU times a GEMM, which can come out either way: rank 0 decides and every rank
-        takes its answer, and a run that recorded its choice (`train.auto_dtype`) keeps it.
+        takes its answer; a run that recorded its choice (`train.auto_dtype`) keeps it (`recorded_choice`).
         """
         t = self.cfg.train
-        wanted = t.auto_dtype if t.dtype == "auto" and t.auto_dtype else t.dtype
+        wanted, self.precision_note = recorded_choice(self.device, t.dtype, t.auto_dtype)
         return distributed.from_main(autocast_dtype(self.device, wanted) if self.dist.is_main else None, self.dist)
 
     def state_dict(self) -> dict:
@@ -159,8 +160,8 @@ class Trainer:
         self.schedule.load_state_dict({"max_steps": state["max_steps"], **state["schedule"]})
         self.loader.load_state_dict(state["loader"])
         self.last_val, self.last_bpb = state["val_loss"], state.get("val_bpb")  # older ones have no val_bpb
-        if self.cfg.train.dtype == "auto":  # checkpoints older than train.auto_dtype record it only here
-            self.amp = torch.bfloat16 if state["precision"] == "bf16" else None
+        if self.cfg.train.dtype == "auto" and not self.cfg.train.auto_dtype:  # older checkpoints record it only here
+            self.amp = autocast_dtype(self.device, recorded_choice(self.device, "auto", state["precision"])[0])
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -321,7 +322,7 @@ class Trainer:
         m, s, d = self.model, self.schedule, self.dist
         return report.RunSummary(self.step, m.num_params(), m.num_params(non_embedding=True), self.device.type, self.amp,
                                  d.describe(), d.describe(short=True), self.grad_accum, self.tokens_per_step,
-                                 s.total_steps, s.follows, self.budget, self.compiled, self.compile_blocker)
+                                 s.total_steps, s.follows, self.budget, self.compiled, self.compile_blocker, self.precision_note)
 
     # -- evaluation, samples, checkpoints -------------------------------------------------------
 
