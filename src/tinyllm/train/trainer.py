@@ -141,8 +141,7 @@ class Trainer:
         "auto" on a CPU times a GEMM, which can come out either way: rank 0 decides and every rank
         takes its answer; a run that recorded its choice (`train.auto_dtype`) keeps it (`recorded_choice`).
         """
-        t = self.cfg.train
-        wanted, self.precision_note = recorded_choice(self.device, t.dtype, t.auto_dtype)
+        wanted, self.precision_note = recorded_choice(self.device, self.cfg.train.dtype, self.cfg.train.auto_dtype)
         return distributed.from_main(autocast_dtype(self.device, wanted) if self.dist.is_main else None, self.dist)
 
     def state_dict(self) -> dict:
