@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train a model from scratch (default: the cpu preset on the built-in stories), or chat-fine-tune one",
         description="Train a GPT from scratch. The config is resolved as preset -> --config FILE.toml -> "
         "flags and saved to RUN_DIR/config.toml. Running again into a RUN_DIR that has checkpoints "
-        "continues it exactly where it stopped. Ctrl-C saves a checkpoint and stops. "
+        "continues it exactly where it stopped. Ctrl-C or SIGTERM saves a checkpoint and stops (exit status 130). "
         "--stage sft --init RUN_DIR fine-tunes a pretrained run on chat data instead (config: that run's, "
         "then SFT defaults, then --config and flags).",
     )
@@ -113,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
     if distributed.env_rank() == 0:
         t = plan.config.train
         print(summary(result, time_budget(t) if t.budget_drives_schedule else None))
-    return 0
+    # 130, as a shell gives a command Ctrl-C stopped, so `tinyllm train && tinyllm train --stage sft`
+    # does not go on after it; under torchrun the launcher gives the status (a worker's 130 is a failure to it).
+    return 130 if result.stopped == "interrupted" and not distributed.launched() else 0
 
 
 def summary(result, budget: float | None = None) -> str:

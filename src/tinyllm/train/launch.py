@@ -22,7 +22,6 @@ import torch
 
 from tinyllm.config import save_toml
 from tinyllm.errors import UserError
-from tinyllm.runtime.checkpoint import latest_checkpoint
 from tinyllm.runtime.device import pick_device
 from tinyllm.runtime.run_dir import CONFIG_FILE
 from tinyllm.train.distributed import launched
@@ -74,7 +73,6 @@ def _torchrun(args: list[str], run_dir: Path) -> int:
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
 
-    before = latest_checkpoint(run_dir)
     try:
         torchrun(parse_args(args))
     except ChildFailedError as e:
@@ -85,9 +83,8 @@ def _torchrun(args: list[str], run_dir: Path) -> int:
               f"rerun the same command to continue from the last checkpoint in {run_dir}", file=sys.stderr)
         return 1
     except SignalException:
-        saved = latest_checkpoint(run_dir)
-        if saved is not None and saved != before:
-            return 0  # the workers stopped cleanly and rank 0 printed the summary
+        # Stopped by a signal whether or not the workers saved first (rank 0 then printed the
+        # summary): 130, so whatever the user chained after this command does not run.
         return 130
     return 0
 

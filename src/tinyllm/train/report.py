@@ -10,7 +10,9 @@ Why it is shaped this way:
   in, Ctrl-C a callback that asks the run to stop. So the loop's fields can change without this
   module following, and this module does not import the trainer (which imports it).
 - Ctrl-C lives here because it is a conversation with the same person: the first asks the loop
-  to stop after the current step and save, the second quits at once.
+  to stop after the current step and save, the second quits at once. SIGTERM is answered the same
+  way: it is what `kill`, `timeout`, `docker stop` and SLURM (before a preemption or the time limit)
+  send, and each waits a while before SIGKILL, long enough to save the steps since the last checkpoint.
 """
 
 from __future__ import annotations
@@ -224,22 +226,28 @@ def end_of_run_qa(log: RunLog | QuietLog, gather: Callable[[], nn.Module | None]
     return qa
 
 
-def install_sigint(stop: Callable[[], bool], *, echo: bool) -> Callable[[], None]:
-    """First Ctrl-C: finish the step, save, stop. Second: the usual KeyboardInterrupt.
+def install_stop_signals(stop: Callable[[], bool], *, echo: bool) -> Callable[[], None]:
+    """First Ctrl-C (or SIGTERM): finish the step, save, stop. Second: the usual KeyboardInterrupt.
 
-    `stop()` asks the run to stop after the current step and returns False when a Ctrl-C had
-    already asked it (the second one). Returns the function that puts the previous handler back.
+    `stop()` asks the run to stop after the current step and returns False when a signal had
+    already asked it (the second one). Returns the function that puts the previous handlers back.
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
     def handler(signum, frame):
         if not stop():
-            signal.signal(signal.SIGINT, previous)
+            restore()
             raise KeyboardInterrupt
         if echo:
-            tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again to quit without saving)")
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            tqdm.write(f"{name}: stopping after this step to save a checkpoint (Ctrl-C again to quit without saving)")
 
-    signal.signal(signal.SIGINT, handler)
-    return lambda: signal.signal(signal.SIGINT, previous)
+    for s in previous:
+        signal.signal(s, handler)
+    return restore

@@ -177,7 +177,7 @@ class Trainer:
     def _loop(self) -> None:
         t = self.cfg.train
         report.announce(self.log, self.cfg, self._summary())
-        restore_sigint = report.install_sigint(self.stop, echo=self.echo)
+        restore_signals = report.install_stop_signals(self.stop, echo=self.echo)
         bar = report.ProgressBar(self.schedule.expected_steps(self.step), self.step, enabled=self.echo)
         try:
             if self.step == 0 and t.eval_every:
@@ -210,7 +210,7 @@ class Trainer:
                     break
         finally:
             bar.close()
-            restore_sigint()
+            restore_signals()
 
     @contextlib.contextmanager
     def _running(self, first_step: int) -> Iterator[None]:
