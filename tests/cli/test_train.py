@@ -116,3 +116,24 @@ def test_a_log_redirected_to_a_file_holds_the_step_lines_and_no_bar_redraws(tmp_
     assert r.returncode == 0, text
     assert "\r" not in text
     assert all(f"step {n} | loss " in text for n in range(1, 6))  # the periodic lines (log_every 1) are all there
+
+
+def test_a_second_train_into_a_run_being_trained_is_refused(tmp_path, data):
+    run = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--data", data, "--out", str(run), "--sample-every", "0", "--eval-every", "0"]
+    first = subprocess.Popen([sys.executable, "-m", "tinyllm", *args, "--max-steps", "100000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not _steps(run):
+            time.sleep(0.05)
+        # Two writers would share checkpoints and logs, and each one's rotation deletes the other's.
+        second = tinyllm(*args, "--max-steps", "2")
+        assert second.returncode == 2, second.stdout[-2000:]
+        assert f"is being trained by another process (pid {first.pid})" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+    again = tinyllm(*args, "--max-steps", str(max(_steps(run)) + 1))  # the lock went with its process
+    assert again.returncode == 0, again.stderr[-2000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import shlex
 from pathlib import Path
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     # Imported here so --help and --list-presets answer at once, without torch.
     from tinyllm.runtime.device import keep_freed_memory, pick_device
+    from tinyllm.runtime.run_dir import held_for_training
     from tinyllm.train import distributed, launch
     from tinyllm.train.run_plan import plan_run
     from tinyllm.train.trainer import Trainer
@@ -106,8 +108,11 @@ def run(args: argparse.Namespace) -> int:
         return launch.launch(args.nproc, plan)
     if pick_device(plan.config.train.device).type == "cpu":
         keep_freed_memory()  # process-wide, so set here, where the process is ours (train.device)
+    # Rank 0 holds the run directory for all the processes of one run (they share it by design).
+    held = held_for_training(plan.run_dir) if distributed.env_rank() == 0 else contextlib.nullcontext()
     try:
-        result = Trainer(plan.config, plan.run_dir, resume_from=plan.resume_from).run()
+        with held:
+            result = Trainer(plan.config, plan.run_dir, resume_from=plan.resume_from).run()
     finally:
         distributed.teardown()
     if distributed.env_rank() == 0:
