@@ -31,12 +31,15 @@ def test_help_documents_every_flag():
         assert flag in r.stdout
 
 
-def test_the_summary_says_how_to_continue_a_run_its_budget_ended():
+def test_the_summary_says_how_to_continue_a_run_that_stopped():
     result = TrainResult(Path("runs/x"), 900, 1_843_200, 479.0, 0.95, 0.79, "time budget", None, val_bpb=1.3)
     text = summary(result, 480.0)
     assert "final val loss 0.9500 nats/token (1.3000 bits/byte)" in text
     assert "tinyllm train --out runs/x --max-time 960s   # continue training" in text  # its seconds are spent
     assert "--max-steps 200 " in summary(TrainResult(Path("runs/x"), 100, 1, 9.0, 1.0, None, "finished", None), 480.0)
+    # Stopped by Ctrl-C at step 100 of its 3,000: running again goes on to 3,000, where --max-steps 200 would end it.
+    stopped = summary(TrainResult(Path("runs/x"), 100, 1, 9.0, 1.0, None, "interrupted", None), 480.0)
+    assert "tinyllm train --out runs/x   # continue where it stopped" in stopped and "--max-steps" not in stopped
 
 
 def test_a_gap_over_part_of_the_val_split_says_so():

@@ -150,7 +150,9 @@ def summary(result, budget: float | None = None) -> str:
     for name, usage in (("chat", f"tinyllm chat --run {run}"), ("eval", f"tinyllm eval --run {run}")):
         if importlib.util.find_spec(f"tinyllm.cli.{name}") is not None:
             lines.append(f"  {usage}")
-    if result.stopped == "time budget" and budget:  # the seconds spent are the run's: a longer budget goes on
+    if result.stopped == "interrupted":  # its config is in its checkpoint: the same run goes on
+        lines.append(f"  tinyllm train --out {run}   # continue where it stopped")
+    elif result.stopped == "time budget" and budget:  # the seconds spent are the run's: a longer budget goes on
         lines.append(f"  tinyllm train --out {run} --max-time {2 * budget:g}s   # continue training")
     else:
         lines.append(f"  tinyllm train --out {run} --max-steps {result.steps * 2}   # continue training")
