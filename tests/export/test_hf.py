@@ -184,6 +184,23 @@ def test_bfloat16_export_writes_bfloat16(tmp_path):
         assert (model(x) - hf(input_ids=x).logits).abs().max().item() < MAX_ABS_LOGIT_DIFF
 
 
+def test_the_folder_is_as_readable_as_anything_else_the_user_writes(tmp_path):
+    # A folder only its owner could open kept a model server running as another user out.
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16))
+    old = os.umask(0o022)
+    try:
+        out = export_hf(model, tmp_path / "new")
+        (tmp_path / "shared").mkdir()
+        (tmp_path / "shared").chmod(0o2775)  # a group's folder, made empty for the export
+        shared = export_hf(model, tmp_path / "shared")
+    finally:
+        os.umask(old)
+    assert oct(out.stat().st_mode & 0o7777) == oct(0o755)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == \
+        {p.name: oct(0o644) for p in out.iterdir()}
+    assert oct(shared.stat().st_mode & 0o7777) == oct(0o2775)
+
+
 # -- what cannot be exported --------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import shutil
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +144,10 @@ def export_hf(model: GPT, out_dir: Path, *, dtype: torch.dtype | str = torch.flo
     hf_config.dtype = dtype
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # A plain mkdir, not tempfile.mkdtemp: mkdtemp's 0700 would survive the rename and keep
+    # everyone but the exporting user out of the model.
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
     try:
         contiguous = {k: v.detach().to("cpu", dtype).clone(memory_format=torch.contiguous_format)
                       for k, v in tensors.items()}
@@ -153,6 +156,7 @@ def export_hf(model: GPT, out_dir: Path, *, dtype: torch.dtype | str = torch.flo
         # tinyllm starts a prompt with <|endoftext|> and stops at any special id (STOP_IDS).
         transformers.GenerationConfig(**_special_ids()).save_pretrained(str(tmp))
         write_hf_tokenizer(tmp, model_max_length=cfg.block_size)
+        _open_up(tmp, like=out_dir if out_dir.exists() else None)
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)
@@ -160,6 +164,17 @@ def export_hf(model: GPT, out_dir: Path, *, dtype: torch.dtype | str = torch.flo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _open_up(folder: Path, like: Path | None) -> None:
+    """Give `folder`'s files the mode a plain open() would (safetensors writes its file 0600), and
+    `folder` the mode of the empty folder `like` it replaces, so the export is as readable as
+    anything else the user writes there."""
+    made = folder.stat().st_mode & 0o777  # mkdir's 0777 less the umask
+    for f in folder.iterdir():
+        f.chmod(made & 0o666)
+    if like is not None:
+        folder.chmod(like.stat().st_mode & 0o7777)
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
