@@ -55,3 +55,16 @@ def test_an_out_that_cannot_be_written_is_one_line(tiny_run, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"--out {out}: cannot write" in r.stderr and "pick another --out" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help_names_every_architecture_an_export_can_be():
+    from tinyllm.cli import build_parser
+    from tinyllm.export import gguf, hf
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["export"]
+    text = " ".join(sub.format_help().split())
+    ggufs = {"gpt2", *(t.arch for t in gguf._ROPE_TARGETS.values())}
+    hfs = {hf.GPT2_ARCHITECTURE.removesuffix("LMHeadModel"),
+           *(t.architecture.removesuffix("ForCausalLM") for t in hf._ROPE_TARGETS.values())}
+    assert [a for a in sorted(ggufs | hfs) if a not in text] == []

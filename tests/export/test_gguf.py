@@ -307,3 +307,10 @@ def test_refuses_an_existing_file_and_a_bad_dtype(tmp_path):
         export_gguf(model, tmp_path / "new.gguf", dtype="bf16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
     assert (tmp_path / "m.gguf").read_text() == "mine"
+
+
+def test_missing_folders_above_the_file_are_made_as_for_hf(tmp_path):
+    # The error used to name a temporary file in a folder that did not exist.
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16))
+    out = export_gguf(model, tmp_path / "models" / "tiny" / "m.gguf")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.gguf"]

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "AutoModelForCausalLM and AutoTokenizer load offline (config.json, model.safetensors, tokenizer files). "
         "GPT-2-style models become GPT2LMHeadModel, RoPE models Llama, Qwen3, Arcee or Apertus. "
         "--format gguf writes one file for llama.cpp, Ollama and LM Studio instead (gpt2, llama, qwen3, "
-        "arcee or apertus architecture), tokenizer and ChatML template included.",
+        "arcee, apertus or starcoder2 architecture), tokenizer and ChatML template included.",
     )
     add_run_arguments(p, device=False)
     p.add_argument("--format", default="hf", choices=tuple(DTYPES),

@@ -149,6 +149,7 @@ def export_gguf(model: GPT, out: str | Path, *, dtype: str = "f32", name: str = 
     out = Path(out)
     if out.exists():
         raise UserError(f"--out {out} already exists: pick a new file name or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)  # as the hf export does for its folder
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         writer = gguf.GGUFWriter(str(tmp), arch)
