@@ -192,6 +192,18 @@ def test_oversized_body_is_413_with_or_without_content_length(tokenizer, make_mo
         )  # a small body still passes
 
 
+def test_more_choices_than_the_server_can_ever_hold_is_400_not_429(tokenizer, make_model, model_name):
+    # 429 says "retry later", and the openai client does, though the request can never fit.
+    with BackgroundServer(
+        make_model(), tokenizer, model_name=model_name, max_active=2, max_queued=1
+    ) as srv:
+        err = assert_openai_error(post(srv, CHAT, chat_body(model_name, n=4)), 400, "n")
+        assert "at most 3" in err["message"]
+        two_prompts = {"model": model_name, "prompt": ["a", "b"], "n": 2, "max_tokens": 2}
+        assert_openai_error(post(srv, TEXT, two_prompts), 400, "n")
+        assert post(srv, CHAT, chat_body(model_name, n=3)).status_code == 200
+
+
 def test_unknown_routes_and_methods_get_openai_errors(server):
     assert_openai_error(httpx.get(server.url + "/v1/engines"), 404)
     assert_openai_error(httpx.get(server.url + CHAT), 405)

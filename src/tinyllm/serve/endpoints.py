@@ -60,7 +60,8 @@ class OpenAIEndpoints:
         self.model_name = model_name
         self.context_length = context_length
         self.vocab_size = vocab_size
-        self.max_choices = max_choices
+        # More jobs than the worker can hold even when idle would get a 429 ("retry later") forever.
+        self.max_choices = min(max_choices, worker.max_active + worker.max_queued)
         self._card = R.ResponseMeta(R.TEXT, model_name)  # its `created` dates the model card
 
     def model_card(self) -> dict:
