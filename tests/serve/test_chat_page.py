@@ -157,6 +157,21 @@ def test_chat_page_streams_keeps_the_conversation_and_starts_over(page_server, b
     assert again == answer  # a fresh conversation: same prompt, same greedy answer
 
 
+def test_a_max_tokens_beyond_the_room_left_answers_up_to_the_context(tokenizer, make_model, browser):
+    # The page's default cap (200, or the context) cannot fit beside any prompt in a 32-token
+    # context: the answer then fills what is left, instead of every message failing.
+    with BackgroundServer(make_model(block_size=32), tokenizer, model_name="tiny-test") as srv:
+        browser.get(srv.url + "/")
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "model-name").text == "tiny-test")
+        send(browser, "Hello there")
+        wait = WebDriverWait(browser, 30, poll_frequency=0.01)
+        bubble = wait.until(lambda d: assistant_bubbles(d) and assistant_bubbles(d)[0])
+        wait.until(lambda d: "done" in bubble.get_attribute("class"))
+        assert "error" not in bubble.get_attribute("class"), bubble.text
+        prompt = int(bubble.get_attribute("data-prompt-tokens"))
+        assert 1 <= int(bubble.get_attribute("data-completion-tokens")) <= 32 - prompt
+
+
 def write_run(root: Path, *, step: int, log: list[dict] | None) -> Path:
     """A run directory with checkpoint `step` (its state.json: the page needs no weights)."""
     ckpt = root / CHECKPOINTS / checkpoint_name(step)

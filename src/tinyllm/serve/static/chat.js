@@ -56,16 +56,25 @@
     $("prompt").readOnly = busy;
   }
 
-  function requestBody() {
-    const maxTokens = Math.max(1, Math.floor(Number($("max-tokens").value) || 1));
-    return {
+  function requestBody(capped = true) {
+    const body = {
       model: state.model,
       messages: state.history,
       stream: true,
       stream_options: { include_usage: true },
       temperature: Number($("temperature").value),
-      max_tokens: maxTokens,
     };
+    if (capped) body.max_tokens = Math.max(1, Math.floor(Number($("max-tokens").value) || 1));
+    return body;
+  }
+
+  function post(body, controller) {
+    return fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+      signal: controller.signal,
+    });
   }
 
   // Yields the data field of each server-sent event in a fetch response body.
@@ -89,16 +98,15 @@
   async function streamAnswer(bubble, controller) {
     const content = bubble.querySelector(".content");
     const result = { text: "", usage: null, finish: null };
-    const resp = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(requestBody()),
-      signal: controller.signal,
-    });
-    if (!resp.ok) {
-      const body = await resp.json().catch(() => null);
-      throw new Error(body?.error?.message || `HTTP ${resp.status}`);
+    let resp = await post(requestBody(), controller);
+    let body = resp.ok ? null : await resp.json().catch(() => null);
+    // "Max tokens" caps the answer; once the conversation leaves less room than that in the
+    // context, the API refuses the cap (as OpenAI's does), so ask again for what room is left.
+    if (body?.error?.code === "context_length_exceeded" && body.error.param === "max_tokens") {
+      resp = await post(requestBody(false), controller);
+      body = resp.ok ? null : await resp.json().catch(() => null);
     }
+    if (!resp.ok) throw new Error(body?.error?.message || `HTTP ${resp.status}`);
     for await (const data of sseData(resp.body)) {
       if (data === "[DONE]") break;
       const chunk = JSON.parse(data);
