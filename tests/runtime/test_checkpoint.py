@@ -1,5 +1,6 @@
 """Checkpoints: a full round trip, atomic replacement, pruning, and what a crash leaves behind."""
 
+import os
 import random
 
 import numpy as np
@@ -45,6 +46,18 @@ def test_round_trip_restores_weights_optimizer_rng_and_state(tmp_path):
     assert (random.random(), np.random.rand()) == expected[1:]
     model2.wte.weight.data.zero_()  # the tie survives loading: the head is still the embedding
     assert model2.head_weight.abs().sum() == 0
+
+
+def test_every_file_of_a_checkpoint_is_as_readable_as_the_others(tmp_path):
+    cfg, model, opt = setup()
+    old = os.umask(0o022)
+    try:
+        path = save(tmp_path, 1, model, opt, cfg)
+    finally:
+        os.umask(old)
+    # A server or a colleague running as another user reads the run: the weights too (safetensors wrote 0600).
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in path.iterdir()} == {
+        f.name: "0o644" for f in path.iterdir()}
 
 
 def test_inference_loading_needs_only_the_checkpoint(tmp_path):

@@ -194,6 +194,9 @@ def _write_files(
                               metadata={"step": str(step)})
     else:  # save_model drops the second name of a tied tensor; load_model restores the tie.
         save_safetensors_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    # safetensors writes its file 0600; give it the mode the other files get from open() (the
+    # temporary folder's, made by mkdir under the same umask, less x), so whoever may read the run reads its weights.
+    (tmp / "model.safetensors").chmod(tmp.stat().st_mode & 0o666)
     fsync_file(tmp / "model.safetensors")
     _save_torch(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
     _save_torch(_torch_rng_state(), tmp / "rng.pt")
