@@ -42,7 +42,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     bad_role = tmp_path / "bad.json"
     bad_role.write_text(json.dumps([{"role": "robot", "content": "x"}]))
     r = tinyllm("tokenize", "--chat", str(bad_role))
-    assert r.returncode == 2 and "role 'robot'" in r.stderr
+    assert r.returncode == 2 and f"error: --chat {bad_role}: message 0 has role 'robot'" in r.stderr
+
+
+def test_flags_that_would_be_ignored_are_refused(tmp_path):
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps([{"role": "user", "content": "Hi"}]))
+    for args, words in [
+        (["Hello", "--decode", "[15496]"], "give TEXT or --decode, not both"),
+        (["Hello", "--chat", str(chat)], "give TEXT or --chat, not both"),
+        (["Hello", "--generation-prompt"], "--generation-prompt only applies to --chat"),
+    ]:
+        r = tinyllm("tokenize", *args)
+        assert r.returncode == 2 and r.stdout == "", args
+        assert words in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_help_documents_every_flag():

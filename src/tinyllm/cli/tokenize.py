@@ -34,11 +34,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Refused, not ignored: a user who passed them expects them to change the output.
+    if args.text is not None and (args.decode is not None or args.chat is not None):
+        flag = "--decode" if args.decode is not None else "--chat"
+        raise UserError(f"give TEXT or {flag}, not both: TEXT {args.text!r} would be ignored")
+    if args.generation_prompt and args.chat is None:
+        raise UserError("--generation-prompt only applies to --chat FILE.json")
     tok = get_tokenizer()
     if args.decode is not None:
         print(tok.decode(_parse_ids(args.decode)))
     elif args.chat is not None:
-        rendering = tok.render_chat(_read_chat(args.chat), add_generation_prompt=args.generation_prompt)
+        messages = _read_chat(args.chat)
+        try:
+            rendering = tok.render_chat(messages, add_generation_prompt=args.generation_prompt)
+        except UserError as e:  # a bad role or content: say which file holds it
+            raise UserError(f"--chat {args.chat}: {e}") from None
         print(json.dumps({"ids": rendering.ids, "mask": rendering.mask}))
     elif args.text is not None:
         print(json.dumps(tok.encode(args.text)))
