@@ -174,3 +174,10 @@ def test_bad_val_sources_are_one_line_errors(tmp_path, val, extra, message):
                 "--out", str(tmp_path / "ds"), "--quiet")
     assert message.replace("EMPTY", spec) in one_line_error(r)
     assert not (tmp_path / "ds").exists()
+
+
+def test_an_out_below_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("The cat sat on the mat.")
+    out = tmp_path / "notes.txt" / "ds"
+    line = one_line_error(tinyllm("prepare", "--source", str(tmp_path / "notes.txt"), "--out", str(out), "--quiet"))
+    assert f"--out {out}: a part of that path is a file" in line

@@ -101,6 +101,72 @@ def test_bad_chat_message_names_source_and_record(tmp_path, quiet_prepare):
         quiet_prepare([ListSource("toy", docs)], tmp_path)
 
 
+def test_bad_chat_message_in_a_folder_names_its_file_and_line(tmp_path, quiet_prepare):
+    # In a folder of files the source's record number does not say which file to open.
+    chat = '{"text": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text(chat * 4)
+    (tmp_path / "in" / "b.jsonl").write_text(chat + "\n" + chat.replace("assistant", "bot"))
+    with pytest.raises(UserError, match=r"b\.jsonl line 3: message 1 has role 'bot'"):
+        quiet_prepare(resolve_sources([str(tmp_path / "in")]), tmp_path / "out")
+
+
+def test_bad_input_into_an_empty_directory_leaves_it_empty_so_the_fixed_input_runs(tmp_path, quiet_prepare):
+    good, bad, out = tmp_path / "good.jsonl", tmp_path / "bad.jsonl", tmp_path / "out"
+    good.write_text("".join(json.dumps({"text": f"note {i}: the cat sat on the mat."}) + "\n" for i in range(20)))
+    bad.write_text(json.dumps({"text": "fine"}) + "\n{broken\n")
+    out.mkdir()  # made by the user, e.g. a mount point
+    with pytest.raises(UserError, match="bad.jsonl line 2 is not valid JSON"):
+        quiet_prepare(resolve_sources([str(good), str(bad)]), out, shard_tokens=8)  # good's shards are finished
+    assert out.is_dir() and list(out.iterdir()) == []
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": "fixed"}) + "\n")
+    m = quiet_prepare(resolve_sources([str(good), str(bad)]), out, shard_tokens=8)
+    assert m["sources"]["local-bad"]["splits"]["train"]["documents"] + m["sources"]["local-bad"]["splits"]["val"]["documents"] == 2
+
+
+def test_a_hub_stream_cut_off_keeps_its_finished_shards_and_a_rerun_resumes(tmp_path, quiet_prepare, monkeypatch):
+    from tinyllm.data.sources import HubSource
+
+    stories = [{"story": f"Story {i}: a fox ran to the river and sat down."} for i in range(60)]
+    cut = {"after": 40}
+
+    def stream(self):  # the hub's records; the connection drops after `cut["after"]` of them
+        class Records:
+            def skip(self, n):
+                return iter(stories[n:])
+
+            def __iter__(self):
+                for i, r in enumerate(stories):
+                    if i == cut["after"]:
+                        raise ConnectionError("Connection reset by peer")
+                    yield r
+        return Records()
+
+    monkeypatch.setattr(HubSource, "_load", stream)
+    monkeypatch.setattr("tinyllm.data.ingest.CHUNK_DOCS", 16)  # progress is saved per chunk: some are before the cut
+    out = tmp_path / "new" / "ds"
+    with pytest.raises(UserError, match="reading SimpleStories/SimpleStories on the Hugging Face hub failed"):
+        quiet_prepare(resolve_sources(["simplestories"]), out, shard_tokens=64)
+    assert (out / "progress.json").is_file()  # hours of streaming are not thrown away
+    cut["after"] = None
+    m = quiet_prepare(resolve_sources(["simplestories"]), out, shard_tokens=64)
+    splits = m["sources"]["simplestories"]["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == 60
+
+
+def test_bad_input_leaves_no_directory_it_made_not_even_a_parent(tmp_path, quiet_prepare):
+    with pytest.raises(UserError, match="gave no documents"):
+        quiet_prepare([ListSource("toy", [Document(text=" ")])], tmp_path / "new" / "deep" / "ds")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_below_a_file_is_a_user_error(tmp_path, quiet_prepare):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="--out .*notes.txt/ds: a part of that path is a file"):
+        quiet_prepare([ListSource("toy", make_docs(3))], tmp_path / "notes.txt" / "ds")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_interrupted_run_resumes_to_the_same_dataset(tmp_path, quiet_prepare, monkeypatch):
     monkeypatch.setattr("tinyllm.data.ingest.CHUNK_DOCS", 16)  # so the interruption lands mid-stream
     docs = make_docs(400)

@@ -139,6 +139,25 @@ def test_local_sources_get_distinct_names(tmp_path):
     assert (a.name, b.name) == ("local-stories", "local-stories-2")
 
 
+@pytest.mark.parametrize("second", ["SAME", "DOTTED", "INSIDE"])
+def test_a_file_read_by_two_sources_is_refused(tmp_path, monkeypatch, second):
+    # Its documents would be trained on twice; a weight is how to give a file a larger share.
+    monkeypatch.chdir(tmp_path)
+    _files(tmp_path, "notes/a.txt", "notes/b.txt")
+    first, second = {"SAME": ("notes/a.txt", "notes/a.txt"), "DOTTED": ("notes/a.txt", "./notes/a.txt"),
+                     "INSIDE": ("notes", "notes/b.txt")}[second]
+    with pytest.raises(UserError, match=f"--source {second}: .*is also read by --source {first}; give each file once"):
+        resolve_sources([first, second])
+
+
+def test_a_file_named_with_an_equals_sign_is_a_path(tmp_path):
+    (path,) = _files(tmp_path, "a=b.txt")
+    (src,) = resolve_sources([f"{path}:2"])
+    assert texts(src) == ["The text of a=b.txt."] and src.weight == 2
+    with pytest.raises(UserError, match="only a hub source takes =PATH"):
+        resolve_sources([str(tmp_path / "nosuch=b.txt")])
+
+
 # -- --val-source -------------------------------------------------------------------------------
 def _files(tmp_path, *names):
     paths = []
@@ -178,8 +197,11 @@ def test_a_val_source_that_would_be_trained_on_or_weighted_is_refused(tmp_path, 
 
 def test_a_val_source_given_twice_is_refused(tmp_path):
     (val,) = _files(tmp_path, "v.txt")
-    with pytest.raises(UserError, match="--val-source .* given twice"):
+    with pytest.raises(UserError, match=f"--val-source {val} is given twice"):
         resolve_sources(["builtin"], val_specs=[val, val])
+    # Spelled another way, the file would still be scored twice.
+    with pytest.raises(UserError, match=f"--val-source {tmp_path}/./v.txt: .*v.txt is also read by --val-source {val}"):
+        resolve_sources(["builtin"], val_specs=[val, f"{tmp_path}/./v.txt"])
 
 
 # -- hub sources through their registry entries ------------------------------------------------------
@@ -294,3 +316,11 @@ def test_unreachable_hub_is_a_user_error(monkeypatch):
     (src,) = resolve_sources(["wikipedia"])
     with pytest.raises(UserError, match=r"cannot load wikimedia/wikipedia.*--source wikipedia=PATH"):
         next(iter(src.documents()))
+
+
+def test_unreadable_local_files_of_a_hub_source_do_not_blame_the_network(tmp_path):
+    (tmp_path / "train.parquet").write_bytes(b"not parquet at all")
+    (src,) = resolve_sources([f"wikipedia={tmp_path / 'train.parquet'}"])
+    with pytest.raises(UserError, match="cannot load .*train.parquet .*check that they are wikipedia's own") as e:
+        next(iter(src.documents()))
+    assert "network" not in str(e.value)

@@ -18,7 +18,7 @@ exactly `<|endoftext|>` and this document's ids up to the answer.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tinyllm.errors import UserError
 from tinyllm.tokenizer import EOT, IM_END, IM_START, Tokenizer
@@ -32,6 +32,9 @@ class Document:
     # Natural-log probability of this exact document under the process that generated it; known
     # only for the builtin corpus, where it gives the entropy floor.
     logprob: float | None = None
+    # Where a reader found it ("notes/a.jsonl line 7"), so that an error found while tokenizing it
+    # (a bad chat role) names the file; "" when the source's record number is all there is.
+    where: str = field(default="", compare=False, repr=False)
 
     def rendered(self) -> str:
         """The document as the text its token ids decode to (without the trailing <|endoftext|>)."""

@@ -183,7 +183,8 @@ class SourceIngest:
             try:
                 ids, mask = document_tokens(self.tok, doc, ids)
             except UserError as e:
-                raise UserError(f"{self.src.flag} {self.src.spec}, record {st['position'] - 1}: {e}") from None
+                where = doc.where or f"{self.src.flag} {self.src.spec}, record {st['position'] - 1}"
+                raise UserError(f"{where}: {e}") from None
             rendered = rendered_bytes(doc)
             split = self._split_of(rendered)
             self._append(split, ids, mask, len(rendered), doc.logprob)

@@ -168,9 +168,9 @@ def record_document(record: object, field: str, where: str) -> Document:
 def value_document(value: object, field: str, where: str) -> Document:
     """Text becomes a document's text; a list of messages becomes its conversation."""
     if value is None:
-        return Document()  # counted as empty by prepare
+        return Document(where=where)  # counted as empty by prepare
     if isinstance(value, str):
-        return Document(text=value)
+        return Document(text=value, where=where)
     if isinstance(value, list):
-        return Document(messages=tuple(value))
+        return Document(messages=tuple(value), where=where)
     raise UserError(f"{where}: field {field!r} is a {type(value).__name__}, expected text or a list of chat messages")

@@ -41,15 +41,29 @@ def prepare(sources: list[Source], out: str | Path, options: PrepareOptions = Pr
     tok = get_tokenizer()
     config = prepare_settings(sources, options, tok)
     _existing_state(out, config)  # refuse a wrong directory before touching it
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    created = _first_missing(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError):
+        raise UserError(f"--out {out}: a part of that path is a file, not a directory: give a directory") from None
     try:
         return _prepare_locked(sources, out, options, tok, config)
     except UserError:
-        # Bad input found on a first run: leave no directory whose settings would refuse the fixed input.
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
+        # Bad input found on a first run: leave no directory whose settings would refuse the fixed
+        # input. Unless it kept finished shards (below), which a rerun resumes from.
+        if created is not None and not (out / PROGRESS).exists():
+            shutil.rmtree(created, ignore_errors=True)
         raise
+
+
+def _first_missing(out: Path) -> Path | None:
+    """The outermost directory of `out` that mkdir will create (removed again on bad input), if any."""
+    missing = None
+    for path in (out, *out.parents):
+        if path.exists() or path.is_symlink():
+            break
+        missing = path
+    return missing
 
 
 def _prepare_locked(sources: list[Source], out: Path, options: PrepareOptions, tok: Tokenizer, config: dict) -> dict:
@@ -62,14 +76,42 @@ def _prepare_locked(sources: list[Source], out: Path, options: PrepareOptions, t
             stale.unlink()
         save = functools.partial(write_json_atomic, out / PROGRESS, progress)
         save()
-        for src, cap in zip(sources, config["sources"], strict=True):
-            state = progress["sources"][src.name]
-            if not state["done"]:
-                SourceIngest(src, state, cap, out, tok, options, save).run()
+        src = None
+        try:
+            for src, cap in zip(sources, config["sources"], strict=True):
+                state = progress["sources"][src.name]
+                if not state["done"]:
+                    SourceIngest(src, state, cap, out, tok, options, save).run()
+        except UserError:
+            # A first run stopped by its input leaves the directory as it found it: fixed input
+            # has other settings, which its progress.json would refuse. Except a hub stream cut off
+            # (the network): run again, the settings are the same and its finished shards resume.
+            if existing is None and not (_streamed(src) and _finished_shards(progress)):
+                _remove_run_files(out, progress)
+            raise
         manifest = _manifest(sources, progress, tok)
         write_json_atomic(out / MANIFEST, manifest)
         (out / PROGRESS).unlink()
     return manifest
+
+
+def _streamed(src: Source | None) -> bool:
+    ident = src.identity() if src is not None else {}
+    return ident.get("kind") == "hub" and "files" not in ident
+
+
+def _finished_shards(progress: dict) -> int:
+    return sum(len(split["shards"]) for state in progress["sources"].values() for split in state["splits"].values())
+
+
+def _remove_run_files(out: Path, progress: dict) -> None:
+    """Delete what a failed first run wrote into `out`: its finished shards, progress.json, the lock."""
+    for state in progress["sources"].values():
+        for split in state["splits"].values():
+            for shard in split["shards"]:
+                (out / shard["file"]).unlink(missing_ok=True)
+    (out / PROGRESS).unlink(missing_ok=True)
+    (out / LOCK).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -198,10 +198,10 @@ class HubSource(Source):
             builder = _builder(self.files, f"{self.flag} {self.spec}")
             return datasets.load_dataset(builder, data_files=[str(f) for f in self.files], split="train", streaming=True)
         except (OSError, ValueError) as e:  # ConnectionError and DatasetNotFoundError are OSErrors
-            raise UserError(
-                f"{self.flag} {self.spec}: cannot load {self._where()} ({_first_line(e)}); without network, "
-                f"download its files and pass {self.flag} {self.entry.name}=PATH"
-            ) from None
+            # Files given: the network is not the problem, the files are (corrupt, or another format).
+            fix = (f"without network, download its files and pass {self.flag} {self.entry.name}=PATH" if self.files is None
+                   else f"check that they are {self.entry.name}'s own parquet or JSON lines files")
+            raise UserError(f"{self.flag} {self.spec}: cannot load {self._where()} ({_first_line(e)}); {fix}") from None
 
     def documents(self, start: int = 0) -> Iterator[Document]:
         import pyarrow as pa
@@ -267,8 +267,9 @@ def parse_spec(text: str, flag: str = "--source") -> SourceSpec:
     if not body:
         raise UserError(f"{flag} {text}: give a source name or a path before the weight")
     weighted = body != text
-    if "=" in body:
-        name, path = body.split("=", 1)
+    name, eq, path = body.partition("=")
+    # A file named with "=" (a=b.txt) is a path, unless what precedes it names a hub source.
+    if eq and (name in HUB or not Path(body).expanduser().exists()):
         if name not in HUB:
             hint = f"{name} has no files" if name in NAMES else f"hub sources are {', '.join(HUB)}"
             raise UserError(f"{flag} {text}: only a hub source takes =PATH ({hint})")
@@ -299,6 +300,7 @@ def resolve_sources(specs: list[str], *, val_specs: list[str] | None = None, fie
         src = _resolve(parse_spec(text), "train" if val_specs else None, field, seed, train, builtin_questions)
         if any(o.name == src.name for o in train):
             raise UserError(f"--source {text}: {src.name} is given twice; give each source once")
+        _refuse_read_twice(src, train)
         train.append(src)
     val: list[Source] = []
     for text in val_specs:
@@ -308,7 +310,8 @@ def resolve_sources(specs: list[str], *, val_specs: list[str] | None = None, fie
                             f"mix; every val document is scored once): drop the :{text.rpartition(':')[2]}")
         src = _resolve(s, "val", field, seed, train + val)
         if any(o.spec == text or o.name == src.name for o in val):
-            raise UserError(f"--val-source {text}: {src.name} is given twice; give each source once")
+            raise UserError(f"--val-source {text} is given twice; give each source once")
+        _refuse_read_twice(src, val)
         _refuse_trained_on(src, train)
         val.append(src)
     return train + val
@@ -332,15 +335,25 @@ def _resolve(s: SourceSpec, split: str | None, field: str, seed: int, taken: lis
     return src
 
 
+def _shared_files(a: Source, b: Source) -> str:  # "/x/a.txt and 2 more", or "" when none
+    shared = sorted({f.resolve() for f in getattr(a, "files", None) or ()} & {f.resolve() for f in getattr(b, "files", None) or ()})
+    return f"{shared[0]}{f' and {len(shared) - 1} more' if len(shared) > 1 else ''}" if shared else ""
+
+
+def _refuse_read_twice(src: Source, same_split: list[Source]) -> None:
+    """A file read by two sources of one split (notes/ and notes/a.txt) would be trained on, or scored, twice."""
+    for o in same_split:
+        if shared := _shared_files(src, o):
+            hint = "" if src.split == "val" else " (a :WEIGHT sets a source's share)"
+            raise UserError(f"{src.flag} {src.spec}: {shared} is also read by {o.flag} {o.spec}; give each file once{hint}")
+
+
 def _refuse_trained_on(val: Source, train: list[Source]) -> None:
     """A val source must hold none of the training documents: its loss would be a training loss."""
-    val_files = {f.resolve() for f in getattr(val, "files", None) or ()}
     for t in train:
-        shared = sorted(val_files.intersection(f.resolve() for f in getattr(t, "files", None) or ()))
-        if shared:
-            more = f" and {len(shared) - 1} more" if len(shared) > 1 else ""
-            raise UserError(f"--val-source {val.spec}: {shared[0]}{more} is also read by --source {t.spec}; a file "
-                            "is either trained on or validated on: give validation files of their own")
+        if shared := _shared_files(val, t):
+            raise UserError(f"--val-source {val.spec}: {shared} is also read by --source {t.spec}; a file is either "
+                            "trained on or validated on: give validation files of their own")
         if t.identity() == val.identity():
             raise UserError(f"--val-source {val.spec} reads the same documents as --source {t.spec}; give "
                             "validation files of their own")
