@@ -59,6 +59,12 @@ def test_run_without_checkpoint_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "give --run RUN_DIR" in r.stderr
 
 
+def test_a_seed_out_of_range_is_a_one_line_error(run):
+    r = tinyllm("sample", "--run", str(run), "--max-new-tokens", "2", "--seed", str(2**64))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == f"tinyllm sample: error: seed must be an integer from {-2**63} to {2**64 - 1}, got {2**64}"
+
+
 @pytest.mark.parametrize("special", sorted(SPECIAL_TOKENS.values()))
 def test_a_special_token_ends_the_sample_and_is_never_printed(monkeypatch, capsys, preferring, special):
     """The model writes a special id ~0.3 of the time (after a story, <|im_start|> opens the chat
@@ -72,3 +78,17 @@ def test_a_special_token_ends_the_sample_and_is_never_printed(monkeypatch, capsy
         out = capsys.readouterr().out
         assert out.startswith("Hi") and not any(name in out for name in SPECIAL_TOKENS), out
         assert len(get_tokenizer().encode(out)) < 60
+
+
+def test_ctrl_c_ends_the_line_so_the_interrupted_note_starts_its_own(monkeypatch, capsys):
+    # `main` prints "tinyllm sample: interrupted" on stderr; it was glued to the text on a terminal.
+    def interrupted(*args, **kwargs):
+        yield " and then"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tinyllm.cli.sample.load_run", lambda args, verb: (None, None, None))
+    monkeypatch.setattr(sample, "continuation", interrupted)
+    args = argparse.Namespace(prompt="Once", max_new_tokens=10, temperature=1.0, top_k=0, top_p=None, seed=None)
+    with pytest.raises(KeyboardInterrupt):
+        sample.run(args)
+    assert capsys.readouterr().out == "Once and then\n"

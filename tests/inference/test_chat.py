@@ -58,6 +58,14 @@ def test_a_message_too_long_for_the_context_is_a_user_error():
         fit_history(tok, [SYSTEM, {"role": "user", "content": "word " * 200}], budget=64)
 
 
+def test_the_too_long_message_error_reads_as_english():
+    tok = get_tokenizer()
+    with pytest.raises(UserError, match="^your message takes [0-9]+ tokens"):
+        fit_history(tok, [{"role": "user", "content": "word " * 200}], budget=64)
+    with pytest.raises(UserError, match="^the system message and your message take [0-9]+ tokens"):
+        fit_history(tok, [SYSTEM, {"role": "user", "content": "word " * 200}], budget=64)
+
+
 def test_reply_streams_the_answer_it_records(model):
     tok = get_tokenizer()
     session = ChatSession(model, tok, system=SYSTEM["content"], max_new_tokens=12, temperature=0)
@@ -108,6 +116,17 @@ def test_seeded_sessions_repeat():
 
     first = talk()
     assert talk() == first and first[0] != first[1]
+
+
+def test_the_largest_seed_seeds_every_answer_and_a_larger_one_is_refused_at_once(model):
+    # Answer k uses seed + k: with seed 2**64 - 1 the second answer overflowed torch's seed.
+    tok = get_tokenizer()
+    s = ChatSession(model, tok, max_new_tokens=4, temperature=1.0, seed=2**64 - 1)
+    answers = ["".join(s.reply(q)) for q in ("Hi", "Again")]
+    again = ChatSession(model, tok, max_new_tokens=4, temperature=1.0, seed=-1)  # the same 64 bits
+    assert ["".join(again.reply(q)) for q in ("Hi", "Again")] == answers
+    with pytest.raises(UserError, match="seed must be an integer"):
+        ChatSession(model, tok, seed=2**64)
 
 
 @pytest.mark.parametrize("special", sorted(SPECIAL_TOKENS.values()))

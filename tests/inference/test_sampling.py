@@ -118,6 +118,19 @@ def test_seed_makes_sampling_reproducible():
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**30])
+def test_a_seed_torch_cannot_hold_is_a_user_error(seed):
+    # It was torch's "ValueError: Overflow when unpacking long long" with a traceback.
+    with pytest.raises(UserError, match=f"seed must be an integer .* got {seed}"):
+        generate(tiny(), [1, 2], 3, seed=seed)
+
+
+def test_the_extreme_seeds_torch_holds_are_accepted():
+    model = tiny()
+    for seed in (2**64 - 1, -(2**63)):
+        assert len(list(generate(model, [1, 2], 3, seed=seed))) == 3
+
+
 def test_stop_id_ends_generation_and_is_not_yielded():
     model = tiny()
     free = list(generate(model, [3, 4], 10, temperature=0))

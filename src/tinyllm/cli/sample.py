@@ -47,9 +47,14 @@ def run(args: argparse.Namespace) -> int:
         pieces = continuation(model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
         sys.stdout.write(args.prompt)
-        for piece in pieces:
-            sys.stdout.write(piece)
+        try:
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # end the text's line, so "tinyllm sample: interrupted" starts its own
+            sys.stdout.write("\n")
             sys.stdout.flush()
+            raise
     sys.stdout.write("\n")
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)

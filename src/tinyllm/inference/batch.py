@@ -34,6 +34,7 @@ from tinyllm.inference.sampling import (
     checked_prompt,
     logit_bias_tensor,
     sample_next,
+    seeded_generator,
 )
 from tinyllm.model.gpt import GPT
 from tinyllm.model.kv_cache import BatchKVCache, KVCache
@@ -89,7 +90,7 @@ class BatchDecoder:
         cfg = self.model.config
         ids = checked_prompt(prompt_ids, cfg.vocab_size, cfg.block_size, stacklevel=3)
         check_sampling_args(temperature, top_k, top_p)
-        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        generator = seeded_generator(seed, device)
         row = _Row(
             ids,
             frozenset(stop_ids),

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from tinyllm.errors import UserError
-from tinyllm.inference.sampling import check_sampling_args, generate
+from tinyllm.inference.sampling import SEED_MAX, check_sampling_args, check_seed, generate
 from tinyllm.inference.textstream import stream_text
 from tinyllm.tokenizer import STOP_IDS, Tokenizer
 
@@ -52,8 +52,8 @@ def fit_history(tokenizer: Tokenizer, messages: Sequence[dict], budget: int) -> 
     kept = head + _join(turns)
     size = len(prompt_ids(tokenizer, kept))
     if size > budget:
-        what = "the system message and your message" if head else "your message"
-        raise UserError(f"{what} take {size} tokens with the chat markup, but at most {budget} fit "
+        what = "the system message and your message take" if head else "your message takes"
+        raise UserError(f"{what} {size} tokens with the chat markup, but at most {budget} fit "
                         "(the context less the room kept for the answer): write less, or lower --max-new-tokens")
     return kept
 
@@ -93,6 +93,7 @@ class ChatSession:
         self.system = system or None
         self.max_new_tokens = max_new_tokens
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        check_seed(seed)  # here, not at the first answer
         self.seed = seed
         self.context = model.config.block_size
         self.answer_room = min(max_new_tokens, self.context // 2)
@@ -116,7 +117,8 @@ class ChatSession:
         fitted = fit_history(self.tokenizer, asked, self.context - self.answer_room)
         self.dropped = len(asked) - len(fitted)
         self.messages = fitted
-        seed = None if self.seed is None else self.seed + self.turns_answered
+        # Wrapped as torch reads a seed (64 bits), so answer k of --seed 2**64-1 is seeded too.
+        seed = None if self.seed is None else (self.seed + self.turns_answered) % (SEED_MAX + 1)
         self.turns_answered += 1
         ids = generate(self.model, prompt_ids(self.tokenizer, fitted), self.max_new_tokens,
                        seed=seed, stop_ids=STOP_IDS, **self.sampling)

@@ -39,6 +39,22 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
         raise UserError(f"top_p must be in (0, 1] (or unset for no limit), got {top_p}")
 
 
+# The seeds torch.Generator.manual_seed takes: a 64-bit pattern, read as signed or unsigned.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def check_seed(seed: int | None) -> None:
+    """A seed torch cannot hold is a UserError, not torch's "Overflow when unpacking long long"."""
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        raise UserError(f"seed must be an integer from {SEED_MIN} to {SEED_MAX}, got {seed}")
+
+
+def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A generator seeded with `seed` (checked), or None (the global stream) without one."""
+    check_seed(seed)
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
 def sample_next(
     logits: Tensor,
     *,
@@ -118,7 +134,7 @@ def generate(
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     ids = checked_prompt(prompt_ids, cfg.vocab_size, cfg.block_size, stacklevel=3)
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    generator = seeded_generator(seed, device)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     bias = logit_bias_tensor(logit_bias, cfg.vocab_size, device)
     cache = model.make_kv_cache(batch_size=1) if use_cache else None
