@@ -98,3 +98,28 @@ def test_eval_task_scores_a_multiple_choice_file(tiny_run, tmp_path):
 def test_eval_task_errors_are_one_line(tiny_run):
     r = tiny_run.tinyllm("eval", "--run", str(tiny_run.path), "--task", "mc")
     assert r.returncode == 2 and "give --task mc=PATH" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_flags_the_chosen_report_would_ignore_are_refused(tmp_path, capsys):
+    # They were silently ignored: `--task mc=F --qa 5` printed no QA figure and no word why.
+    from tinyllm.cli import main
+
+    task = tmp_path / "mine.jsonl"
+    task.write_text('{"context": "a", "choices": ["b"], "gold": 0}\n')
+    for extra, flag in ((["--qa", "5"], "--qa"), (["--split", "train"], "--split"),
+                        (["--max-batches", "2"], "--max-batches"), (["--data", str(tmp_path)], "--data")):
+        assert main(["eval", "--run", str(tmp_path), "--task", f"mc={task}", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"tinyllm eval: error: {flag} does not apply with --task, which scores the tasks instead of "
+                       f"the loss: drop {flag}, or run tinyllm eval once for each\n")
+    assert main(["eval", "--run", str(tmp_path), "--max-items", "3"]) == 2
+    assert "--max-items applies only with --task" in capsys.readouterr().err
+
+
+def test_one_batch_reads_as_one_batch():
+    from tinyllm.cli.eval import format_report
+
+    report = {"checkpoint": "c", "data": "d", "split": "val", "batch_size": 8, "context": 32, "loss_on": "all",
+              "loss": 5.0, "perplexity": 148.4, "bits_per_byte": 2.0, "tokens": 256, "floor": None, "sources": {}}
+    assert "(val split, 1 batch's worth of 8 x 32 tokens)" in format_report({**report, "max_batches": 1})
+    assert "(val split, 2 batches' worth of 8 x 32 tokens)" in format_report({**report, "max_batches": 2})

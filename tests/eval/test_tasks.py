@@ -144,3 +144,36 @@ def test_a_users_own_task_file(tmp_path, tiny_model):
     name, file = parse_task(f"mc={path}")
     r = evaluate_task(tiny_model, name, load_items(name, file), max_items=2)
     assert r.items == 2 and r.acc in (0.0, 1.0)
+
+
+def test_an_empty_context_is_conditioned_on_endoftext_as_the_harness_does(tiny_model):
+    # It was a TypeError traceback: the first continuation token has no context, so no logprob.
+    tok = get_tokenizer()
+    ids = [tok.eot_id, *tok.encode(" blue sky")]
+    want = sum(token_logprobs(tiny_model, ids).logprobs[1:])
+    assert loglikelihood(tiny_model, tok, "", " blue sky") == pytest.approx(want, abs=1e-6)
+    r = evaluate_task(tiny_model, "mc", [Item("", ("blue", "green"), 0), Item("  ", ("red",), 0)])
+    assert r.items == 2
+
+
+def test_a_continuation_longer_than_the_context_is_scored_where_it_fits(tiny_model):
+    tok = get_tokenizer()
+    long = " word" * 200  # 200 tokens, the model's window 63
+    ll = loglikelihood(tiny_model, tok, "A", long)
+    ids = (tok.encode("A") + tok.encode(long))[-63:]
+    assert ll == pytest.approx(sum(token_logprobs(tiny_model, ids).logprobs[1:]), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("not json\n", r"loading .*bad.jsonl failed \(JSON parse error"),
+        ("", r"bad.jsonl has no records"),
+        ('{"context": "x", "choices": "blue", "gold": 0}\n', r"choices must be a list of strings"),
+    ],
+)
+def test_a_broken_task_file_is_a_user_error_naming_it(tmp_path, text, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_items("mc", path)

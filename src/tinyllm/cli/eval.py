@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     if args.qa < 0:
         raise UserError(f"--qa must be >= 0, got {args.qa}")
+    check_mode_flags(args)
     if args.task:
         return run_tasks(args)
     from tinyllm.data.dataset import qa_dataset, trained_dataset
@@ -81,6 +82,23 @@ def run(args: argparse.Namespace) -> int:
         report["qa"] = {"correct": qa.correct, "total": qa.total, "accuracy": qa.accuracy, "skipped": qa.skipped}
     print(json.dumps(report) if args.json else format_report(report))
     return 0
+
+
+# The flags of the loss (and --qa) report, which --task replaces.
+LOSS_FLAGS = ("data", "split", "max_batches", "batch_size", "loss_on", "qa")
+
+
+def check_mode_flags(args: argparse.Namespace) -> None:
+    """A flag the chosen report never reads is a mistake to say, not to ignore: `--task hellaswag
+    --qa 50` would otherwise print no QA figure and no word why."""
+    if args.task:
+        given = [f for f in LOSS_FLAGS if getattr(args, f) and (f != "split" or args.split != "val")]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise UserError(f"{flag} does not apply with --task, which scores the tasks instead of the loss: "
+                            f"drop {flag}, or run tinyllm eval once for each")
+    elif args.max_items is not None:
+        raise UserError("--max-items applies only with --task NAME")
 
 
 def run_tasks(args: argparse.Namespace) -> int:
@@ -111,7 +129,8 @@ def figures(r) -> dict:
 
 
 def format_report(r: dict) -> str:
-    rows = "one whole pass" if r["max_batches"] is None else f"{r['max_batches']} batches' worth"
+    n = r["max_batches"]
+    rows = "one whole pass" if n is None else f"{n} batch's worth" if n == 1 else f"{n} batches' worth"
     mixed = len(r["sources"]) > 1
     lines = [
         f"checkpoint:    {r['checkpoint']}",

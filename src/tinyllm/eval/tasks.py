@@ -68,7 +68,11 @@ def _arc(r: dict) -> Item:
 
 
 def _generic(r: dict) -> Item:
-    return Item(r["context"], tuple(r["choices"]), int(r["gold"]))
+    choices = r["choices"]
+    # tuple() of a string would silently score its characters as the choices.
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise TypeError(f"choices must be a list of strings, got {choices!r:.60}")
+    return Item(r["context"], tuple(choices), int(r["gold"]))
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ def parse_task(text: str) -> tuple[str, Path | None]:
 def load_items(name: str, path: Path | None = None) -> list[Item]:
     """The task's items, from the hub or from a local file in the same schema."""
     import datasets
+    from datasets.exceptions import DatasetGenerationError, DatasetsError
 
     spec = TASKS[name]
     where = str(path) if path else f"{spec.hub[0]} on the Hugging Face hub"
@@ -120,7 +125,12 @@ def load_items(name: str, path: Path | None = None) -> list[Item]:
     except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"--task {name}: {where} is not in {name}'s schema (needs {spec.fields}; "
                         f"{type(e).__name__}: {e})") from None
-    except (OSError, ValueError) as e:  # no network, unknown dataset, unreadable file
+    except StopIteration:  # how datasets' json builder meets a file with no records
+        raise UserError(f"--task {name}: {where} has no records: give one JSON object per line") from None
+    except (OSError, ValueError, DatasetsError) as e:  # no network, unknown dataset, bad file
+        # A file that does not parse is a DatasetGenerationError ("An error occurred while generating the
+        # dataset") whose cause says what and where: "JSON parse error: Invalid value. in row 0".
+        e = e.__cause__ if isinstance(e, DatasetGenerationError) and e.__cause__ else e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = f"; offline, give --task {name}=PATH, a local file in its schema" if path is None else ""
         raise UserError(f"--task {name}: loading {where} failed ({first}){hint}") from None
@@ -143,9 +153,13 @@ def loglikelihood(model: GPT, tok: Tokenizer, context: str, continuation: str) -
     server for one generated token too) when given the run's context as `max_length`.
     """
     context_ids, cont_ids = encode_pair(tok, context, continuation)
+    if not context_ids:  # the harness's empty context: <|endoftext|>, so the first token is scored too
+        context_ids, cont_ids = [tok.eot_id], tok.encode(context + continuation)
     ids = (context_ids + cont_ids)[-(model.config.block_size - 1) :]
     scores = token_logprobs(model, ids)
-    return sum(scores.logprobs[len(ids) - len(cont_ids) :])
+    # A continuation longer than the window is scored on the tokens that have context in it (not
+    # the first, whose logprob is None).
+    return sum(scores.logprobs[max(1, len(ids) - len(cont_ids)) :])
 
 
 def _argmax(values: list[float]) -> int:
