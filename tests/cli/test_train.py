@@ -133,7 +133,7 @@ def test_a_second_train_into_a_run_being_trained_is_refused(tmp_path, data):
         # Two writers would share checkpoints and logs, and each one's rotation deletes the other's.
         second = tinyllm(*args, "--max-steps", "2")
         assert second.returncode == 2, second.stdout[-2000:]
-        assert f"is being trained by another process (pid {first.pid})" in second.stderr
+        assert f"{run} is being trained by another process" in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
     finally:
         first.send_signal(signal.SIGINT)

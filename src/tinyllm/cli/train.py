@@ -108,13 +108,19 @@ def run(args: argparse.Namespace) -> int:
         return launch.launch(args.nproc, plan)
     if pick_device(plan.config.train.device).type == "cpu":
         keep_freed_memory()  # process-wide, so set here, where the process is ours (train.device)
-    # Rank 0 holds the run directory for all the processes of one run (they share it by design).
-    held = held_for_training(plan.run_dir) if distributed.env_rank() == 0 else contextlib.nullcontext()
-    try:
-        with held:
-            result = Trainer(plan.config, plan.run_dir, resume_from=plan.resume_from).run()
-    finally:
-        distributed.teardown()
+    # Rank 0 holds the run directory for all the processes of one run (they share it by design):
+    # before the trainer touches it, or, a new one, once the trainer has made it.
+    rank0, existed = distributed.env_rank() == 0, plan.run_dir.is_dir()
+    with contextlib.ExitStack() as held:
+        try:
+            if rank0 and existed:
+                held.enter_context(held_for_training(plan.run_dir))
+            trainer = Trainer(plan.config, plan.run_dir, resume_from=plan.resume_from)
+            if rank0 and not existed:
+                held.enter_context(held_for_training(plan.run_dir))
+            result = trainer.run()
+        finally:
+            distributed.teardown()
     if distributed.env_rank() == 0:
         t = plan.config.train
         print(summary(result, time_budget(t) if t.budget_drives_schedule else None))

@@ -7,7 +7,6 @@
   RUN/train_output.txt     the human log
   RUN/tb/                  TensorBoard events
   RUN/loss.png             the loss curve
-  RUN/.train.lock          held (flock) by the process training into RUN; it holds that process's pid
 
 Why it is shaped this way: the trainer writes these and `serve`, `sample`, `eval` and the tests
 read them; one module of names keeps the readers from importing the trainer's log writer to learn
@@ -31,39 +30,31 @@ METRICS = "metrics.jsonl"
 TEXT_LOG = "train_output.txt"
 PLOT = "loss.png"
 TENSORBOARD = "tb"
-TRAIN_LOCK = ".train.lock"
-
-
 @contextlib.contextmanager
 def held_for_training(run_dir: Path) -> Iterator[None]:
     """One training process per run directory. The same command started twice (two terminals, a
     job submitted twice) would write the same checkpoints and logs, and each one's checkpoint
     rotation deletes the other's: the second is refused with one line instead.
 
-    The lock is the kernel's (flock), so it goes with its process however that ends. A directory
-    that cannot be made or written is left to the trainer, whose error names the fix.
+    The lock is the kernel's (flock) on the directory itself, so it leaves no file behind and goes
+    with its process however that ends. A filesystem without such locks (some network mounts) goes
+    unguarded. `run_dir` must exist: the caller holds it before the trainer touches it, or, for a
+    new run, as soon as the trainer has made it.
     """
     try:
         import fcntl
     except ImportError:  # no advisory locks (Windows): two runs into one directory are not caught
         yield
         return
+    fd = os.open(run_dir, os.O_RDONLY)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        f = open(run_dir / TRAIN_LOCK, "a+")
-    except OSError:
-        yield
-        return
-    with f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            pid = f.read().strip()
-            raise UserError(f"{run_dir} is being trained by another process{f' (pid {pid})' if pid else ''}: "
-                            "wait for it to end or stop it, or pick another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+            raise UserError(f"{run_dir} is being trained by another process: wait for it to end or stop it, "
+                            "or pick another --out") from None
+        except OSError:  # no flock on this filesystem
+            pass
         yield
+    finally:
+        os.close(fd)
