@@ -177,9 +177,18 @@ def test_resume_from_a_corrupt_checkpoint_names_the_file(run_copy):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     before = snapshot(run_copy)
     r = cli("train", "--out", str(run_copy), "--resume", "--max-steps", "4")
-    line = assert_user_error(r, "not a complete safetensors file", "resume from another checkpoint")
+    line = assert_user_error(r, "not a complete safetensors file", "use another checkpoint",
+                             f"--resume {run_copy / 'checkpoints'}/step-N")
     assert str(path) in line
     assert snapshot(run_copy) == before
+
+
+def test_a_corrupt_checkpoint_read_by_sample_names_the_flag_sample_takes(run_copy):
+    path = latest_checkpoint(run_copy) / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    r = cli("sample", "--run", str(run_copy), "--max-new-tokens", "2")
+    # sample has no --resume: the way to another checkpoint is --checkpoint.
+    assert_user_error(r, "not a complete safetensors file", f"--checkpoint {run_copy / 'checkpoints'}/step-N")
 
 
 def test_an_older_checkpoint_can_be_resumed_when_the_newest_is_corrupt(run_copy):

@@ -120,6 +120,16 @@ def test_run_without_checkpoints_is_a_clear_error(tmp_path):
         ckpt.find_checkpoint(tmp_path / "nope")
 
 
+def test_a_file_or_the_checkpoints_folder_given_as_the_run(tmp_path):
+    cfg, model, opt = setup()
+    newest = save(tmp_path / "run", 2, model, opt, cfg)
+    # RUN/checkpoints (a tab completion away from RUN) said "has no checkpoint yet".
+    assert ckpt.find_checkpoint(tmp_path / "run" / "checkpoints") == newest
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt is a file: give a run directory"):
+        ckpt.find_checkpoint(tmp_path / "notes.txt")
+
+
 def test_incomplete_checkpoint_is_a_clear_error(tmp_path):
     cfg, model, opt = setup()
     path = save(tmp_path, 1, model, opt, cfg)

@@ -311,8 +311,11 @@ def _read_state(path: Path) -> dict:
 
 
 def _unreadable(path: Path, why: str) -> UserError:
-    return UserError(f"checkpoint file {path} cannot be loaded ({why}): resume from another checkpoint "
-                     f"with --resume {path.parent.parent}/step-N, or start the run afresh")
+    # Training and inference both load checkpoints, and each names another one its own way.
+    other = f"{path.parent.parent}/step-N"
+    return UserError(f"checkpoint file {path} cannot be loaded ({why}): use another checkpoint (resume from it "
+                     f"with tinyllm train --resume {other}; sample, chat, eval, serve and export take "
+                     f"--checkpoint {other}), or start the run afresh")
 
 
 def _brief(e: BaseException) -> str:
@@ -334,8 +337,12 @@ def find_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if (p / "model.safetensors").is_file():
         return p
+    if p.is_file():
+        raise UserError(f"{p} is a file: give a run directory or one of its checkpoints/step-N directories")
     if not p.is_dir():
         raise UserError(f"{p}: no such run or checkpoint directory")
+    if p.name == CHECKPOINTS and latest_checkpoint(p.parent) is not None:  # RUN/checkpoints means RUN
+        p = p.parent
     latest = latest_checkpoint(p)
     if latest is None:
         raise UserError(f"{p} has no checkpoint yet: train it first (tinyllm train --out {p}), or pass a checkpoint directory")
