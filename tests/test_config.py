@@ -123,6 +123,7 @@ def test_an_older_file_whose_data_context_differs_names_the_file_and_the_fix(tmp
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("train.micro_batch", "0", r"train\.micro_batch must be at least 1"),
     ("optim.lr", "-1", r"optim\.lr must be a positive number"),
+    ("optim.adamw_lr_scale", "2", r"optim\.adamw_lr_scale sets AdamW's lr apart from Muon's: it needs"),
     ("optim.min_lr_ratio", "2", r"min_lr_ratio must be between 0 and 1"),
     ("optim.decay_fraction", "0", r"optim\.decay_fraction must be in \(0, 1\]"),
     ("optim.schedule", "linear", r"optim\.schedule"),

@@ -71,18 +71,15 @@ class OptimConfig:
     # schedule follows the fraction of the budget spent, else the fraction of max_steps.
     schedule: Literal["cosine", "constant", "wsd"] = "cosine"
     warmup_steps: int = 100
-    # The schedule ends at lr * min_lr_ratio (the floor), reached at the last step.
-    min_lr_ratio: float = 0.1
-    # wsd: the last part of the run (a fraction of it) spent decaying to the floor.
-    decay_fraction: float = 0.35
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio (the floor), on the last step
+    decay_fraction: float = 0.35  # wsd: the last part of the run (a fraction of it), decaying to the floor
     weight_decay: float = 0.1
+    adamw_lr_scale: float = 1.0  # with muon: the lr of what AdamW trains (embeddings, head, norms, biases) / lr
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    # Clip the global gradient norm to this; 0 disables clipping.
-    grad_clip: float = 1.0
-    # Use the fused AdamW kernel where the device has one.
-    fused: bool = True
+    grad_clip: float = 1.0  # the global gradient norm is clipped to this; 0: never
+    fused: bool = True  # the fused AdamW kernel, where the device has one
 
 
 @dataclass
@@ -341,8 +338,11 @@ def validate(cfg: Config) -> None:
     _non_negative(o, "warmup_steps", "weight_decay", "grad_clip")
     _non_negative(t, "batch_tokens")  # its fit to the batch shape and process count: `train.run_plan`
     _non_negative(d, "builtin_tokens")
-    if not o.lr > 0 or not math.isfinite(o.lr):
-        raise UserError(f"optim.lr must be a positive number, got {o.lr}")
+    if o.adamw_lr_scale != 1 and o.optimizer != "muon":
+        raise UserError("optim.adamw_lr_scale sets AdamW's lr apart from Muon's: it needs optim.optimizer = \"muon\"")
+    for name in ("lr", "adamw_lr_scale"):
+        if not getattr(o, name) > 0 or not math.isfinite(getattr(o, name)):
+            raise UserError(f"optim.{name} must be a positive number, got {getattr(o, name)}")
     if not 0 <= o.min_lr_ratio <= 1:
         raise UserError(f"optim.min_lr_ratio must be between 0 and 1 (the floor as a fraction of lr), got {o.min_lr_ratio}")
     for name in ("beta1", "beta2"):

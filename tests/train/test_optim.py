@@ -1,6 +1,7 @@
 """Parameter groups, AdamW and Muon + AdamW."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from tinyllm.config import OptimConfig
 from tinyllm.model.gpt import GPT, GPTConfig
 from tinyllm.train.optim import build_optimizer, param_groups
+from tinyllm.train.schedule import LRSchedule
 
 
 def tiny_gpt(**kw) -> GPT:
@@ -99,3 +101,37 @@ def test_adamw_state_does_not_load_into_muon():
     muon = build_optimizer(model, OptimConfig(optimizer="muon"), torch.device("cpu"))
     with pytest.raises(ValueError, match="optim.optimizer"):
         muon.load_state_dict(adamw.state_dict())
+
+
+def test_adamw_half_of_muon_gets_its_own_multiple_of_the_lr():
+    model = tiny_gpt()
+    cfg = OptimConfig(optimizer="muon", lr=1e-3, adamw_lr_scale=2.0, warmup_steps=0, schedule="constant")
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    LRSchedule(cfg, 10).apply(opt, 1)
+    muon = {n: g["lr"] for g in opt.muon.param_groups for n in names_in(model, g)}
+    adamw = {n: g["lr"] for g in opt.adamw.param_groups for n in names_in(model, g)}
+    assert set(muon.values()) == {1e-3} and set(adamw.values()) == {2e-3}
+    assert {"wte.weight", "wpe.weight"} <= adamw.keys()  # the tied head is wte
+    # At 1 the groups hold nothing new, so state dicts are as before the option existed.
+    plain = build_optimizer(model, OptimConfig(optimizer="muon"), torch.device("cpu"))
+    assert all("lr_scale" not in g for g in plain.param_groups)
+
+
+def test_a_scaled_adamw_lr_resumes_exactly_and_the_config_decides_the_scale():
+    torch.manual_seed(0)
+    x = torch.randint(0, 50, (4, 8))
+    y = torch.roll(x, -1, dims=1)
+    cfg = OptimConfig(optimizer="muon", lr=3e-3, adamw_lr_scale=4.0, warmup_steps=0, schedule="constant")
+    a = tiny_gpt()
+    opt_a = build_optimizer(a, cfg, torch.device("cpu"))
+    LRSchedule(cfg, 20).apply(opt_a, 1)
+    _fit(a, opt_a, 5, x, y)
+    b = tiny_gpt()
+    b.load_state_dict(a.state_dict())
+    opt_b = build_optimizer(b, cfg, torch.device("cpu"))
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    assert [g["lr"] for g in opt_b.param_groups] == [g["lr"] for g in opt_a.param_groups]
+    assert _fit(a, opt_a, 5, x, y) == _fit(b, opt_b, 5, x, y)
+    other = build_optimizer(tiny_gpt(), replace(cfg, adamw_lr_scale=1.0), torch.device("cpu"))
+    other.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # a resume that changed the setting
+    assert all("lr_scale" not in g for g in other.param_groups)

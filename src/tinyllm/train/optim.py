@@ -9,7 +9,8 @@ Why it is shaped this way:
   every direction of the matrix moves at the same rate. It is defined for 2-D weights that map
   activations to activations, so it takes the block matrices; embeddings, the head, norms and
   biases stay on AdamW. PyTorch's own `torch.optim.Muon` (2.9+) does the work, with its updates
-  rescaled to AdamW's RMS ("match_rms_adamw"), so one lr and one schedule drive both halves.
+  rescaled to AdamW's RMS ("match_rms_adamw"), so one lr and one schedule drive both halves;
+  `optim.adamw_lr_scale` sets the AdamW half's lr apart (at 128 wide that half is 88% of the weights).
 """
 
 from __future__ import annotations
@@ -72,18 +73,28 @@ def _muon_hybrid(groups: list[dict], model: nn.Module, cfg: OptimConfig, device:
     adamw_groups = [{"params": rest, "weight_decay": cfg.weight_decay}, groups[1]]
     muon = muon_cls(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True,
                     adjust_lr_fn="match_rms_adamw")
-    return MuonAdamW(muon, _adamw([g for g in adamw_groups if g["params"]], cfg, device))
+    return MuonAdamW(muon, _adamw([g for g in adamw_groups if g["params"]], cfg, device), cfg.adamw_lr_scale)
 
 
 class MuonAdamW:
     """Two optimizers stepped as one: Muon for the block matrices, AdamW for everything else.
 
-    Its `param_groups` are both optimizers' groups (Muon's first), so the schedule sets every lr;
-    its state dict keeps the two halves apart, so a checkpoint restores each into its own.
+    Its `param_groups` are both optimizers' groups (Muon's first), so the schedule sets every lr,
+    AdamW's times `adamw_lr_scale` (optim.adamw_lr_scale, kept in its groups as "lr_scale"); its
+    state dict keeps the two halves apart, so a checkpoint restores each into its own.
     """
 
-    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
-        self.muon, self.adamw = muon, adamw
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer, adamw_lr_scale: float = 1.0) -> None:
+        self.muon, self.adamw, self.adamw_lr_scale = muon, adamw, adamw_lr_scale
+        self._scale_adamw()
+
+    def _scale_adamw(self) -> None:
+        # Absent at 1, so state dicts are as they were before the option; set again after a load,
+        # so the config decides, not the checkpoint.
+        for group in self.adamw.param_groups:
+            group.pop("lr_scale", None)
+            if self.adamw_lr_scale != 1.0:
+                group["lr_scale"] = self.adamw_lr_scale
 
     @property
     def param_groups(self) -> list[dict]:
@@ -107,4 +118,5 @@ class MuonAdamW:
                              "the optimizer the run was started with (optim.optimizer)")
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
+        self._scale_adamw()
 

@@ -110,7 +110,7 @@ class LRSchedule:
             self.progress = progress
         self.last_lr = lr
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a group's own multiple (optim.adamw_lr_scale)
         return lr
 
     def finished(self, step: int) -> bool:

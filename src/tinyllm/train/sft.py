@@ -41,10 +41,11 @@ LR_SCALE = 0.3
 # after the cpu preset's 9; max_steps caps it on faster machines (a GPU), not on a 2-core CPU
 # (the cpu preset's model took 2,000 steps in 4m21s on a Zen 4 in bf16, when that was the cap).
 # The val loss every 250 steps, not 50: each measurement (16 batches) took ~1 s of the 5 minutes,
-# and measuring less gave 1,547 steps instead of 1,413 on a Zen 4 in bf16.
+# and measuring less gave 1,547 steps instead of 1,413 on a Zen 4 in bf16. One lr for every weight,
+# as in the SFT runs that chose these (the pretrained run's adamw_lr_scale is pretraining's).
 SFT_DEFAULTS: dict[str, dict[str, typing.Any]] = {
     "data": {"loss_on": "assistant", "mode": "padded", "builtin_questions": "every"},
-    "optim": {"schedule": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1},
+    "optim": {"schedule": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1, "adamw_lr_scale": 1.0},
     "train": {"max_steps": 5000, "max_time": "5m", "eval_every": 250, "loss_fraction": 1.0,
               "eval_batches": 16, "sample_every": 0, "checkpoint_every": 100, "qa_questions": 200},
 }
