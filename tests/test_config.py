@@ -123,7 +123,7 @@ def test_an_older_file_whose_data_context_differs_names_the_file_and_the_fix(tmp
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("train.micro_batch", "0", r"train\.micro_batch must be at least 1"),
     ("optim.lr", "-1", r"optim\.lr must be a positive number"),
-    ("optim.adamw_lr_scale", "2", r"optim\.adamw_lr_scale sets AdamW's lr apart from Muon's: it needs"),
+    ("optim.adamw_lr_scale", "0", r"optim\.adamw_lr_scale must be a positive number"),
     ("optim.min_lr_ratio", "2", r"min_lr_ratio must be between 0 and 1"),
     ("optim.decay_fraction", "0", r"optim\.decay_fraction must be in \(0, 1\]"),
     ("optim.schedule", "linear", r"optim\.schedule"),
@@ -193,3 +193,10 @@ def test_an_older_runs_config_with_fit_steps_to_time_loads_with_the_same_meaning
     cfg = resolve(base=old)
     assert cfg.train.budget_drives_schedule is fitted and cfg.optim.schedule == "cosine"
     assert cfg.train.max_time == "9m" and "fit_steps_to_time" not in read_toml(saved)["train"]
+
+
+def test_the_cpu_preset_with_adamw_alone_resolves():
+    # The preset sets optim.adamw_lr_scale for its Muon; bench quality's gpt2 and modern variants,
+    # and users, switch the optimizer to AdamW alone, where the setting has nothing to scale.
+    cfg = resolve("cpu", overrides=[("optim.optimizer", "adamw", "--set optim.optimizer=adamw")])
+    assert cfg.optim.optimizer == "adamw" and cfg.optim.adamw_lr_scale == 2.0

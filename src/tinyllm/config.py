@@ -74,7 +74,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio (the floor), on the last step
     decay_fraction: float = 0.35  # wsd: the last part of the run (a fraction of it), decaying to the floor
     weight_decay: float = 0.1
-    adamw_lr_scale: float = 1.0  # with muon: the lr of what AdamW trains (embeddings, head, norms, biases) / lr
+    # With muon: the lr of what AdamW trains (embeddings, head, norms, biases) / lr; AdamW alone: unused.
+    adamw_lr_scale: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -338,8 +339,6 @@ def validate(cfg: Config) -> None:
     _non_negative(o, "warmup_steps", "weight_decay", "grad_clip")
     _non_negative(t, "batch_tokens")  # its fit to the batch shape and process count: `train.run_plan`
     _non_negative(d, "builtin_tokens")
-    if o.adamw_lr_scale != 1 and o.optimizer != "muon":
-        raise UserError("optim.adamw_lr_scale sets AdamW's lr apart from Muon's: it needs optim.optimizer = \"muon\"")
     for name in ("lr", "adamw_lr_scale"):
         if not getattr(o, name) > 0 or not math.isfinite(getattr(o, name)):
             raise UserError(f"optim.{name} must be a positive number, got {getattr(o, name)}")

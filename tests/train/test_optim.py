@@ -135,3 +135,10 @@ def test_a_scaled_adamw_lr_resumes_exactly_and_the_config_decides_the_scale():
     other = build_optimizer(tiny_gpt(), replace(cfg, adamw_lr_scale=1.0), torch.device("cpu"))
     other.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # a resume that changed the setting
     assert all("lr_scale" not in g for g in other.param_groups)
+
+
+def test_adamw_alone_takes_one_rate_whatever_adamw_lr_scale_says():
+    cfg = OptimConfig(optimizer="adamw", lr=1e-3, adamw_lr_scale=2.0, warmup_steps=0, schedule="constant")
+    opt = build_optimizer(tiny_gpt(), cfg, torch.device("cpu"))
+    LRSchedule(cfg, 10).apply(opt, 1)
+    assert {g["lr"] for g in opt.param_groups} == {1e-3}
