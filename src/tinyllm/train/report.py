@@ -17,6 +17,7 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import threading
@@ -234,7 +235,9 @@ def install_stop_signals(stop: Callable[[], bool], *, echo: bool) -> Callable[[]
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Not SIGTERM under torchrun: its agent ends the workers with it and must see them go at once.
+    launched = "TORCHELASTIC_RUN_ID" in os.environ
+    previous = {s: signal.getsignal(s) for s in ((signal.SIGINT,) if launched else (signal.SIGINT, signal.SIGTERM))}
 
     def restore() -> None:
         for s, h in previous.items():
