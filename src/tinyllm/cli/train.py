@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     # before the trainer touches it, or, a new one, once the trainer has made it.
     rank0, existed = distributed.env_rank() == 0, plan.run_dir.is_dir()
     with contextlib.ExitStack() as held:
+        trainer = None
         try:
             if rank0 and existed:
                 held.enter_context(held_for_training(plan.run_dir))
@@ -120,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
                 held.enter_context(held_for_training(plan.run_dir))
             result = trainer.run()
         finally:
+            # The trainer goes first: DDP's reducer holds gloo's process group, and were it the last
+            # to let go, after teardown, gloo's destructor would wait, holding the GIL, for a thread
+            # that needs the GIL to drop its last work (a worker hung at exit, ~1 run in 2).
+            del trainer
             distributed.teardown()
     if distributed.env_rank() == 0:
         t = plan.config.train
