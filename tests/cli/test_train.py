@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,33 @@ def test_a_second_train_into_a_run_being_trained_is_refused(tmp_path, data):
         first.communicate(timeout=120)
     again = tinyllm(*args, "--max-steps", str(max(_steps(run)) + 1))  # the lock went with its process
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["finished", "failed"])
+def test_the_trainer_is_let_go_before_the_process_group_is_torn_down(tmp_path, data, monkeypatch, fails):
+    # Under torchrun, DDP's reducer holds gloo's process group: let go after teardown, gloo's
+    # destructor waited, holding the GIL, for a thread that needed the GIL (a worker hung at exit).
+    from tinyllm.cli import main
+    from tinyllm.errors import UserError
+    from tinyllm.train import distributed, trainer
+
+    if fails:  # a run that stops on an error (a full disk, a diverged loss) must exit too
+        def fail(self):
+            raise UserError("the disk is full")
+
+        monkeypatch.setattr(trainer.Trainer, "run", fail)
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+    build = trainer.Trainer.__init__
+
+    def tracked(self, *args, **kwargs):
+        alive.add(self)
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", tracked)
+    at_teardown: list[int] = []
+    monkeypatch.setattr(distributed, "teardown", lambda: at_teardown.append(len(alive)))
+    code = main(["train", "--preset", "tiny", "--data", data, "--out", str(tmp_path / "run"), "--max-steps", "2",
+                 "--sample-every", "0", "--eval-every", "0"])
+    assert code == (2 if fails else 0)
+    assert at_teardown == [0]

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib.util
 import shlex
+import traceback
 from pathlib import Path
 
 from tinyllm.config import DEFAULT_PRESET, list_presets, parse_set, time_budget
@@ -120,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
             if rank0 and not existed:
                 held.enter_context(held_for_training(plan.run_dir))
             result = trainer.run()
+        except BaseException as e:
+            traceback.clear_frames(e.__traceback__)  # the failed calls' frames hold the trainer too
+            raise
         finally:
             # The trainer goes first: DDP's reducer holds gloo's process group, and were it the last
             # to let go, after teardown, gloo's destructor would wait, holding the GIL, for a thread
