@@ -102,3 +102,17 @@ def test_bench_decode_int8_reports_speedup_and_quality_of_a_run(capsys, restore_
 def test_bench_decode_bad_quantize_is_a_one_line_error(capsys):
     assert main(["bench", "decode", "--preset", "tiny", "--quantize", "fp8"]) == 2
     assert capsys.readouterr().err == "tinyllm bench: error: --quantize fp8: choose one of none, int8\n"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--run", "{tmp}/nowhere", "--quantize", "int8"], "{tmp}/nowhere: no such run or checkpoint directory"),
+    (["--run", "{tmp}"], "--run scores int8's quality on a trained run: add --quantize int8"),
+])
+def test_a_wrong_run_is_refused_before_the_speed_runs(tmp_path, capsys, monkeypatch, flags, message):
+    # Found after the speed runs, a typo cost the user minutes of the benchmark first.
+    from tinyllm.bench import decode
+
+    monkeypatch.setattr(decode, "_rates", lambda *a: pytest.fail("the speed runs started"))
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert main(["bench", "decode", "--preset", "tiny", *flags]) == 2
+    assert capsys.readouterr().err == f"tinyllm bench: error: {message.format(tmp=tmp_path)}\n"

@@ -120,3 +120,16 @@ def test_a_kill_just_after_a_save_resumes_from_the_checkpoint_before(tmp_path):
     assert resume_point(tmp_path, losses).name == "step-00000010"
     assert resume_point(tmp_path, {**losses, 21: 0.05}).name == "step-00000020"
     assert resume_point(tmp_path, {}) is None
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--kill-after", "-1"], "--kill-after -1: give seconds from 0 to under the 480 s deadline"),
+    (["--checkpoint-every", "3"], "--checkpoint-every 3: give more than 3 steps"),
+    (["--checkpoint-every", "0"], "--checkpoint-every 0: give more than 3 steps"),  # 0 was taken as the default
+    (["--tests", "no/such/tests"], "--tests no/such/tests: no such directory"),
+])
+def test_a_bad_flag_is_refused_before_any_part_runs(monkeypatch, capsys, flags, message):
+    monkeypatch.setattr(gpu, "PARTS", [("first", lambda p: pytest.fail("a part ran"))])
+    assert main(["bench", "gpu", "--device", "cpu", "--quick", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tinyllm bench: error: {message}") and err.count("\n") == 1

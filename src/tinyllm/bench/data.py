@@ -36,12 +36,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stories-per-doc", type=int, default=1, metavar="K",
                    help="join K builtin stories into one document, to measure long documents (default: 1, ~60 tokens)")
     p.add_argument("--repeat", type=int, default=2, metavar="R", help="runs per core count; the best is kept (default: 2)")
-    p.add_argument("--cores", default="1,2", metavar="LIST",
-                   help="comma-separated core counts; each run gets that many cores and tokenizer threads (default: 1,2)")
+    p.add_argument("--cores", metavar="LIST", help="comma-separated core counts, at most the cores this process may "
+                   "use; each run gets that many cores and tokenizer threads (default: 1,2, or 1 on a 1-core machine)")
 
 
 def run(args: argparse.Namespace) -> dict:
-    counts = positive_ints("--cores", args.cores, "counts", "1,2")
+    available = len(_available_cores())
+    counts = positive_ints("--cores", args.cores or ("1,2" if available > 1 else "1"), "counts", "1,2")
+    if max(counts) > available:  # it would run on fewer, and report the figure as this many's
+        raise UserError(f"--cores {args.cores}: this process may run on {available} core{'s' * (available > 1)}; "
+                        "ask for at most that many")
     if args.tokens < 1000 or args.repeat < 1 or args.stories_per_doc < 1:
         raise UserError("--tokens must be at least 1000, --repeat and --stories-per-doc at least 1")
     with tempfile.TemporaryDirectory(prefix="tinyllm-bench-") as tmp:
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
             "documents": docs,
             "tokens": tokens,
             "megabytes": round(corpus.stat().st_size / 1e6, 1),
-            "cores_available": len(_available_cores()),
+            "cores_available": available,
             "prepare_tokens_per_s": {str(n): round(tokens / best[n]) for n in counts},
             # Tokens per CPU-second (all threads): unaffected by other processes taking the cores.
             "prepare_tokens_per_cpu_s": {str(n): round(tokens / best_cpu[n]) for n in counts},

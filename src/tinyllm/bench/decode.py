@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> dict:
 
     batches = positive_ints("--batch-sizes", args.batch_sizes, "sizes", "1,8")
     check_quantize(args.quantize)
+    if args.run is not None:
+        _check_run(args)  # before the speed runs: a wrong path is one line at once, not after minutes
     for flag in ("quality_batches", "prompts", "match_tokens"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -148,6 +150,17 @@ def _bandwidth_limit(model, dtype, device, rates: dict[str, dict[str, float]]) -
                 speedup_kv_cache_limit=round(limit / rates["no_cache"]["1"], 2))
 
 
+def _check_run(args: argparse.Namespace) -> None:
+    from tinyllm.runtime.checkpoint import find_checkpoint, read_config
+
+    if args.quantize != "int8":
+        raise UserError("--run scores int8's quality on a trained run: add --quantize int8")
+    context = read_config(find_checkpoint(args.run)).model.block_size
+    if args.match_tokens >= context:
+        raise UserError(f"--match-tokens {args.match_tokens} leave no room for a prompt in the run's context "
+                        f"of {context} tokens: ask for fewer")
+
+
 def int8_quality(args: argparse.Namespace, device) -> dict:
     """int8_val_loss_ratio and int8_greedy_match of --run (null without one); see the docstring."""
     if not args.run:
@@ -167,8 +180,6 @@ def int8_quality(args: argparse.Namespace, device) -> dict:
                 max_batches=args.quality_batches, mode=cfg.data.mode, loss_on=cfg.data.loss_on)
     ratio = evaluate_loss(int8, data, **rows).loss / evaluate_loss(reference, data, **rows).loss
     length = min(args.prompt_tokens, cfg.model.block_size - args.match_tokens)
-    if length < 1:
-        raise UserError(f"--match-tokens {args.match_tokens} leave no room for a prompt in the run's context")
     loader = TokenLoader(data, "val", args.prompts, length, mode="packed")
     prompts = next(iter(loader.eval_pass(args.prompts)))[1].inputs  # [n, length]
     same = 0

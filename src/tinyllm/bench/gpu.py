@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinyllm.bench import killed_run
+from tinyllm.errors import UserError
 
 HELP = ("check a GPU machine end to end in under 8 minutes (CUDA tests, bench train eager and compiled, "
         "bench decode, a run killed and resumed); one JSON summary")
@@ -43,6 +44,7 @@ DEADLINE_S = 480.0  # the whole check, so it fits 10 minutes of device time with
 # The resumed run's loss at each repeated step vs the killed run's, relative. bf16 autocast and
 # atomics in GPU backward kernels move the last bits; a real resume bug moves the loss by far more.
 RESUME_TOLERANCE = 0.01
+TESTS = "tests"  # the CUDA tests, from a checkout
 _TAIL = 1500  # characters of a failed part's output kept in the summary
 
 
@@ -70,11 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds the run trains before it is killed (default 120; --quick 0: once it has saved)")
     p.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="steps between the killed run's checkpoints, over 3 (default 100; --quick 10)")
-    p.add_argument("--tests", default="tests", metavar="DIR",
+    p.add_argument("--tests", default=TESTS, metavar="DIR",
                    help="the test tree whose CUDA-marked tests run (default: tests, from a checkout)")
 
 
 def run(args: argparse.Namespace) -> dict:
+    _check(args)  # before any part runs: a typo is one line, not minutes of parts and then a failure
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tinyllm-bench-gpu-") as work:
         plan = _plan(args, Path(work), started)
@@ -103,6 +106,16 @@ def format(result: dict) -> str:
     return json.dumps(result, indent=1)  # the summary is JSON either way
 
 
+def _check(args: argparse.Namespace) -> None:
+    if args.kill_after is not None and not 0 <= args.kill_after < DEADLINE_S:
+        raise UserError(f"--kill-after {args.kill_after:g}: give seconds from 0 to under the {DEADLINE_S:.0f} s deadline")
+    if args.checkpoint_every is not None and args.checkpoint_every <= killed_run.MIN_REPEATED:
+        raise UserError(f"--checkpoint-every {args.checkpoint_every}: give more than {killed_run.MIN_REPEATED} steps "
+                        "(the kill waits for that many steps past a checkpoint, which the resume must repeat)")
+    if args.tests != TESTS and not Path(args.tests).is_dir():  # the default is skipped outside a checkout
+        raise UserError(f"--tests {args.tests}: no such directory")
+
+
 def _plan(args: argparse.Namespace, work: Path, started: float) -> Plan:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the usual data cache: prepared once, kept for the next check
     package_root = str(Path(__file__).resolve().parents[2])  # the directory holding this tinyllm
@@ -113,7 +126,7 @@ def _plan(args: argparse.Namespace, work: Path, started: float) -> Plan:
     return Plan(device=args.device, quick=quick, preset="tiny" if quick else "seed", train_steps=1 if quick else 5,
                 decode_tokens=8 if quick else 128,
                 kill_after=args.kill_after if args.kill_after is not None else (0.0 if quick else 120.0),
-                checkpoint_every=args.checkpoint_every or (10 if quick else 100), tests=Path(args.tests),
+                checkpoint_every=args.checkpoint_every if args.checkpoint_every is not None else (10 if quick else 100), tests=Path(args.tests),
                 work=work, env=env, deadline=started + DEADLINE_S)
 
 
