@@ -16,6 +16,7 @@ import torch.distributed.run
 from tinyllm.cli import build_parser, main
 from tinyllm.config import read_toml, resolve
 from tinyllm.runtime.checkpoint import latest_checkpoint
+from tinyllm.runtime.run_dir import held_for_training
 from tinyllm.train import launch
 from tinyllm.train.run_plan import plan_run
 
@@ -101,7 +102,22 @@ def test_nproc_gives_the_workers_their_threads_and_leaves_this_process_as_it_was
     assert logging.getLogger("torch.distributed").level == level
 
 
-def test_ctrl_c_stops_every_process_at_the_same_step_with_a_checkpoint(tmp_path, data):
+def test_a_second_nproc_run_into_a_run_being_trained_is_refused_before_its_config_is_replaced(
+        tmp_path, data, fake_torchrun, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("# the running run's\n")
+    with held_for_training(run):  # as rank 0 of the run that trains there holds it
+        code = main(["train", "--preset", "tiny", "--data", data, "--out", str(run), "--nproc", "2",
+                     "--set", "train.device=cpu"])
+    assert code == 2 and not fake_torchrun
+    assert f"{run} is being trained by another process" in capsys.readouterr().err
+    assert (run / "config.toml").read_text() == "# the running run's\n"
+
+
+# SIGTERM (kill, timeout, SLURM) reached the workers as SIGTERM, which ends them unsaved.
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_stops_every_process_at_the_same_step_with_a_checkpoint(tmp_path, data, sig):
     run = tmp_path / "run"
     values = settings(data, 100_000, **{"train.eval_every": 0})
     proc = subprocess.Popen([sys.executable, "-m", "tinyllm", "train", *cli_flags(run, values), "--nproc", "2"],
@@ -109,13 +125,14 @@ def test_ctrl_c_stops_every_process_at_the_same_step_with_a_checkpoint(tmp_path,
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and max(_steps(run), default=0) < 2:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]  # stopped by the user: a chained command must not go on
     stopped = max(_steps(run))
     assert out.count(f"interrupted: {stopped} steps") == 1
     # Had the ranks disagreed on the step, the save would wait on a collective that never comes.
     assert latest_checkpoint(run).name == f"step-{stopped:08d}" and stopped < 100_000
+    assert err == ""  # not torchrun's "Received 2 death signal, shutting down workers"
 
 
 def _steps(run) -> list[int]:

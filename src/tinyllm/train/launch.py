@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,10 +25,13 @@ import torch
 from tinyllm.config import save_toml
 from tinyllm.errors import UserError
 from tinyllm.runtime.device import pick_device
-from tinyllm.runtime.run_dir import CONFIG_FILE
+from tinyllm.runtime.run_dir import CONFIG_FILE, held_for_training
 from tinyllm.train.distributed import launched
 from tinyllm.train.logs import writing
 from tinyllm.train.run_plan import RunPlan
+
+# The signals torchrun handles itself and passes on to the workers: its default, less SIGTERM.
+_PASSED_ON = "SIGINT,SIGHUP,SIGQUIT"
 
 
 def check_nproc(nproc: int) -> int:
@@ -52,6 +57,7 @@ def launch(nproc: int, plan: RunPlan) -> int:
 
     Returns the exit status to give. Ctrl-C reaches torchrun (the workers run in sessions of their
     own), which passes it on once; the workers then finish the step and save, as one process would.
+    SIGTERM is passed on as Ctrl-C (`_sigterm_as_ctrl_c`), so it saves too, as it does alone.
     """
     device = pick_device(plan.config.train.device)
     if device.type == "cuda" and nproc > torch.cuda.device_count():
@@ -60,10 +66,13 @@ def launch(nproc: int, plan: RunPlan) -> int:
     config = plan.run_dir / CONFIG_FILE
     with writing(config, f"make {plan.run_dir} writable, or pick another --out"):
         plan.run_dir.mkdir(parents=True, exist_ok=True)
-        save_toml(plan.config, config)
-    with _threads_per_process(nproc, device), _quiet_torch_logger():
-        return _torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "tinyllm", *worker_args(plan)],
-                         plan.run_dir)
+        # Refused here, before its config.toml is replaced under the run that trains there. Let go
+        # before the workers start: rank 0 takes it (a window of a second for a third command).
+        with held_for_training(plan.run_dir):
+            save_toml(plan.config, config)
+    with _threads_per_process(nproc, device), _quiet_torch_logger(), _sigterm_as_ctrl_c():
+        return _torchrun(["--standalone", f"--nproc-per-node={nproc}", *_signals_flag(), "-m", "tinyllm",
+                          *worker_args(plan)], plan.run_dir)
 
 
 def _torchrun(args: list[str], run_dir: Path) -> int:
@@ -105,11 +114,60 @@ def _threads_per_process(nproc: int, device: torch.device) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_torch_logger() -> Iterator[None]:
-    """torch.distributed's own failure logging, silenced: the outcome is reported by `_torchrun`."""
-    logger = logging.getLogger("torch.distributed")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    """torch.distributed's own failure logging, silenced: the outcome is reported by `_torchrun`.
+
+    Its elastic loggers each set their own level when their module is imported (then a parent's
+    level is not consulted: "Received 2 death signal" came with every Ctrl-C), so all are imported
+    first and each is quieted."""
+    import torch.distributed.run  # noqa: F401
+
+    loggers = [logging.getLogger("torch.distributed")]
+    loggers += [lg for name, lg in logging.Logger.manager.loggerDict.items()
+                if name.startswith("torch.distributed.") and isinstance(lg, logging.Logger)]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _signals_flag() -> list[str]:
+    """torchrun's flag for `_PASSED_ON`; none in an older torch, where SIGTERM still ends the workers unsaved."""
+    from torch.distributed.run import get_args_parser
+
+    known = any("--signals-to-handle" in a.option_strings for a in get_args_parser()._actions)
+    return [f"--signals-to-handle={_PASSED_ON}"] if known else []
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, SLURM) to this process reaches the workers as SIGINT.
+
+    torchrun passes on the signal it got, and a worker keeps SIGTERM's default (the agent also
+    ends the workers with it after a peer failed, and must see them go at once): so the workers
+    died without saving. torchrun is told to leave SIGTERM alone (`_PASSED_ON`) to this handler, which
+    raises what its own raises for SIGINT; it then stops the workers with SIGINT, and they save.
+    torchrun leaves its list in the environment: put back too."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    if threading.current_thread() is not threading.main_thread():  # no handlers there: torchrun's way
+        yield
+        return
+
+    def as_sigint(signum, frame):
+        raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.SIGINT)
+
+    key = "TORCHELASTIC_SIGNALS_TO_HANDLE"
+    handled, previous = os.environ.get(key), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, as_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if handled is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = handled
