@@ -42,6 +42,32 @@ def test_stopping_the_server_stops_its_worker(make_model, tokenizer):
     assert workers() == before
 
 
+def test_a_stream_running_at_shutdown_ends_with_an_error_and_done(make_model, slow_gpt, tokenizer):
+    # ~20 ms a token for 200 tokens outlasts the background server's 2 s grace.
+    srv = BackgroundServer(make_model(slow_gpt), tokenizer).start()
+    no_stop = {str(i): -100 for i in range(50256, 50260)}  # the special ids end a text early
+    body = {"model": "tinyllm", "prompt": "Once", "max_tokens": 200, "stream": True, "logit_bias": no_stop}
+    lines: list[str] = []
+    first = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():  # raised on a reply cut mid-body before the fix
+                lines.append(line)
+                first.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        assert first.wait(10)
+    finally:
+        srv.stop()
+        reader.join(10)
+    data = [line for line in lines if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]"
+    assert "shutting down" in data[-2]
+
+
 def test_a_tokenizer_of_another_vocabulary_is_refused(make_model, tokenizer):
     with pytest.raises(ValueError, match="vocabulary"):
         create_app(make_model(vocab_size=1000), tokenizer)

@@ -3,8 +3,9 @@
 Why it is shaped this way: the server is `tinyllm.serve` (uvicorn, the OpenAI routes, the
 generation worker); this module loads the run, checks the flags as one-line errors (the library
 raises ValueError for them, which would be a traceback), and blocks in `serve` until Ctrl-C or
-SIGTERM. Either way uvicorn finishes the requests in flight (up to 5 s) and stops the worker,
-then re-raises the signal: Ctrl-C, the normal way to stop a server, ends the command with status
+SIGTERM. Either way uvicorn lets the requests in flight finish for up to 4 s (then each ends with
+an error saying the server is shutting down: `tinyllm.serve.server`), stops the worker, and
+re-raises the signal: Ctrl-C, the normal way to stop a server, ends the command with status
 0; SIGTERM ends it as SIGTERM does, as service managers expect.
 """
 

@@ -5,10 +5,17 @@ server (real sockets, real HTTP, real disconnects) that they can start on a free
 again in-process. Both go through uvicorn's `Server`, so what the tests exercise is what ships.
 The background server asks the OS for the port (port 0) instead of guessing a free one, which
 would race with other processes.
+
+On shutdown uvicorn waits `timeout_graceful_shutdown` for responses to finish, then cancels them:
+a stream still running was cut mid-body (the client saw an incomplete read, no error and no
+[DONE]) and the cancelled task printed a traceback. `_Server` stops the generation worker a
+second before that deadline, so each job still running ends with "the server is shutting down",
+which its stream sends as an error event before [DONE] and a plain request as an error body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -17,7 +24,32 @@ import uvicorn
 from tinyllm.errors import UserError
 from tinyllm.model.gpt import GPT
 from tinyllm.serve.app import DEFAULT_MODEL_NAME, create_app
+from tinyllm.serve.worker import GenerationWorker
 from tinyllm.tokenizer import Tokenizer
+
+# Left between failing the worker's jobs and uvicorn's cancelling the requests: enough for the
+# event loop to send each stream's error event and [DONE].
+_FLUSH_S = 1.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, failing the worker's jobs before the graceful timeout cuts their replies."""
+
+    def __init__(self, config: uvicorn.Config, worker: GenerationWorker) -> None:
+        super().__init__(config)
+        self._worker = worker
+
+    async def shutdown(self, sockets=None) -> None:
+        loop = asyncio.get_running_loop()
+        grace = self.config.timeout_graceful_shutdown or 0
+        # stop() joins the worker thread (it finishes its current forward): off the event loop.
+        timer = loop.call_later(
+            max(0.0, grace - _FLUSH_S), lambda: loop.run_in_executor(None, self._worker.stop)
+        )
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
 
 
 def serve(
@@ -37,7 +69,7 @@ def serve(
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, app.state.worker)
     try:
         server.run()
     except SystemExit as e:  # uvicorn logs a bind error, then exits; say what to do instead
@@ -68,8 +100,9 @@ class BackgroundServer:
     ) -> None:
         app = create_app(model, tokenizer, model_name=model_name, **app_options)
         self.app = app
-        self._server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=0, log_level="warning", timeout_graceful_shutdown=2)
+        self._server = _Server(
+            uvicorn.Config(app, host=host, port=0, log_level="warning", timeout_graceful_shutdown=2),
+            app.state.worker,
         )
         self._host = host
         self._start_timeout = start_timeout

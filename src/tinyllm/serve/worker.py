@@ -142,8 +142,9 @@ class GenerationWorker:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        thread = self._thread  # the server's shutdown and its lifespan may both stop it, on two threads
+        if thread is not None:
+            thread.join(timeout)
             self._thread = None
 
     def submit(self, jobs: Sequence[Job]) -> None:
