@@ -8,3 +8,9 @@ its traceback.
 
 class UserError(Exception):
     """A problem with the user's input (file, flag, config), not a bug in tinyllm."""
+
+
+class EveryRankError(UserError):
+    """A UserError that every torchrun process raises alike, from values they all agreed on (a
+    diverged loss is all-reduced): rank 0 alone prints it, so the user reads one line, not one per
+    process. An error that one rank may meet alone must stay a plain UserError, or nobody says it."""

@@ -135,6 +135,15 @@ def test_a_stop_signal_stops_every_process_at_the_same_step_with_a_checkpoint(tm
     assert err == ""  # not torchrun's "Received 2 death signal, shutting down workers"
 
 
+def test_a_run_that_diverges_on_every_process_ends_with_one_line(tmp_path, data):
+    # Every rank reads the same all-reduced loss and stops at the same step: each printed the error.
+    values = settings(data, 30, **{"optim.lr": 1e9, "train.max_bad_steps": 2, "train.eval_every": 0})
+    r = subprocess.run([sys.executable, "-m", "tinyllm", "train", *cli_flags(tmp_path / "run", values), "--nproc", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("tinyllm train: error: training diverged: 2 steps")
+
+
 def _steps(run) -> list[int]:
     try:
         lines = (run / "metrics.jsonl").read_text().splitlines()

@@ -17,7 +17,7 @@ import os
 import sys
 
 from tinyllm import __version__
-from tinyllm.errors import UserError
+from tinyllm.errors import EveryRankError, UserError
 
 # OSErrors that are the machine's state, not a mistake in tinyllm: said in one line with the file.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG}
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"tinyllm {args.command}: error: {e}", file=sys.stderr)
+        if not isinstance(e, EveryRankError) or os.environ.get("RANK", "0") == "0":
+            print(f"tinyllm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader went away (`tinyllm eval ... | head`): stop as a tool killed by SIGPIPE would,

@@ -28,7 +28,7 @@ import torch
 
 from tinyllm.config import Config, TrainConfig
 from tinyllm.data.loader import Batch, TokenLoader
-from tinyllm.errors import UserError
+from tinyllm.errors import EveryRankError, UserError
 
 
 def check_ids(batch: Batch, vocab_size: int) -> Batch:
@@ -137,7 +137,8 @@ class Diverged(Exception):
         self.step, self.in_row = step, in_row
 
     def for_user(self, lr: float, last_checkpoint: object) -> UserError:
-        return UserError(
+        # Every rank reads the same all-reduced losses, so every rank stops here at the same step.
+        return EveryRankError(
             f"training diverged: {self.in_row} steps in a row had a NaN/Inf loss or gradient "
             f"(up to step {self.step}). Lower optim.lr (now {lr:g}) or raise optim.warmup_steps, "
             f"then resume from the last checkpoint ({last_checkpoint or 'none yet'})"
