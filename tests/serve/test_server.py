@@ -42,8 +42,10 @@ def test_stopping_the_server_stops_its_worker(make_model, tokenizer):
     assert workers() == before
 
 
-def test_a_stream_running_at_shutdown_ends_with_an_error_and_done(make_model, slow_gpt, tokenizer):
+@pytest.mark.parametrize("force", [False, True], ids=["stop", "second-ctrl-c"])
+def test_a_stream_running_at_shutdown_ends_with_an_error_and_done(make_model, slow_gpt, tokenizer, force):
     # ~20 ms a token for 200 tokens outlasts the background server's 2 s grace.
+    before = workers()
     srv = BackgroundServer(make_model(slow_gpt), tokenizer).start()
     no_stop = {str(i): -100 for i in range(50256, 50260)}  # the special ids end a text early
     body = {"model": "tinyllm", "prompt": "Once", "max_tokens": 200, "stream": True, "logit_bias": no_stop}
@@ -61,11 +63,13 @@ def test_a_stream_running_at_shutdown_ends_with_an_error_and_done(make_model, sl
     try:
         assert first.wait(10)
     finally:
+        srv._server.force_exit = force  # what uvicorn sets on a second Ctrl-C
         srv.stop()
         reader.join(10)
     data = [line for line in lines if line.startswith("data: ")]
     assert data[-1] == "data: [DONE]"
     assert "shutting down" in data[-2]
+    assert workers() == before
 
 
 def test_a_tokenizer_of_another_vocabulary_is_refused(make_model, tokenizer):

@@ -10,7 +10,8 @@ On shutdown uvicorn waits `timeout_graceful_shutdown` for responses to finish, t
 a stream still running was cut mid-body (the client saw an incomplete read, no error and no
 [DONE]) and the cancelled task printed a traceback. `_Server` stops the generation worker a
 second before that deadline, so each job still running ends with "the server is shutting down",
-which its stream sends as an error event before [DONE] and a plain request as an error body.
+which its stream sends as an error event before [DONE] and a plain request as an error body. A
+second Ctrl-C (uvicorn's "force quit") fails them at once and exits within that second.
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ class _Server(uvicorn.Server):
             await super().shutdown(sockets)
         finally:
             timer.cancel()
+        if self.force_exit:
+            # A second Ctrl-C skips the wait and the app's shutdown: uvicorn would leave the
+            # requests and the lifespan to be cancelled at exit, a traceback each. Failing the jobs
+            # now lets the requests end, quickly, as above; then the app shuts down as usual.
+            await loop.run_in_executor(None, self._worker.stop)
+            deadline = loop.time() + _FLUSH_S
+            while self.server_state.tasks and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            await self.lifespan.shutdown()
 
 
 def serve(
