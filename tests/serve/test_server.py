@@ -34,6 +34,16 @@ def test_a_busy_port_is_a_user_error_and_leaves_no_thread(make_model, tokenizer)
     assert workers() == before
 
 
+def test_a_busy_port_is_refused_before_the_app_starts(make_model, tokenizer, capfd):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match="in use"):
+            serve(make_model(), tokenizer, port=port)
+    assert "startup" not in capfd.readouterr().err  # the one-line error is all the user sees
+
+
 def test_stopping_the_server_stops_its_worker(make_model, tokenizer):
     before = workers()
     with BackgroundServer(make_model(), tokenizer) as srv:

@@ -17,6 +17,9 @@ second Ctrl-C (uvicorn's "force quit") fails them at once and exits within that 
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import socket
 import threading
 import time
 
@@ -31,6 +34,7 @@ from tinyllm.tokenizer import Tokenizer
 # Left between failing the worker's jobs and uvicorn's cancelling the requests: enough for the
 # event loop to send each stream's error event and [DONE].
 _FLUSH_S = 1.0
+_log = logging.getLogger("uvicorn.error")  # uvicorn's own, so its level and format apply
 
 
 class _Server(uvicorn.Server):
@@ -39,6 +43,13 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, worker: GenerationWorker) -> None:
         super().__init__(config)
         self._worker = worker
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if sockets and self.started:  # uvicorn says where it listens only on sockets it bound itself
+            host, port = sockets[0].getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            _log.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", shown, port)
 
     async def shutdown(self, sockets=None) -> None:
         loop = asyncio.get_running_loop()
@@ -75,20 +86,33 @@ def serve(
     """Serve `model` until interrupted. `app_options` go to `create_app` (limits, queue sizes)."""
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port} is not a TCP port: use 1..65535 (or 0 for any free port)")
+    sock = _listen(host, port)  # before the app starts its worker, so a busy port fails alone
     app = create_app(model, tokenizer, model_name=model_name, **app_options)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
     )
-    server = _Server(config, app.state.worker)
+    with sock:
+        _Server(config, app.state.worker).run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or a one-line error. (uvicorn's own bind failure started and
+    stopped the app around it, logging each step, then exited.)"""
     try:
-        server.run()
-    except SystemExit as e:  # uvicorn logs a bind error, then exits; say what to do instead
-        if server.started:
-            raise
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart at once
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}: check --host") from None
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        busy = " (is another server on it?)" if e.errno == errno.EADDRINUSE else ""
         raise UserError(
-            f"cannot listen on {host}:{port} (see the error above): is the port in use? "
-            "Pick another --port or --host"
-        ) from e
+            f"cannot listen on {host}:{port}: {e.strerror}{busy}: pick another --port or --host"
+        ) from None
+    return sock
 
 
 class BackgroundServer:
