@@ -98,12 +98,9 @@ def serve(
 def _listen(host: str, port: int) -> socket.socket:
     """A socket bound to host:port, or a one-line error. (uvicorn's own bind failure started and
     stopped the app around it, logging each step, then exited.)"""
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart at once
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}: check --host") from None
+    # The family as uvicorn picks it: `localhost` stays IPv4 even where it resolves to ::1 first.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart at once
     try:
         sock.bind((host, port))
     except OSError as e:
