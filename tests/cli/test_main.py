@@ -42,3 +42,23 @@ def test_output_piped_into_a_reader_that_quits_ends_quietly(tmp_path):
         code = p.wait(timeout=120)
     assert err.read_text() == ""  # no BrokenPipeError traceback, no "Exception ignored" at exit
     assert code == 141  # as a tool killed by SIGPIPE reports it
+
+
+@pytest.mark.parametrize("rank", [None, "0", "1"])
+def test_ctrl_c_while_the_commands_are_imported_is_one_line_from_one_process(monkeypatch, capsys, rank):
+    # Importing the subcommands (torch among them) takes seconds; a Ctrl-C there was a traceback of
+    # ~30 lines, one per process under torchrun, where `tinyllm train --nproc` passes it to every one.
+    def imports():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tinyllm.cli, "build_parser", imports)
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    try:
+        code = main(["train"])
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C left main as a traceback")
+    assert code == 130
+    assert capsys.readouterr().err == ("" if rank == "1" else "tinyllm: interrupted\n")

@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     # A crash inside native code (torch, glibc) then prints where Python was, not nothing.
     if not faulthandler.is_enabled():
         faulthandler.enable()
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports every subcommand, torch too: seconds in which Ctrl-C may come
+    except KeyboardInterrupt:
+        return _interrupted("tinyllm")
     args, extras = parser.parse_known_args(argv)
     if extras:
         if not hasattr(args, "stray"):
@@ -71,5 +74,12 @@ def main(argv: list[str] | None = None) -> int:
               "then run the command again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"tinyllm {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(f"tinyllm {args.command}")
+
+
+def _interrupted(command: str) -> int:
+    """Ctrl-C before a command's own handling (the trainer's) could answer it: one line, not a traceback.
+    Under torchrun the launcher passed it to every process: rank 0 alone says it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{command}: interrupted", file=sys.stderr)
+    return 130
