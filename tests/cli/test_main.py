@@ -62,3 +62,25 @@ def test_ctrl_c_while_the_commands_are_imported_is_one_line_from_one_process(mon
         pytest.fail("the Ctrl-C left main as a traceback")
     assert code == 130
     assert capsys.readouterr().err == ("" if rank == "1" else "tinyllm: interrupted\n")
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_an_error_every_process_meets_is_said_by_rank_0_and_the_others_let_it_exit_first(monkeypatch, capsys, rank):
+    # torchrun stops the other workers once one exits: had rank 1 gone first, rank 0 could be
+    # stopped before its line, and the user would read no reason at all.
+    import tinyllm.cli as cli
+    from tinyllm.errors import EveryRankError
+
+    def fails(*args):
+        raise EveryRankError("training diverged")
+
+    waited: list[float] = []
+    monkeypatch.setattr(tinyllm.cli.tokenize, "get_tokenizer", fails)
+    monkeypatch.setattr(cli.time, "sleep", waited.append)
+    monkeypatch.setenv("RANK", rank)
+    assert main(["tokenize", "Hello"]) == 2
+    err = capsys.readouterr().err
+    if rank == "0":
+        assert err == "tinyllm tokenize: error: training diverged\n" and waited == []
+    else:
+        assert err == "" and waited == [cli._RANK0_FIRST_S]

@@ -15,10 +15,12 @@ import faulthandler
 import importlib
 import os
 import sys
+import time
 
 from tinyllm import __version__
 from tinyllm.errors import EveryRankError, UserError
 
+_RANK0_FIRST_S = 5.0  # an EveryRankError's head start for rank 0's line
 # OSErrors that are the machine's state, not a mistake in tinyllm: said in one line with the file.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG}
 
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if not isinstance(e, EveryRankError) or os.environ.get("RANK", "0") == "0":
             print(f"tinyllm {args.command}: error: {e}", file=sys.stderr)
+        else:  # torchrun stops the rest once one exits: rank 0, the one that says why, goes first
+            time.sleep(_RANK0_FIRST_S)
         return 2
     except BrokenPipeError:
         # The reader went away (`tinyllm eval ... | head`): stop as a tool killed by SIGPIPE would,
