@@ -161,3 +161,12 @@ def test_under_a_time_budget_every_process_ends_at_the_same_step_at_the_floor(tm
     assert records[-1]["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio)
     assert r.stdout.count(f"time budget: {records[-1]['step']:,} steps") == 1
     assert latest_checkpoint(run).name == f"step-{records[-1]['step']:08d}"
+
+
+@pytest.mark.parametrize(("world", "mode", "line", "factor"), [
+    (1, "ddp", ", DDP over 1 process", "1 process x "),  # torchrun --nproc-per-node=1: no plural
+    (2, "fsdp", ", FSDP2 over 2 processes", "2 processes x "),
+])
+def test_the_first_line_names_the_processes(world, mode, line, factor):
+    d = distributed.Dist(0, 0, world, mode)
+    assert d.describe() == line and d.describe(short=True) == factor

@@ -71,8 +71,8 @@ class Dist:
         """For the run's first line: ', DDP over 2 processes' (short: the batch factor '2 processes x '); '' alone."""
         if not self.active:
             return ""
-        n = self.world_size
-        return f"{n} processes x " if short else f", {'FSDP2' if self.sharded else 'DDP'} over {n} processes"
+        n = f"{self.world_size} process{'es' if self.world_size > 1 else ''}"  # torchrun --nproc-per-node=1 too
+        return f"{n} x " if short else f", {'FSDP2' if self.sharded else 'DDP'} over {n}"
 
 
 def launched() -> bool:
