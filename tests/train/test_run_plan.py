@@ -82,3 +82,32 @@ def test_an_older_run_whose_config_names_data_context_continues(tmp_path):
     saved.write_text(saved.read_text().replace("context = 32", "context = 16"))
     with pytest.raises(UserError, match=f"^{saved}: data.context \\(16\\) differs from model.block_size \\(32\\)"):
         plan_run(tmp_path / "run")
+
+
+def test_a_continuation_on_another_number_of_processes_says_its_batch_changed(tmp_path):
+    # With train.batch_tokens unset (every preset), 2 processes continued alone train on half the
+    # batch: the first line showed the new batch, nothing said it was not the run's.
+    cfg = resolve("tiny", overrides=[("data.dir", str(tmp_path), "test")])
+    model = GPT(cfg.model)
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    per_process = cfg.train.micro_batch * cfg.train.grad_accum * cfg.model.block_size
+    save_checkpoint(tmp_path / "run", 4, model=model, optimizer=opt, state={"tokens": 4 * 2 * per_process},
+                    config=cfg, keep=5)
+    assert plan_run(tmp_path / "run", processes=2).note is None  # the same batch: nothing to say
+    note = plan_run(tmp_path / "run", processes=1).note
+    assert note == (f"note: this run's last step (step 4) took {2 * per_process:,} tokens; on 1 "
+                    f"process a step takes {per_process:,}. To keep its batch, pass --batch-tokens {2 * per_process}")
+    kept = [("train.batch_tokens", 2 * per_process, "--batch-tokens")]
+    assert plan_run(tmp_path / "run", processes=1, overrides=kept).note is None
+
+
+def test_after_a_change_the_note_names_the_last_steps_batch_not_the_runs_mean(tmp_path):
+    cfg = resolve("tiny", overrides=[("data.dir", str(tmp_path), "test")])
+    model = GPT(cfg.model)
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    per_process = cfg.train.micro_batch * cfg.train.grad_accum * cfg.model.block_size
+    # 4 steps on 2 processes, then 2 alone: a mean of 5/3 processes' batch, which no one trained with.
+    state = {"tokens": (4 * 2 + 2) * per_process, "tokens_per_step": per_process}
+    save_checkpoint(tmp_path / "run", 6, model=model, optimizer=opt, state=state, config=cfg, keep=5)
+    assert plan_run(tmp_path / "run", processes=1).note is None
+    assert plan_run(tmp_path / "run", processes=2).note.endswith(f"pass --batch-tokens {per_process}")

@@ -300,9 +300,10 @@ def test_the_modern_preset_trains_with_the_same_loop(tmp_path, data):
 
 
 # state.json's keys as every checkpoint so far has them (written by hand before the trainer had
-# state_dict); renaming one would stop those runs from resuming.
-STATE_KEYS = {"step", "tokens", "schedule", "loader", "skipped_steps", "bad_in_row", "max_steps", "precision",
-              "val_loss", "val_bpb", "python_rng", "numpy_rng"}
+# state_dict); renaming one would stop those runs from resuming. tokens_per_step is newer: only a
+# note reads it, and checkpoints without it resume (the hand-written layout below has none).
+STATE_KEYS = {"step", "tokens", "tokens_per_step", "schedule", "loader", "skipped_steps", "bad_in_row", "max_steps",
+              "precision", "val_loss", "val_bpb", "python_rng", "numpy_rng"}
 SCHEDULE_KEYS = {"total_steps", "max_steps", "budget_s", "elapsed_s", "progress"}
 
 

@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
                     resume=args.resume, stage=args.stage, init=args.init, processes=processes)
     if args.nproc is not None:  # planned here, so a mistake is one line, not one per process
         return launch.launch(args.nproc, plan)
+    if plan.note and distributed.env_rank() == 0:  # after the launch: its rank 0 says it, once
+        print(plan.note, flush=True)
     if pick_device(plan.config.train.device).type == "cpu":
         keep_freed_memory()  # process-wide, so set here, where the process is ours (train.device)
     # Rank 0 holds the run directory for all the processes of one run (they share it by design):

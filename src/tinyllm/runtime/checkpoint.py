@@ -4,7 +4,7 @@ Layout: `RUN/checkpoints/step-00001000/` holding
   model.safetensors  weights (safetensors: no code runs when a file is loaded)
   optimizer.pt       AdamW's (or Muon + AdamW's) state (torch.save; loaded with weights_only=True)
   rng.pt             torch RNG streams (CPU, and CUDA when present)
-  state.json         step, tokens, schedule, data-loader position, counters, Python/NumPy RNG
+  state.json         step, tokens, tokens a step, schedule, data-loader position, counters, Python/NumPy RNG
   config.toml        the resolved config, so `sample`, `chat`, `eval` need only this directory
 
 Why it is shaped this way: a checkpoint is the sum of the state of everything stateful, each in
@@ -298,6 +298,11 @@ def _load_torch(path: Path) -> Any:
         raise _unreadable(path, f"not a torch file: {_brief(e)}") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... for damaged files
         raise _unreadable(path, f"{type(e).__name__}: {_brief(e)}") from None
+
+
+def read_state(ckpt: str | Path) -> dict:
+    """A checkpoint's state.json (step, tokens, ...), checked as loading checks it."""
+    return _read_state(Path(ckpt) / "state.json")
 
 
 def _read_state(path: Path) -> dict:

@@ -27,7 +27,7 @@ from typing import Any
 
 from tinyllm.config import DEFAULT_PRESET, Config, TrainConfig, read_toml, resolve
 from tinyllm.errors import UserError
-from tinyllm.runtime.checkpoint import find_checkpoint, latest_checkpoint, run_dir_of
+from tinyllm.runtime.checkpoint import find_checkpoint, latest_checkpoint, read_state, run_dir_of
 from tinyllm.runtime.run_dir import CONFIG_FILE
 from tinyllm.train.sft import sft_config
 
@@ -37,6 +37,7 @@ class RunPlan:
     config: Config
     run_dir: Path
     resume_from: Path | None  # the checkpoint to continue from; None starts afresh
+    note: str | None = None  # a line for the user before training: a continuation whose batch changed
 
 
 def default_run_dir(preset: str | None) -> Path:
@@ -87,7 +88,24 @@ def plan_run(
         _check_same_stage(saved, cfg, source, stage, init)
     _check_data_dir(cfg)
     grad_accum = accumulation_steps(cfg.train, cfg.model.block_size, processes)
-    return RunPlan(replace(cfg, train=replace(cfg.train, grad_accum=grad_accum)), run_dir, source)
+    cfg = replace(cfg, train=replace(cfg.train, grad_accum=grad_accum))
+    return RunPlan(cfg, run_dir, source, _batch_change(source, cfg, processes) if source else None)
+
+
+def _batch_change(source: Path, cfg: Config, processes: int) -> str | None:
+    """Said when a continuation's global batch is not the one the run trained with: most often a
+    run continued on another number of processes with train.batch_tokens unset (every preset's)."""
+    state = read_state(source)
+    step, tokens = int(state["step"]), int(state.get("tokens") or 0)
+    t = cfg.train
+    now = t.micro_batch * t.grad_accum * processes * cfg.model.block_size
+    if step <= 0 or not tokens or tokens == step * now:
+        return None
+    was = int(state.get("tokens_per_step") or tokens // step)  # the last step's; older checkpoints: the mean
+    if was == now:
+        return None
+    return (f"note: this run's last step (step {step:,}) took {was:,} tokens; on {processes} "
+            f"process{'es' if processes > 1 else ''} a step takes {now:,}. To keep its batch, pass --batch-tokens {was}")
 
 
 def accumulation_steps(train: TrainConfig, block_size: int, processes: int) -> int:

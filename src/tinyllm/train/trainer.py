@@ -147,10 +147,10 @@ class Trainer:
     def state_dict(self) -> dict:
         """A checkpoint's state.json: the loop's counters and its schedule's, loader's and step records'
         states (weights, optimizer and RNG have files of their own). The keys are the on-disk format."""
-        return {"step": self.step, "tokens": self.tokens, "schedule": self.schedule.state_dict(),
+        return {"step": self.step, "tokens": self.tokens, "tokens_per_step": self.tokens_per_step,
+                "schedule": self.schedule.state_dict(),
                 "loader": self.loader.state_dict(), **self.records.state_dict(), "max_steps": self.cfg.train.max_steps,
-                "precision": "bf16" if self.amp is torch.bfloat16 else "fp32", "val_loss": self.last_val,
-                "val_bpb": self.last_bpb}
+                "precision": "bf16" if self.amp is torch.bfloat16 else "fp32", "val_loss": self.last_val, "val_bpb": self.last_bpb}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
