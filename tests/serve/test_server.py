@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -78,8 +80,29 @@ def test_a_stream_running_at_shutdown_ends_with_an_error_and_done(make_model, sl
         reader.join(10)
     data = [line for line in lines if line.startswith("data: ")]
     assert data[-1] == "data: [DONE]"
-    assert "shutting down" in data[-2]
+    error = json.loads(data[-2].removeprefix("data: "))["error"]
+    assert "shutting down" in error["message"] and error["code"] == "server_unavailable"
     assert workers() == before
+
+
+def test_a_request_cut_off_by_shutdown_gets_503_not_500(make_model, slow_gpt, tokenizer):
+    # A server error (500) tells a client the request failed; 503 that it was fine and may be retried.
+    srv = BackgroundServer(make_model(slow_gpt), tokenizer).start()
+    no_stop = {str(i): -100 for i in range(50256, 50260)}
+    body = {"model": "tinyllm", "prompt": "Once", "max_tokens": 200, "logit_bias": no_stop}
+    replies: list[httpx.Response] = []
+    asking = threading.Thread(target=lambda: replies.append(httpx.post(srv.url + "/v1/completions", json=body,
+                                                                        timeout=30)))
+    asking.start()
+    try:
+        deadline = time.monotonic() + 10
+        while httpx.get(srv.url + "/health").json().get("active", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        srv.stop()
+        asking.join(10)
+    assert replies[0].status_code == 503
+    assert replies[0].json()["error"]["code"] == "server_unavailable"
 
 
 def test_a_tokenizer_of_another_vocabulary_is_refused(make_model, tokenizer):

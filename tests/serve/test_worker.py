@@ -31,7 +31,7 @@ class Recorder:
         while ended != names:
             event = self.events.get(timeout=timeout)
             seen.append(event)
-            if event[1] in ("end", "error"):
+            if event[1] in ("end", "error", "unavailable"):
                 ended.add(event[0])
         return seen
 
@@ -125,7 +125,7 @@ def test_stop_fails_waiting_jobs_and_refuses_new_ones(make_model):
     w.submit([Job([1], SamplingParams(max_new_tokens=50), lambda *e: gate.wait(0.2))])
     w.submit([rec.job("w", [1], max_new_tokens=1)])
     w.stop()
-    assert rec.until_ended({"w"}) == [("w", "error", "the server is shutting down")]
+    assert rec.until_ended({"w"}) == [("w", "unavailable", "the server is shutting down")]
     with pytest.raises(Unavailable):
         w.submit([rec.job("late", [1], max_new_tokens=1)])
 

@@ -45,7 +45,12 @@ class Delta:
 
 
 class GenerationFailed(Exception):
-    """The worker failed a job (a server bug or shutdown), not the client's request."""
+    """The worker failed a job, not the client's request: a server bug (500) or shutdown (503)."""
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = "server_unavailable" if status == 503 else None
 
 
 class ChoiceRun:
@@ -102,7 +107,7 @@ class ChoiceRun:
                     done[i] = True
                     yield Delta(i, self._texts[i].flush(), str(value))
                 else:
-                    raise GenerationFailed(str(value))
+                    raise GenerationFailed(str(value), 503 if kind == "unavailable" else 500)
         finally:
             self.cancel()
 

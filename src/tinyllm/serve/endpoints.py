@@ -334,7 +334,7 @@ async def _collect_unless_disconnected(
     try:
         return collecting.result()
     except GenerationFailed as e:
-        raise APIError(500, str(e)) from None
+        raise APIError(e.status, str(e), code=e.code) from None
 
 
 async def _disconnected(request: Request) -> None:

@@ -43,7 +43,7 @@ async def stream_events(
         if include_usage:
             yield R.sse(R.usage_chunk(meta, R.usage(prompt_tokens, sum(run.completion_tokens))))
     except GenerationFailed as e:
-        yield R.sse(error_body(500, str(e)))
+        yield R.sse(error_body(e.status, str(e), code=e.code))
     finally:
         run.cancel()  # also reached when the client disconnects and the stream is cancelled
     yield R.SSE_DONE

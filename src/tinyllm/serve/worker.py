@@ -40,8 +40,9 @@ from tinyllm.model.gpt import GPT
 
 log = logging.getLogger("tinyllm.serve")
 
-# Event kinds passed to Job.on_event: ("token", id), ("end", "stop" | "length"), ("error", message),
-# and for a scoring job ("scores", TokenScores) before its end.
+# Event kinds passed to Job.on_event: ("token", id), ("end", "stop" | "length"), ("error", message)
+# for a failure, ("unavailable", message) for a job cut off by shutdown (HTTP 503, not 500: the
+# request was fine and may be retried), and for a scoring job ("scores", TokenScores) before its end.
 EventCallback = Callable[[str, object], None]
 
 
@@ -206,7 +207,7 @@ class GenerationWorker:
             self._active, self._pending = [], collections.deque()
         self._decoder = BatchDecoder(self.model)
         for job in leftover:
-            _notify(job, "error", "the server is shutting down")
+            _notify(job, "unavailable", "the server is shutting down")
 
     def _round(self, joining: list[Job]) -> None:
         """Start the jobs just admitted, then decode one token of every running job together."""
