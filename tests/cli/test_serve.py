@@ -7,6 +7,7 @@ import inspect
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -88,6 +89,16 @@ def test_bad_flags_are_one_line_errors(tiny_run):
                            (["--threads", "0"], "--threads must be at least 1")):
         r = tiny_run.tinyllm("serve", "--run", str(tiny_run.path), *flags)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_busy_port_is_the_only_line_a_user_sees(tiny_run):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = tiny_run.tinyllm("serve", "--run", str(tiny_run.path), "--port", str(port))
+    assert r.returncode == 2 and "in use" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert "serving" not in r.stdout  # it said it was serving, then that it could not
 
 
 def test_help_shows_the_servers_own_defaults():

@@ -57,9 +57,10 @@ def run(args: argparse.Namespace) -> int:
     model, _, ckpt = load_run(args, "serve")
     info = read_run_info(ckpt)  # the page's run name, step, val loss and loss curve
     name = args.model_name or info.name
-    print(f"serving {ckpt} as model {name!r}: chat page at /, OpenAI API at /v1 (Ctrl-C stops)", flush=True)
-    try:
+    listening = f"serving {ckpt} as model {name!r}: chat page at /, OpenAI API at /v1 (Ctrl-C stops)"
+    try:  # the line only once the port is ours: a busy port's error is then all a user sees
         serve(model, get_tokenizer(), host=args.host, port=args.port, model_name=name,
+              on_listening=lambda: print(listening, flush=True),
               max_active=args.max_active, max_queued=args.max_queued, max_body_bytes=args.max_body_bytes,
               threads=args.threads, run_info=info)
     except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C it caught

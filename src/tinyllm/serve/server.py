@@ -22,6 +22,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import uvicorn
 
@@ -81,12 +82,16 @@ def serve(
     port: int = 8000,
     model_name: str = DEFAULT_MODEL_NAME,
     log_level: str = "info",
+    on_listening: Callable[[], None] | None = None,
     **app_options,
 ) -> None:
-    """Serve `model` until interrupted. `app_options` go to `create_app` (limits, queue sizes)."""
+    """Serve `model` until interrupted. `app_options` go to `create_app` (limits, queue sizes);
+    `on_listening` is called once the port is ours (a command's "serving ..." line)."""
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port} is not a TCP port: use 1..65535 (or 0 for any free port)")
     sock = _listen(host, port)  # before the app starts its worker, so a busy port fails alone
+    if on_listening is not None:
+        on_listening()
     app = create_app(model, tokenizer, model_name=model_name, **app_options)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
