@@ -1,9 +1,11 @@
 """How an invocation relates to a run directory: start afresh, continue, or refuse a change."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from tinyllm.config import resolve
+from tinyllm.config import resolve, save_toml
 from tinyllm.errors import UserError
 from tinyllm.model.gpt import GPT
 from tinyllm.runtime.checkpoint import save_checkpoint
@@ -111,3 +113,32 @@ def test_after_a_change_the_note_names_the_last_steps_batch_not_the_runs_mean(tm
     save_checkpoint(tmp_path / "run", 6, model=model, optimizer=opt, state=state, config=cfg, keep=5)
     assert plan_run(tmp_path / "run", processes=1).note is None
     assert plan_run(tmp_path / "run", processes=2).note.endswith(f"pass --batch-tokens {per_process}")
+
+
+def test_a_new_run_keeps_a_config_toml_it_was_not_given(tmp_path):
+    # One the user wrote beside no checkpoint (or a run's that stopped before its first one) was replaced
+    # by the preset's, silently, and the run trained another model than the file described.
+    run = tmp_path / "run"
+    run.mkdir()
+    mine = "[model]\nn_layer = 6\n"
+    (run / "config.toml").write_text(mine)
+    with pytest.raises(UserError, match=r"model.n_layer 6 -> 2.*add --config .*config.toml.*delete it"):
+        plan_run(run, preset="tiny")
+    assert (run / "config.toml").read_text() == mine
+    given = plan_run(run, preset="tiny", config_file=run / "config.toml")  # told to: trained from it
+    assert given.config.model.n_layer == 6
+    (run / "config.toml").write_text("[model\n")
+    with pytest.raises(UserError, match="not valid TOML.*would replace that file"):
+        plan_run(run, preset="tiny")
+
+
+def test_the_same_command_again_before_a_first_checkpoint_starts_afresh(tmp_path):
+    run = tmp_path / "run"
+    flags = [("model.n_layer", "3", "--set"), ("train.batch_tokens", "1024", "--set")]
+    first = plan_run(run, preset="tiny", overrides=flags, processes=2).config
+    run.mkdir()
+    # What the trainer writes there: the plan's config and the precision "auto" chose.
+    save_toml(replace(first, train=replace(first.train, auto_dtype="fp32")), run / "config.toml")
+    again = plan_run(run, preset="tiny", overrides=flags)  # on one process now: another grad_accum
+    assert again.resume_from is None and again.config.model.n_layer == 3
+

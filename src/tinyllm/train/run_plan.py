@@ -14,6 +14,10 @@ tokens of an optimizer step over all of them, and `train.grad_accum` follows fro
 before any process starts (`tinyllm train --nproc N` plans for N), so a batch that does not divide
 is one line, and the trainer and the torchrun launcher take the planned config as it is.
 
+A new run into a directory that holds a config.toml but no checkpoint does not replace that file
+with another config (`_check_config_kept`): it is a user's, or a run's that stopped before its
+first checkpoint.
+
 What a run directory holds, and its checkpoints, are `tinyllm.runtime` (`run_dir`, `checkpoint`):
 inference reads them too; this planning is training's alone.
 """
@@ -74,6 +78,7 @@ def plan_run(
     source = _resume_point(run_dir, resume)
     if source is None:
         cfg = _new_config(stage, init, preset, config_file, overrides)
+        _check_config_kept(run_dir, cfg, config_file)
     else:
         name = str(source / CONFIG_FILE)
         base = read_toml(name)
@@ -131,6 +136,42 @@ def _new_config(stage: str | None, init: str | None, preset: str | None, config_
         raise UserError(f"--preset does not apply to --stage sft: the model and its recipe come from --init {init}; "
                         "change settings with --config or --set")
     return sft_config(init, config_file=config_file, overrides=overrides)
+
+
+# Written by the trainer and the plan, not chosen: a second try of the same command may differ in them.
+_DERIVED = {"train": ("auto_dtype", "grad_accum")}
+
+
+def _check_config_kept(run_dir: Path, cfg: Config, config_file: str | Path | None) -> None:
+    """A new run is refused where it would replace a config.toml it was not given (one a user
+    wrote, or a run's that stopped before its first checkpoint) with a different config: the
+    file is theirs, and pointing a run at it suggests they meant to train from it."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file() or config_file is not None and Path(config_file).resolve() == path.resolve():
+        return
+    try:
+        raw = read_toml(path)
+        saved = resolve(base=raw, base_name=str(path))
+    except UserError as e:  # not a config this version can read: still not ours to overwrite
+        raise UserError(f"{e}; {run_dir} has no checkpoint, and a new run there would replace that file: "
+                        "fix or delete it, or pick another --out") from None
+    old, now = asdict(saved), asdict(cfg)
+    for section, keys in _DERIVED.items():
+        for key in keys:
+            old[section].pop(key), now[section].pop(key)
+    if old != now:  # else the same command again (after a stop before the first checkpoint)
+        raise UserError(f"{path} holds another config{_changes(raw, old, now)} and {run_dir} has no checkpoint: "
+                        f"to train from it, add --config {path}; to replace it, delete it or pick another --out")
+
+
+def _changes(raw: dict, old: dict, now: dict, most: int = 3) -> str:
+    """" (key was -> now, ...)" over the keys the file sets (all of them in a file a run wrote)."""
+    changes = [f"{key} {old[key]!r} -> {now[key]!r}" for key in ("preset",) if key in raw and old[key] != now[key]]
+    changes += [f"{section}.{key} {old[section][key]!r} -> {now[section][key]!r}"
+                for section, values in raw.items() if isinstance(values, dict) and section in now
+                for key in values if key in now[section] and old[section][key] != now[section][key]]
+    more = f", and {len(changes) - most} more" if len(changes) > most else ""
+    return f" ({', '.join(changes[:most])}{more})" if changes else ""
 
 
 def _resume_point(run_dir: Path, resume: str | None) -> Path | None:
