@@ -32,7 +32,7 @@ from typing import Any
 from tinyllm.config import DEFAULT_PRESET, Config, TrainConfig, read_toml, resolve
 from tinyllm.errors import UserError
 from tinyllm.runtime.checkpoint import find_checkpoint, latest_checkpoint, read_state, run_dir_of
-from tinyllm.runtime.run_dir import CONFIG_FILE
+from tinyllm.runtime.run_dir import CONFIG_FILE, held_for_training
 from tinyllm.train.sft import sft_config
 
 
@@ -160,6 +160,8 @@ def _check_config_kept(run_dir: Path, cfg: Config, config_file: str | Path | Non
         for key in keys:
             old[section].pop(key), now[section].pop(key)
     if old != now:  # else the same command again (after a stop before the first checkpoint)
+        with held_for_training(run_dir):  # a run training there before its first checkpoint: say that
+            pass
         raise UserError(f"{path} holds another config{_changes(raw, old, now)} and {run_dir} has no checkpoint: "
                         f"to train from it, add --config {path}; to replace it, delete it or pick another --out")
 
