@@ -90,15 +90,13 @@ class TrainConfig:
     seed: int = 1337
     micro_batch: int = 16
     grad_accum: int = 4
-    # The share of positions, drawn at random each step, whose next-token loss pretraining computes.
-    # Every token still goes through the blocks, but a skipped one costs no vocabulary projection,
-    # most of a narrow model's compute: at 0.3 the `cpu` preset ran 2.1x the tokens in its minutes,
-    # but learned real text less (README: Main job). Validation always scores every position.
+    # The share of positions, drawn at random each step, whose next-token loss pretraining computes:
+    # a skipped one costs no vocabulary projection. At 0.3 the `cpu` preset ran 2.1x the tokens in its
+    # minutes but learned real text less (README: Main job). Validation always scores every position.
     loss_fraction: float = 1.0
     max_steps: int = 5000
-    # Wall-clock budget ("90s", "10m", "2h", "1h30m"); "" or "none" for none. The learning-rate
-    # schedule then follows the fraction of it spent (max_steps still caps the run), so the rate
-    # reaches its floor on the last step that fits, and the run stops with a checkpoint.
+    # Wall-clock budget ("90s", "10m", "2h", "1h30m"; "" or "none": none). The lr schedule then follows
+    # the fraction spent (max_steps still caps it), reaching its floor on the last step that fits.
     max_time: str = ""
     # false: max_time only stops this process (a job's time limit, as under SLURM; a resumed run
     # gets the budget afresh) and the schedule follows max_steps. Older runs: fit_steps_to_time.
@@ -110,6 +108,9 @@ class TrainConfig:
     # (a CPU times a GEMM, which can come out either way): a resume, or a run from that file,
     # keeps it instead of timing again. "" until then; read only while dtype is "auto".
     auto_dtype: Literal["", "bf16", "fp32"] = ""
+    # A new pretraining run that will train in fp32 is this wide (heads keep their size), written into
+    # model.n_embd, unless --config or --set chose the width (`run_plan.fit_width`). 0: never.
+    fp32_width: int = 0
     compile: bool = False
     log_every: int = 10
     eval_every: int = 500

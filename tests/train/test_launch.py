@@ -62,6 +62,16 @@ def test_the_workers_plan_the_run_the_launcher_planned_from_its_directory(tmp_pa
     assert worker.config == plan.config and worker.resume_from is None
 
 
+def test_a_new_runs_fp32_width_is_said_once_by_the_launcher_and_kept_by_the_workers(tmp_path, data, fake_torchrun,
+                                                                                      capsys):
+    run = tmp_path / "run"
+    flags = ["--set", "train.fp32_width=16", "--max-steps", "3", "--set", "train.device=cpu"]  # tiny: fp32, heads of 16
+    assert main(["train", "--preset", "tiny", "--data", data, "--out", str(run), "--nproc", "2", *flags]) == 0
+    assert capsys.readouterr().out.count("16 wide with 1 head instead of 32 (train.fp32_width)") == 1
+    worker = worker_plan(fake_torchrun["args"], processes=2)  # the workers read the width chosen: no second line
+    assert (worker.config.model.n_embd, worker.config.model.n_head, worker.note) == (16, 1, None)
+
+
 def test_continuing_an_older_checkpoint_names_it_to_the_workers(tmp_path, data, fake_torchrun):
     run = tmp_path / "run"
     values = {"data.dir": data, "train.max_steps": 4, "train.checkpoint_every": 2, "train.keep_checkpoints": 5,

@@ -142,3 +142,46 @@ def test_the_same_command_again_before_a_first_checkpoint_starts_afresh(tmp_path
     again = plan_run(run, preset="tiny", overrides=flags)  # on one process now: another grad_accum
     assert again.resume_from is None and again.config.model.n_layer == 3
 
+
+def test_a_new_cpu_preset_run_in_fp32_is_narrower_and_says_so(tmp_path):
+    plan = plan_run(tmp_path / "a", overrides=[("train.dtype", "fp32", "--set")])
+    assert (plan.config.model.n_embd, plan.config.model.n_head) == (96, 3)  # heads of 32, as at 128
+    assert plan.note.startswith("note: this run trains in fp32") and "96 wide with 3 heads instead of 128" in plan.note
+    bf16 = plan_run(tmp_path / "b", overrides=[("train.dtype", "bf16", "--set")])
+    assert (bf16.config.model.n_embd, bf16.note) == (128, None)
+
+
+def test_an_auto_precision_is_decided_once_and_recorded_with_the_width(tmp_path, monkeypatch):
+    from tinyllm.runtime import device
+
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    plan = plan_run(tmp_path / "a")
+    assert plan.config.model.n_embd == 96 and plan.config.train.auto_dtype == "fp32"
+
+
+def test_a_width_the_user_chose_is_kept_in_fp32(tmp_path):
+    fp32 = ("train.dtype", "fp32", "--set")
+    plan = plan_run(tmp_path / "a", overrides=[fp32, ("model.n_embd", "256", "--set")])
+    assert (plan.config.model.n_embd, plan.note) == (256, None)
+    mine = tmp_path / "mine.toml"
+    mine.write_text("[model]\nn_head = 2\n")
+    assert plan_run(tmp_path / "b", config_file=mine, overrides=[fp32]).config.model.n_embd == 128
+
+
+def test_a_continued_or_fine_tuned_run_keeps_its_width(tmp_path):
+    fp32 = ("train.dtype", "fp32", "--set")
+    cfg = resolve("cpu", overrides=[("data.dir", str(tmp_path), "test"), ("train.dtype", "bf16", "test")])
+    model = GPT(cfg.model)
+    save_checkpoint(tmp_path / "run", 2, model=model, optimizer=build_optimizer(model, cfg.optim, torch.device("cpu")),
+                    state={}, config=cfg, keep=5)
+    again = plan_run(tmp_path / "run", overrides=[fp32])  # begun where bf16 is fast, continued in fp32
+    assert again.resume_from is not None and again.config.model.n_embd == 128
+    sft = plan_run(tmp_path / "sft", stage="sft", init=str(tmp_path / "run"), overrides=[fp32])
+    assert sft.config.model.n_embd == 128
+
+
+def test_the_same_fp32_command_again_before_a_first_checkpoint_is_not_refused(tmp_path):
+    first = plan_run(tmp_path / "run", overrides=[("train.dtype", "fp32", "--set")])
+    (tmp_path / "run").mkdir()
+    save_toml(first.config, tmp_path / "run" / "config.toml")
+    assert plan_run(tmp_path / "run", overrides=[("train.dtype", "fp32", "--set")]).config == first.config

@@ -64,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     from tinyllm.config import parse_set, resolve
     from tinyllm.data.dataset import run_dataset
+    from tinyllm.train.run_plan import fit_width, width_given
 
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
@@ -81,9 +82,11 @@ def run(args: argparse.Namespace) -> dict:
     configs = {}
     for name in names:  # resolve all first: a bad --set fails before any minutes are spent
         variant = [(k, v, f"variant {name}") for k, v in VARIANTS[name][1].items()]
-        configs[name] = resolve(args.preset, overrides=[*variant, *common, ("train.max_time", budget, "--minutes"),
-                                                        ("train.budget_drives_schedule", True, "--minutes"),
-                                                        ("train.sample_every", 0, "bench quality")])
+        overrides = [*variant, *common, ("train.max_time", budget, "--minutes"),
+                     ("train.budget_drives_schedule", True, "--minutes"), ("train.sample_every", 0, "bench quality")]
+        configs[name] = resolve(args.preset, overrides=overrides)
+        if not width_given(None, overrides):  # the width `tinyllm train` would train here
+            configs[name] = fit_width(configs[name])[0]
     if args.keep:
         taken = [str(Path(args.keep) / n) for n in names if (Path(args.keep) / n).exists()]
         if taken:

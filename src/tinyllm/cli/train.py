@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_run(args.out, preset=args.preset, config_file=args.config, overrides=overrides_from_args(args),
                     resume=args.resume, stage=args.stage, init=args.init, processes=processes)
     if args.nproc is not None:  # planned here, so a mistake is one line, not one per process
+        if plan.note and plan.resume_from is None:  # a new run's width: its processes read it chosen
+            print(plan.note, flush=True)
         return launch.launch(args.nproc, plan)
     if plan.note and distributed.env_rank() == 0:  # after the launch: its rank 0 says it, once
         print(plan.note, flush=True)
