@@ -116,7 +116,8 @@ def fit_width(cfg: Config) -> tuple[Config, str | None]:
     if t.fp32_width % head:
         raise UserError(f"train.fp32_width ({t.fp32_width}) must be a multiple of the head size, "
                         f"model.n_embd / model.n_head = {head}")
-    from tinyllm.runtime.device import autocast_dtype, pick_device, recorded_choice  # torch: after the checks
+    # torch: imported after the checks above, so a planning error needs none
+    from tinyllm.runtime.device import autocast_dtype, pick_device, recorded_choice
 
     device = pick_device(t.device)
     if autocast_dtype(device, recorded_choice(device, t.dtype, t.auto_dtype)[0]) is not None:
