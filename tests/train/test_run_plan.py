@@ -185,3 +185,9 @@ def test_the_same_fp32_command_again_before_a_first_checkpoint_is_not_refused(tm
     (tmp_path / "run").mkdir()
     save_toml(first.config, tmp_path / "run" / "config.toml")
     assert plan_run(tmp_path / "run", overrides=[("train.dtype", "fp32", "--set")]).config == first.config
+
+
+def test_a_width_that_is_not_whole_heads_is_one_line(tmp_path):
+    for width in ("-96", "100"):
+        with pytest.raises(UserError, match=f"train.fp32_width \\({width}\\) must be 0 or a positive multiple of the head size"):
+            plan_run(tmp_path / width, overrides=[("train.fp32_width", width, "--set")])

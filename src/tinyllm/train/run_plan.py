@@ -106,15 +106,15 @@ def fit_width(cfg: Config) -> tuple[Config, str | None]:
 
     At the cpu preset's size the vocabulary projection (50,304 x width) is most of a step, so a
     narrower model takes more steps in the same minutes; where steps are slow (fp32 on a CPU) that
-    learned more: 96 wide answered 164 and 172 of 200 held-out questions after the default chat
-    fine-tuning where 128 answered 149 on the same machine (README: Main job). The precision is
+    learned more: 96 wide answered 164-172 of 200 held-out questions after the default chat
+    fine-tuning (three runs) where 128 answered 149 on the same machine (README: Main job). The precision is
     decided here (`autocast_dtype`; "auto" times a GEMM) and recorded, so the run keeps it."""
     t, m = cfg.train, cfg.model
     if not t.fp32_width:
         return cfg, None
     head = m.n_embd // m.n_head
-    if t.fp32_width % head:
-        raise UserError(f"train.fp32_width ({t.fp32_width}) must be a multiple of the head size, "
+    if t.fp32_width < 0 or t.fp32_width % head:
+        raise UserError(f"train.fp32_width ({t.fp32_width}) must be 0 or a positive multiple of the head size, "
                         f"model.n_embd / model.n_head = {head}")
     # torch: imported after the checks above, so a planning error needs none
     from tinyllm.runtime.device import autocast_dtype, pick_device, recorded_choice
