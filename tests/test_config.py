@@ -122,6 +122,7 @@ def test_an_older_file_whose_data_context_differs_names_the_file_and_the_fix(tmp
 
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("train.micro_batch", "0", r"train\.micro_batch must be at least 1"),
+    ("train.seed", "-1", r"train\.seed must be >= 0"),  # numpy's generators refuse it mid-run
     ("optim.lr", "-1", r"optim\.lr must be a positive number"),
     ("optim.adamw_lr_scale", "0", r"optim\.adamw_lr_scale must be a positive number"),
     ("optim.min_lr_ratio", "2", r"min_lr_ratio must be between 0 and 1"),

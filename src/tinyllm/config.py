@@ -332,7 +332,7 @@ def validate(cfg: Config) -> None:
     if m.vocab_size < VOCAB_SIZE:
         raise UserError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's {VOCAB_SIZE} ids: set it to {VOCAB_SIZE}")
     _positive(t, "micro_batch", "grad_accum", "max_steps", "eval_batches", "keep_checkpoints", "max_bad_steps", "log_every")
-    _non_negative(t, "eval_every", "sample_every", "sample_tokens", "checkpoint_every", "sample_top_k", "qa_questions")
+    _non_negative(t, "seed", "eval_every", "sample_every", "sample_tokens", "checkpoint_every", "sample_top_k", "qa_questions")
     if t.stage == "sft" and not t.init:
         raise UserError("train.stage sft fine-tunes a pretrained model: name it with --init RUN_DIR")
     if t.stage == "pretrain" and t.init:
