@@ -226,6 +226,7 @@ def test_a_run_its_budget_ended_goes_on_only_with_a_longer_budget(tmp_path, data
     first = timed_trainer(monkeypatch, cfg, tmp_path, lambda c: 1.0).run()
     again = timed_trainer(monkeypatch, cfg, tmp_path, lambda c: 1.0, resume_from=latest_checkpoint(tmp_path)).run()
     assert again.stopped == "already finished" and again.steps == first.steps
+    assert again.seconds == first.seconds > 0  # the run's seconds, not this process's (0: a rate of 1/0)
     longer = replace(cfg, train=replace(cfg.train, max_time="20s"))
     more = timed_trainer(monkeypatch, longer, tmp_path, lambda c: 1.0, resume_from=latest_checkpoint(tmp_path)).run()
     assert more.stopped == "time budget" and more.steps > first.steps + 5

@@ -50,7 +50,7 @@ class TrainResult:
     run_dir: Path
     steps: int
     tokens: int
-    seconds: float
+    seconds: float  # training seconds of the run, the processes before this one (resumes) included
     val_loss: float | None
     floor: float | None
     stopped: str  # "finished", "time budget", "interrupted"

@@ -67,7 +67,6 @@ from tinyllm.train.validation import fixed_batches, val_loss
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, *, resume_from: Path | None = None, echo: bool = True) -> None:
         """Build everything for a run; `resume_from` is a checkpoint to continue from."""
-        self.clock = time.monotonic()
         self.cfg, self.run_dir, self.echo = cfg, Path(run_dir), echo
         t = cfg.train
         self.budget = time_budget(t)
@@ -395,6 +394,7 @@ class Trainer:
         return self._result(reason, path)
 
     def _result(self, reason: str, path: Path | None) -> TrainResult:
-        return TrainResult(self.run_dir, self.step, self.tokens, time.monotonic() - self.clock, self.last_val,
+        # The run's seconds, as its steps and tokens are: a resumed run's rate is over all of them.
+        return TrainResult(self.run_dir, self.step, self.tokens, self.schedule.elapsed(), self.last_val,
                            self.floor, reason, path, self.qa.accuracy if self.qa else None, self.last_bpb,
                            self.val_rows)
