@@ -90,15 +90,19 @@ def test_mistakes_are_one_line_before_any_process_starts(tmp_path, data, monkeyp
     assert main([*base, "--out", str(tmp_path / "a"), "--nproc", "0"]) == 2
     assert main([*base, "--out", str(tmp_path / "b"), "--nproc", "3", "--batch-tokens", "128",
                  "--set", "train.micro_batch=2"]) == 2
+    # Each worker said it once, and the config.toml left behind refused the same run with ddp.
+    assert main([*base, "--out", str(tmp_path / "c"), "--nproc", "2", "--parallel", "fsdp",
+                 "--set", 'optim.optimizer="muon"']) == 2
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
     assert main(base) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and "Traceback" not in "".join(err)
+    assert len(err) == 4 and "Traceback" not in "".join(err)
     assert "--nproc must be at least 1" in err[0]
     assert "not a multiple of micro_batch x model.block_size x processes (2 x 32 x 3 = 192)" in err[1]
-    assert "under torchrun every process must write to the same run: add --out RUN_DIR" in err[2]
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert 'optim.optimizer = "muon" needs whole weight matrices; FSDP shards them' in err[2]
+    assert "under torchrun every process must write to the same run: add --out RUN_DIR" in err[3]
+    assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_nproc_gives_the_workers_their_threads_and_leaves_this_process_as_it_was(tmp_path, data, monkeypatch,

@@ -28,6 +28,7 @@ from tinyllm.runtime.device import pick_device
 from tinyllm.runtime.run_dir import CONFIG_FILE, held_for_training
 from tinyllm.train.distributed import launched
 from tinyllm.train.logs import writing
+from tinyllm.train.optim import MUON_SHARDED
 from tinyllm.train.run_plan import RunPlan
 
 # The signals torchrun handles itself and passes on to the workers: its default, less SIGTERM.
@@ -63,6 +64,8 @@ def launch(nproc: int, plan: RunPlan) -> int:
     if device.type == "cuda" and nproc > torch.cuda.device_count():
         raise UserError(f"--nproc {nproc} needs one GPU per process, this machine has {torch.cuda.device_count()}: "
                         f"use --nproc {torch.cuda.device_count()}")
+    if plan.config.train.parallel == "fsdp" and plan.config.optim.optimizer == "muon":
+        raise UserError(MUON_SHARDED)  # here, not once per worker after config.toml was written
     config = plan.run_dir / CONFIG_FILE
     with writing(config, f"make {plan.run_dir} writable, or pick another --out"):
         plan.run_dir.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,10 @@ from torch import nn
 from tinyllm.config import OptimConfig
 from tinyllm.errors import UserError
 
+# `tinyllm train --nproc` says it before any process starts (`train.launch`); torchrun started by hand, here.
+MUON_SHARDED = ("optim.optimizer = \"muon\" needs whole weight matrices; FSDP shards them: use --parallel ddp, "
+                "or optim.optimizer = \"adamw\" with FSDP")
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decayed matrices, and everything else (norms, biases, embeddings)."""
@@ -66,8 +70,7 @@ def _muon_hybrid(groups: list[dict], model: nn.Module, cfg: OptimConfig, device:
     head = getattr(model, "head_weight", None)  # the vocabulary projection is an output layer: AdamW's
     decay = groups[0]["params"]
     if any(type(p).__name__ == "DTensor" for p in decay):
-        raise UserError("optim.optimizer = \"muon\" needs whole weight matrices; FSDP shards them: use "
-                        "--parallel ddp, or optim.optimizer = \"adamw\" with FSDP")
+        raise UserError(MUON_SHARDED)
     matrices = [p for p in decay if p.dim() == 2 and p is not head]
     rest = [p for p in decay if p.dim() != 2 or p is head]
     adamw_groups = [{"params": rest, "weight_decay": cfg.weight_decay}, groups[1]]
