@@ -60,6 +60,8 @@ def test_prepare_builtin_with_a_cap(tmp_path):
     (["--source", "builtin:-1", "--out", "DS"], "weight -1 must be a positive number"),
     (["--val-fraction", "1.5", "--out", "DS"], "--val-fraction 1.5"),
     ([], "give --out DIR"),
+    # A mistyped flag is named as one, not taken for paths from an unquoted glob.
+    (["--output", "DS", "--quiet"], "unrecognized arguments: --output (tinyllm prepare --help lists the flags)"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, args, message):
     args = [str(tmp_path / "ds") if a == "DS" else a for a in args]

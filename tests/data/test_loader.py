@@ -155,6 +155,21 @@ def test_split_too_small_for_one_row_names_dir_and_fix(tmp_path, quiet_prepare):
         TokenLoader(tmp_path, "val", 1, T)
 
 
+def test_an_empty_train_split_asks_for_a_smaller_val_fraction(tmp_path, quiet_prepare):
+    # One document, and the early val bar (25%) sent it to val: a larger --val-fraction cannot help.
+    docs = next([d] for d in make_docs(40) if _goes_to_val(d))
+    quiet_prepare([ListSource("toy", docs)], tmp_path)
+    with pytest.raises(UserError, match=r"train split of source toy has 0 tokens in 0 documents.*"
+                       r"more data or a smaller --val-fraction$"):
+        TokenLoader(tmp_path, "train", 1, T)
+
+
+def _goes_to_val(doc: Document) -> bool:
+    from tinyllm.data.ingest import EARLY_VAL_FRACTION, rendered_bytes, val_hash
+
+    return val_hash(rendered_bytes(doc)) < EARLY_VAL_FRACTION
+
+
 def test_missing_dataset_says_run_prepare(tmp_path):
     with pytest.raises(UserError, match="run tinyllm prepare"):
         TokenLoader(tmp_path / "nothing", "train", 1, T)

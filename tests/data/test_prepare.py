@@ -348,3 +348,68 @@ def test_dataset_from_an_older_format_is_not_prepared_over(tmp_path, quiet_prepa
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="another tinyllm version: choose a new --out"):
         quiet_prepare([ListSource("toy", docs)], tmp_path)
+
+
+def test_a_run_that_loses_the_race_for_a_new_out_keeps_the_winners_dataset(tmp_path, quiet_prepare, monkeypatch):
+    # Two prepares with other settings started at once into a new --out: both see it missing, the
+    # other takes the lock first and finishes, this one is then refused, and must delete nothing.
+    import contextlib
+
+    import tinyllm.data.prepare as prepare_module
+
+    out, real_lock = tmp_path / "new" / "ds", prepare_module._exclusive
+
+    @contextlib.contextmanager
+    def the_other_run_goes_first(path):
+        monkeypatch.setattr(prepare_module, "_exclusive", real_lock)
+        quiet_prepare([ListSource("toy", make_docs(30))], out)
+        with real_lock(path):
+            yield
+
+    monkeypatch.setattr(prepare_module, "_exclusive", the_other_run_goes_first)
+    with pytest.raises(UserError, match=r"other settings \(toy max_docs None -> 5\)"):
+        quiet_prepare([ListSource("toy", make_docs(30))], out, max_docs=5)
+    assert sum(split["documents"] for split in load_manifest(out)["splits"].values()) == 30
+
+
+def test_a_dataset_prepared_inside_its_source_folder_is_not_read_as_input(tmp_path, quiet_prepare):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"story{i}.txt").write_text(f"Story {i}: the cat sat on the mat.")
+    out = corpus / "tokens"  # --source corpus --out corpus/tokens
+    first = quiet_prepare(resolve_sources([str(corpus)]), out)
+    # Its manifest.json (or an interrupted run's progress.json) is no source file: the same command
+    # again is the same dataset (a resume, or here a new weight), not one "with other settings".
+    again = quiet_prepare(resolve_sources([f"{corpus}:2"]), out)
+    assert again["sources"]["local-corpus"]["weight"] == 2.0
+    assert again["sources"]["local-corpus"]["splits"] == first["sources"]["local-corpus"]["splits"]
+
+
+def test_a_file_deleted_during_a_run_is_one_user_error_naming_it(tmp_path, quiet_prepare, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"story{i}.txt").write_text(f"Story {i}: the cat sat on the mat.")
+    (src,) = resolve_sources([str(corpus)])
+    listed = src.documents
+
+    def documents(start=0):  # someone moves a file the run has listed but not read yet
+        for i, doc in enumerate(listed(start)):
+            yield doc
+            if i == 0:
+                (corpus / "story2.txt").unlink()
+
+    monkeypatch.setattr(src, "documents", documents)
+    with pytest.raises(UserError, match=r"story2\.txt is gone: it was deleted or moved while tinyllm prepare read"):
+        quiet_prepare([src], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # a first run stopped by its input leaves nothing
+
+
+@pytest.mark.parametrize("content", ['{"name": "My App", "start_url": "/"}', "[1, 2]", "{broken"])
+def test_a_folder_with_another_programs_manifest_json_is_not_called_a_dataset(tmp_path, quiet_prepare, content):
+    (tmp_path / "manifest.json").write_text(content)  # a web app's, say: not ours to call stale
+    with pytest.raises(UserError, match="is not empty and holds no tinyllm dataset: choose an empty or new") as e:
+        quiet_prepare([ListSource("toy", make_docs(5))], tmp_path)
+    assert "delete" not in str(e.value)
+    assert (tmp_path / "manifest.json").read_text() == content

@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # A mistyped flag (--ouput) is no path a shell expanded: say so, not "quote the glob".
+    if flags := [a for a in args.stray if a.startswith("-")]:
+        raise UserError(f"unrecognized arguments: {' '.join(flags)} (tinyllm prepare --help lists the flags)")
     if args.stray:
         raise UserError(f"unexpected {' '.join(args.stray)}: each --source or --val-source takes one SPEC; if your shell expanded "
                         "a glob into these paths, quote the pattern (--source 'notes/*.txt') so that tinyllm "

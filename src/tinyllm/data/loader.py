@@ -226,8 +226,8 @@ class TokenLoader:
             msg = (f"{self.data_dir}: the {self.split} split of source {src.name} has {src.n_tokens} tokens in "
                    f"{src.n_docs} documents, less than {need}")
             fix = "prepare more data (raise --max-tokens) or use a smaller context"
-            if src.n_docs == 0:
-                fix = "prepare it again with more data or a larger --val-fraction"
+            if src.n_docs == 0:  # a larger share for val empties train further
+                fix = f"prepare it again with more data or a {'smaller' if self.split == 'train' else 'larger'} --val-fraction"
             elif src.masked and src.n_rows > 0:
                 within = f" in the first {self.context} tokens of any document" if self.mode == "padded" else ""
                 msg = (f"{self.data_dir}: the {self.split} split of source {src.name} has no assistant tokens "

@@ -25,9 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinyllm.data.document import Document
+from tinyllm.data.manifest import LOCK
 from tinyllm.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+# The UTF-8 byte order mark Windows editors put first: a marker, not text (and json refuses it).
+BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -42,12 +45,12 @@ def expand_paths(pattern: str, what: str) -> list[Path]:
     path = Path(pattern).expanduser()
     if any(c in pattern for c in "*?["):
         found = [Path(p) for p in glob.glob(str(path), recursive=True)]
-        files = sorted(p for p in found if p.is_file() and p.suffix in SUFFIXES)
+        files = sorted(p for p in found if _is_input(p))
         if not files:
             raise UserError(f"{what}: the pattern {pattern} matches no {'/'.join(SUFFIXES)} file")
         return files
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if _is_input(p))
         if not files:
             raise UserError(f"{what}: the folder {pattern} holds no {'/'.join(SUFFIXES)} file")
         return files
@@ -56,6 +59,12 @@ def expand_paths(pattern: str, what: str) -> list[Path]:
     if path.suffix not in SUFFIXES:
         raise UserError(f"{what}: {pattern} is a {path.suffix or 'suffix-less'} file; tinyllm reads {', '.join(SUFFIXES)}")
     return [path]
+
+
+def _is_input(path: Path) -> bool:
+    # A dataset prepared into the source's own folder (--source notes --out notes/tokens): its
+    # manifest.json is no text, and listing it would make the same command a different dataset.
+    return path.is_file() and path.suffix in SUFFIXES and not (path.parent / LOCK).exists()
 
 
 def decode(raw: bytes, counters: ReadCounters) -> str:
@@ -74,13 +83,17 @@ def read_documents(files: list[Path], field: str, counters: ReadCounters, start:
     for path in files:
         # Each reader yields the file's documents after its first `skip` records and returns how
         # many records it skipped.
-        skip -= yield from readers[path.suffix](path, field, counters, skip)
+        try:
+            skip -= yield from readers[path.suffix](path, field, counters, skip)
+        except FileNotFoundError:  # listed when the run started, deleted or moved since
+            raise UserError(f"{path} is gone: it was deleted or moved while tinyllm prepare read its source; "
+                            "put it back, or run again without it") from None
 
 
 def _txt(path: Path, field: str, counters: ReadCounters, skip: int) -> Generator[Document, None, int]:
     if skip > 0:
         return 1
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(BOM)
     text = decode(raw, counters)
     # A few stray bytes are replaced and counted; a file that is mostly not UTF-8 is not text at all.
     bad = text.count("\ufffd") - raw.count("\ufffd".encode())
@@ -96,6 +109,8 @@ def _jsonl(path: Path, field: str, counters: ReadCounters, skip: int) -> Generat
     skipped = 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
+            if lineno == 1:
+                line = line.removeprefix(BOM)
             if not line.strip():
                 continue
             if skipped < skip:
@@ -112,7 +127,7 @@ def _jsonl(path: Path, field: str, counters: ReadCounters, skip: int) -> Generat
 
 def _json(path: Path, field: str, counters: ReadCounters, skip: int) -> Generator[Document, None, int]:
     before = counters.replaced_utf8
-    text = decode(path.read_bytes(), counters)
+    text = decode(path.read_bytes().removeprefix(BOM), counters)
     had_bad_bytes = counters.replaced_utf8 > before
     counters.replaced_utf8 = before  # counted per document below, not per file
     try:
@@ -137,6 +152,8 @@ def _parquet(path: Path, field: str, counters: ReadCounters, skip: int) -> Gener
 
     try:
         pf = pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise  # gone, not unreadable: read_documents says so
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path} is not a readable parquet file ({e})") from None
     if field not in pf.schema_arrow.names:

@@ -32,6 +32,7 @@ FORMAT = "tinyllm-tokens"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 SPLITS = ("train", "val")
+LOCK = ".prepare.lock"  # in every directory prepare writes to: marks it as a dataset, not text
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -17,20 +17,26 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from tinyllm import __version__
 from tinyllm.data.ingest import SourceIngest, new_state
-from tinyllm.data.manifest import FORMAT, MANIFEST, SPLITS, VERSION, read_json, write_json_atomic
+from tinyllm.data.manifest import (
+    FORMAT,
+    LOCK,
+    MANIFEST,
+    SPLITS,
+    VERSION,
+    read_json,
+    write_json_atomic,
+)
 from tinyllm.data.prepare_options import PrepareOptions
-from tinyllm.data.sources import Source
+from tinyllm.data.sources import HubSource, Source
 from tinyllm.errors import UserError
 from tinyllm.tokenizer import Tokenizer, get_tokenizer
 
 PROGRESS = "progress.json"
-LOCK = ".prepare.lock"
 __all__ = ["PrepareOptions", "prepare", "prepare_settings"]
 
 
@@ -52,8 +58,20 @@ def prepare(sources: list[Source], out: str | Path, options: PrepareOptions = Pr
         # Bad input found on a first run: leave no directory whose settings would refuse the fixed
         # input. Unless it kept finished shards (below), which a rerun resumes from.
         if created is not None and not (out / PROGRESS).exists():
-            shutil.rmtree(created, ignore_errors=True)
+            _remove_empty_dirs(out, created)
         raise
+
+
+def _remove_empty_dirs(out: Path, created: Path) -> None:
+    """Remove `out` and its parents up to `created` while empty: our files are gone by now, and a
+    run that made the directory at the same moment and took the lock first may have filled it."""
+    for path in (out, *out.parents):
+        try:
+            path.rmdir()
+        except OSError:  # not empty (the other run's dataset), or already gone
+            return
+        if path == created:
+            return
 
 
 def _first_missing(out: Path) -> Path | None:
@@ -96,8 +114,8 @@ def _prepare_locked(sources: list[Source], out: Path, options: PrepareOptions, t
 
 
 def _streamed(src: Source | None) -> bool:
-    ident = src.identity() if src is not None else {}
-    return ident.get("kind") == "hub" and "files" not in ident
+    # Not from src.identity(): that stats the source's files, and a file gone is what may have stopped it.
+    return isinstance(src, HubSource) and src.files is None
 
 
 def _finished_shards(progress: dict) -> int:
@@ -173,9 +191,15 @@ def _existing_state(out: Path, config: dict) -> dict | None:
 def _read_dataset_file(out: Path) -> dict | None:
     for name in (MANIFEST, PROGRESS):
         try:
-            return read_json(out / name, "tinyllm dataset file")
+            found = read_json(out / name, "tinyllm dataset file")
         except FileNotFoundError:
             continue
+        except UserError:  # damaged, if prepare wrote here (its lock); else some other program's file
+            if (out / LOCK).exists():
+                raise
+            return None
+        # Ours say what made them; a web app's manifest.json does not, and is no dataset to delete.
+        return found if found.get("format") == FORMAT or "config" in found else None
     return None
 
 
