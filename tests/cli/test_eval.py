@@ -100,6 +100,31 @@ def test_eval_task_errors_are_one_line(tiny_run):
     assert r.returncode == 2 and "give --task mc=PATH" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_task_file_loads_quietly_and_a_broken_one_is_one_line(tiny_run, tmp_path):
+    # datasets printed its progress bars, and for a broken file its own log line, before ours.
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text('{"context": "Tom has a", "choices": ["kite.", "dog."], "gold": 0}\n')
+    bad.write_text("not json\n")
+    r = tiny_run.tinyllm("eval", "--run", str(tiny_run.path), "--task", f"mc={good}")
+    assert r.returncode == 0 and r.stderr == ""
+    r = tiny_run.tinyllm("eval", "--run", str(tiny_run.path), "--task", f"mc={bad}")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"tinyllm eval: error: --task mc: loading {bad} failed (JSON parse error: Invalid value. in row 0)"]
+
+
+def test_a_task_given_twice_is_refused_before_anything_is_scored(tmp_path, capsys):
+    # The second mc file's figures replaced the first's under "mc", the first scored for nothing.
+    from tinyllm.cli import main
+
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for f in (first, second):
+        f.write_text('{"context": "a", "choices": ["b"], "gold": 0}\n')
+    assert main(["eval", "--run", str(tmp_path / "no-run"), "--task", f"mc={first}", "--task", f"mc={second}"]) == 2
+    assert capsys.readouterr().err == (f"tinyllm eval: error: --task mc={second}: mc is already given (--task "
+                                       f"mc={first}): give each task once, and score another mc file with its own "
+                                       "tinyllm eval\n")
+
+
 def test_flags_the_chosen_report_would_ignore_are_refused(tmp_path, capsys):
     # They were silently ignored: `--task mc=F --qa 5` printed no QA figure and no word why.
     from tinyllm.cli import main

@@ -9,6 +9,7 @@ exactly as the hub path does.
 from __future__ import annotations
 
 import json
+import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -324,3 +325,51 @@ def test_unreadable_local_files_of_a_hub_source_do_not_blame_the_network(tmp_pat
     with pytest.raises(UserError, match="cannot load .*train.parquet .*check that they are wikipedia's own") as e:
         next(iter(src.documents()))
     assert "network" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["b.txt", "b.jsonl", "b.json", "b.parquet"])
+def test_a_file_deleted_while_its_source_is_read_is_named(tmp_path, name):
+    (tmp_path / "a.txt").write_text("first")
+    record = {"text": "second"}
+    {"b.txt": lambda p: p.write_text("second"), "b.jsonl": lambda p: p.write_text(json.dumps(record) + "\n"),
+     "b.json": lambda p: p.write_text(json.dumps([record])),
+     "b.parquet": lambda p: pq.write_table(pa.table({"text": ["second"]}), p)}[name](tmp_path / name)
+    (src,) = resolve_sources([str(tmp_path)])
+    docs = src.documents()
+    assert next(docs).text == "first"
+    (tmp_path / name).unlink()  # a long prepare of a folder: someone moves a file it has not reached
+    with pytest.raises(UserError, match=rf"{name} is gone: it was deleted or moved while tinyllm prepare read"):
+        next(docs)
+
+
+def test_a_hub_source_that_fails_says_so_once_without_the_libraries_log_lines(tmp_path, caplog, monkeypatch):
+    # The user reads one line: not `datasets`' "Failed to load JSON ..." before it, nor, offline,
+    # huggingface_hub's ten "Retrying in 8s" lines.
+    (tmp_path / "wiki.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (src,) = resolve_sources([f"wikipedia={tmp_path / 'wiki.jsonl'}"])
+    with pytest.raises(UserError, match=r"wiki\.jsonl failed \(ArrowInvalid: JSON parse error"):
+        list(src.documents())
+    import datasets
+
+    def offline(*args, **kwargs):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s [Retry 5/5].")
+        raise ConnectionError("Couldn't reach 'wikimedia/wikipedia' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    (src,) = resolve_sources(["wikipedia"])
+    with pytest.raises(UserError, match="cannot load wikimedia/wikipedia"):
+        next(iter(src.documents()))
+    assert [r.getMessage() for r in caplog.records if r.name.startswith(("datasets", "huggingface_hub"))] == []
+    assert logging.getLogger("datasets").level == logging.getLogger("huggingface_hub").level == logging.WARNING
+
+
+def test_a_utf8_byte_order_mark_is_no_part_of_the_text(tmp_path):
+    # As Windows editors save UTF-8: such a .jsonl was refused ("line 1 is not valid JSON ... fix or
+    # remove that line"), and a .txt document began with an invisible U+FEFF token.
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.txt").write_bytes(bom + b"Hello there.")
+    (tmp_path / "b.jsonl").write_bytes(bom + b'{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "c.json").write_bytes(bom + b'[{"text": "third"}]')
+    (src,) = resolve_sources([str(tmp_path)])
+    assert texts(src) == ["Hello there.", "first", "second", "third"]
+    assert src.counters.replaced_utf8 == 0

@@ -177,3 +177,11 @@ def test_a_broken_task_file_is_a_user_error_naming_it(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(UserError, match=message):
         load_items("mc", path)
+
+
+def test_a_training_probe_refuses_a_task_given_twice(tmp_path):
+    # Both would be logged as mc_acc: the first file's figures lost under the second's.
+    first = write(tmp_path / "a.jsonl", [{"context": "a", "choices": ["b"], "gold": 0}])
+    second = write(tmp_path / "b.jsonl", [{"context": "c", "choices": ["d"], "gold": 0}])
+    with pytest.raises(UserError, match=r"^train.eval_tasks: --task mc=.*b.jsonl: mc is already given"):
+        tasks.load_probe([f"mc={first}", f"mc={second}"], 10)

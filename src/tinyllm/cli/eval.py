@@ -103,9 +103,9 @@ def check_mode_flags(args: argparse.Namespace) -> None:
 
 def run_tasks(args: argparse.Namespace) -> int:
     """--task: each task's acc and acc_norm, as lm-evaluation-harness reports them."""
-    from tinyllm.eval.tasks import evaluate_task, load_items, parse_task
+    from tinyllm.eval.tasks import evaluate_task, load_items, parse_tasks
 
-    tasks = [parse_task(t) for t in args.task]  # every flag checked before the model loads
+    tasks = parse_tasks(args.task)  # every flag checked before the model loads
     model, _, ckpt = load_run(args, "evaluate")
     report = {"checkpoint": str(ckpt), "tasks": {}}
     for name, path in tasks:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tinyllm.data import pydocs
 from tinyllm.data.document import Document
+from tinyllm.data.hub_logs import quiet_hub
 from tinyllm.data.local import ReadCounters, expand_paths, read_documents
 from tinyllm.errors import UserError
 
@@ -204,6 +205,10 @@ class HubSource(Source):
             raise UserError(f"{self.flag} {self.spec}: cannot load {self._where()} ({_first_line(e)}); {fix}") from None
 
     def documents(self, start: int = 0) -> Iterator[Document]:
+        with quiet_hub():  # a failure is said once, in the UserError `_load` raises
+            yield from self._records(start)
+
+    def _records(self, start: int) -> Iterator[Document]:
         import pyarrow as pa
 
         ds = self._load()

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinyllm.data.hub_logs import quiet_hub
 from tinyllm.errors import UserError
 from tinyllm.inference.logprobs import token_logprobs
 from tinyllm.model.gpt import GPT
@@ -107,6 +108,19 @@ def parse_task(text: str) -> tuple[str, Path | None]:
     return name, Path(path) if path else None
 
 
+def parse_tasks(texts: Iterable[str]) -> list[tuple[str, Path | None]]:
+    """Each text as `parse_task` reads it; a name given twice is refused, as its figures would go
+    under one key (the report's NAME, the metrics' NAME_acc) and all but the last be lost."""
+    tasks: dict[str, tuple[str, Path | None]] = {}
+    for text in texts:
+        name, path = parse_task(text)
+        if name in tasks:
+            raise UserError(f"--task {text}: {name} is already given (--task {tasks[name][0]}): give each task "
+                            f"once, and score another {name} file with its own tinyllm eval")
+        tasks[name] = (text, path)
+    return [(name, path) for name, (_, path) in tasks.items()]
+
+
 def load_items(name: str, path: Path | None = None) -> list[Item]:
     """The task's items, from the hub or from a local file in the same schema."""
     import datasets
@@ -117,10 +131,12 @@ def load_items(name: str, path: Path | None = None) -> list[Item]:
     try:
         if path is None:
             hub_id, config, split = spec.hub
-            records: Iterable[dict] = datasets.load_dataset(hub_id, config, split=split)
+            with quiet_hub():  # no "Retrying..." lines before the one-line error offline
+                records: Iterable[dict] = datasets.load_dataset(hub_id, config, split=split)
         else:
             builder = "parquet" if path.suffix == ".parquet" else "json"
-            records = datasets.load_dataset(builder, data_files=[str(path)], split="train")
+            with quiet_hub(progress_bars=False):  # a local file: no bars, a bad one said once
+                records = datasets.load_dataset(builder, data_files=[str(path)], split="train")
         return [spec.to_item(r) for r in records]
     except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"--task {name}: {where} is not in {name}'s schema (needs {spec.fields}; "
@@ -202,7 +218,7 @@ def load_probe(specs: Sequence[str], max_items: int) -> Probe:
     if specs and max_items < 1:
         raise UserError(f"train.eval_task_items is {max_items}: score at least 1 item of each task")
     try:
-        return [(name, list(_first(load_items(name, path), max_items))) for name, path in map(parse_task, specs)]
+        return [(name, list(_first(load_items(name, path), max_items))) for name, path in parse_tasks(specs)]
     except UserError as e:
         raise UserError(f"train.eval_tasks: {e}") from None
 
