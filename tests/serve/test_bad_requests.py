@@ -160,6 +160,20 @@ def test_logit_bias_outside_token_ids_or_the_range_is_400(server, model_name, bi
         assert_openai_error(post(server, path, {**body, "logit_bias": bias}), 400, param="logit_bias")
 
 
+def test_integers_too_long_for_python_to_print_are_400_not_500(server, model_name):
+    """JSON may carry a 4,300-digit integer, the most Python will turn into text and back; one
+    more digit in a sum for the context error, or in a logit_bias key, was a 500."""
+    huge = int("9" * 4300)
+    for path, body, param in (
+        (CHAT, chat_body(model_name, max_tokens=huge), "max_tokens"),
+        (CHAT, chat_body(model_name, max_completion_tokens=huge), "max_completion_tokens"),
+        (TEXT, {"model": model_name, "prompt": "a", "max_tokens": huge}, "max_tokens"),
+        (TEXT, {"model": model_name, "prompt": ["a", "b"], "n": huge}, "n"),
+        (TEXT, {"model": model_name, "prompt": "a", "logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+    ):
+        assert_openai_error(post(server, path, body), 400, param=param)
+
+
 def test_unknown_extra_fields_are_ignored(server, model_name):
     body = chat_body(model_name, user="u1", presence_penalty=0.5, some_future_field={"x": [1]})
     body["messages"][0]["name"] = "alice"
@@ -202,6 +216,17 @@ def test_more_choices_than_the_server_can_ever_hold_is_400_not_429(tokenizer, ma
         two_prompts = {"model": model_name, "prompt": ["a", "b"], "n": 2, "max_tokens": 2}
         assert_openai_error(post(srv, TEXT, two_prompts), 400, "n")
         assert post(srv, CHAT, chat_body(model_name, n=3)).status_code == 200
+
+
+def test_too_many_prompts_are_refused_before_any_is_tokenized(server, model_name, tokenizer, monkeypatch):
+    """A 1 MiB body of 200,000 one-letter prompts held the event loop, every other client's stream
+    with it, for 1.5 s while each prompt was tokenized, only to be refused for its choices."""
+    tokenized = []
+    real = tokenizer.prompt_ids
+    monkeypatch.setattr(tokenizer, "prompt_ids", lambda *a, **kw: tokenized.append(a) or real(*a, **kw))
+    err = assert_openai_error(post(server, TEXT, {"model": model_name, "prompt": ["a"] * 17}), 400, "n")
+    assert "17 choices" in err["message"]
+    assert tokenized == []
 
 
 def test_unknown_routes_and_methods_get_openai_errors(server):

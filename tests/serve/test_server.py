@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+from typing import NoReturn
 
 import httpx
 import pytest
@@ -44,6 +45,30 @@ def test_a_busy_port_is_refused_before_the_app_starts(make_model, tokenizer, cap
         with pytest.raises(UserError, match="in use"):
             serve(make_model(), tokenizer, port=port)
     assert "startup" not in capfd.readouterr().err  # the one-line error is all the user sees
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _fail(message: str) -> NoReturn:
+    raise AssertionError(message)
+
+
+def test_the_port_is_ours_once_serving_is_announced(make_model, tokenizer):
+    """Two servers started together on one port: the second gets the one-line error. (Both bound
+    it, neither listening yet, and the second then died in uvicorn with a traceback.)"""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def start_a_second_server() -> None:
+        with pytest.raises(UserError, match="in use"):
+            serve(make_model(), tokenizer, port=port, on_listening=lambda: _fail("both got the port"))
+        raise _Stopped  # the first server goes no further
+
+    with pytest.raises(_Stopped):
+        serve(make_model(), tokenizer, port=port, on_listening=start_a_second_server)
 
 
 def test_stopping_the_server_stops_its_worker(make_model, tokenizer):
@@ -116,6 +141,15 @@ def test_the_chat_page_and_its_assets_are_served(server):
     assert 'src="/static/chat.js"' in page.text
     for asset in ("/static/chat.js", "/static/chat.css"):
         assert httpx.get(server.url + asset).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/v1/models", "/run", "/tokenizer_info"])
+def test_every_get_route_answers_head_with_the_headers_and_no_body(server, path):
+    """Uptime monitors and `curl -I` probe with HEAD, which HTTP requires wherever GET works."""
+    got, head = httpx.get(server.url + path), httpx.head(server.url + path)
+    assert head.status_code == got.status_code == 200
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert head.content == b""
 
 
 def test_an_app_whose_worker_is_not_running_answers_503_instead_of_hanging(make_model, tokenizer):

@@ -20,6 +20,7 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 
 from tinyllm.model.gpt import GPT
@@ -76,6 +77,11 @@ def create_app(
     _add_routes(app, api, worker, str(static / "index.html"))
     add_run_route(app, run_info or RunInfo())
     add_tokenizer_routes(app, tokenizer, model.config.block_size)
+    # HTTP requires HEAD wherever GET is answered (uptime monitors and `curl -I` probe with it);
+    # Starlette's routes add it, FastAPI's do not. The server sends the headers only.
+    for route in app.routes:
+        if isinstance(route, APIRoute) and "GET" in route.methods:
+            route.methods.add("HEAD")
     return app
 
 

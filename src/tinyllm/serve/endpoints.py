@@ -98,7 +98,7 @@ class OpenAIEndpoints:
             raise APIError(
                 400, "suffix (insertion) is not supported by this server", param="suffix"
             )
-        prompts, added = self._text_prompts(req.prompt)
+        prompts, added = self._text_prompts(req.prompt, req.n or 1)
         echo = [self.tokenizer.decode_text(p) for p in prompts] if req.echo else None
         return await self._respond(
             request, req, R.TEXT, prompts, STOP_IDS, echo, req.logprobs, added
@@ -137,9 +137,12 @@ class OpenAIEndpoints:
                 code="invalid_value",
             )
 
-    def _text_prompts(self, prompt: str | list) -> tuple[list[list[int]], list[int]]:
+    def _text_prompts(self, prompt: str | list, n: int) -> tuple[list[list[int]], list[int]]:
         """The prompts' ids, and per prompt how many leading ids the server added (not echoed)."""
         items = prompt if isinstance(prompt, list) and not isinstance(prompt[0], int) else [prompt]
+        # Before tokenizing, on the event loop: 200,000 one-letter prompts (a 1 MiB body) held
+        # every stream for over a second, only to be refused here.
+        self._check_choices(n, len(items))
         prompts, added = [], []
         for item in items:
             # A text gets prompt_ids' leading <|endoftext|>; token ids are the client's own and
@@ -186,18 +189,21 @@ class OpenAIEndpoints:
             code="context_length_exceeded",
         )
 
-    def _specs(
-        self, req: AnyRequest, kind: str, prompts: list[list[int]], stop_ids: frozenset[int]
-    ) -> list[ChoiceSpec]:
-        n = req.n or 1
-        if n * len(prompts) > self.max_choices:
+    def _check_choices(self, n: int, n_prompts: int) -> None:
+        if n * n_prompts > self.max_choices:
             raise APIError(
                 400,
-                f"this request asks for {n * len(prompts)} choices (n x prompts); "
+                f"this request asks for {n * n_prompts} choices (n x prompts); "
                 f"this server allows at most {self.max_choices}",
                 param="n",
                 code="invalid_value",
             )
+
+    def _specs(
+        self, req: AnyRequest, kind: str, prompts: list[list[int]], stop_ids: frozenset[int]
+    ) -> list[ChoiceSpec]:
+        n = req.n or 1
+        self._check_choices(n, len(prompts))
         default_max = None if kind == R.CHAT else COMPLETIONS_DEFAULT_MAX_TOKENS
         prompt_param = "messages" if kind == R.CHAT else "prompt"
         specs = []

@@ -23,10 +23,14 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit on `stop`
 MAX_LOGIT_BIAS = 100  # OpenAI's range for a logit_bias value: [-100, 100]
 MAX_LOGPROBS = 5  # OpenAI's limit on /v1/completions' `logprobs`
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on /v1/chat/completions' `top_logprobs`
-_TOKEN_ID = re.compile(r"^[0-9]+$")
+# No vocabulary nears a billion ids; and int() refuses a string of over 4,300 digits (a 500).
+_TOKEN_ID = re.compile(r"^[0-9]{1,9}$")
 
 # Seeds torch.Generator.manual_seed accepts.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+# Counts stop at int64, far past any model (OpenAI's stop at 2^31 - 1): JSON may carry 4,300 digits,
+# and one more in the context error's sum or the choices' product made that error a 500.
+_COUNT_MAX = 2**63 - 1
 
 
 class _Strict(BaseModel):
@@ -49,10 +53,10 @@ class _SamplingFields(_Strict):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)  # not OpenAI's, but vLLM and others accept it
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=_COUNT_MAX)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=_COUNT_MAX)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     # Keys are token ids as JSON object keys (strings); whether they are in the vocabulary is
@@ -119,7 +123,7 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    max_completion_tokens: int | None = Field(None, ge=1, le=_COUNT_MAX)  # max_tokens' newer name
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -136,7 +140,7 @@ class CompletionRequest(_SamplingFields):
     # A string, a batch of strings, a list of token ids, or a batch of lists of token ids.
     prompt: str | list[str] | list[int] | list[list[int]]
     # 0 is allowed here: with echo it scores the prompt alone (what lm-evaluation-harness sends).
-    max_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0, le=_COUNT_MAX)
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None

@@ -90,24 +90,27 @@ def serve(
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port} is not a TCP port: use 1..65535 (or 0 for any free port)")
     sock = _listen(host, port)  # before the app starts its worker, so a busy port fails alone
-    if on_listening is not None:
-        on_listening()
-    app = create_app(model, tokenizer, model_name=model_name, **app_options)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
-    )
     with sock:
+        if on_listening is not None:
+            on_listening()
+        app = create_app(model, tokenizer, model_name=model_name, **app_options)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
+        )
         _Server(config, app.state.worker).run(sockets=[sock])
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port, or a one-line error. (uvicorn's own bind failure started and
-    stopped the app around it, logging each step, then exited.)"""
+    """A socket listening on host:port, or a one-line error. (uvicorn's own bind failure started
+    and stopped the app around it, logging each step, then exited.)"""
     # The family as uvicorn picks it: `localhost` stays IPv4 even where it resolves to ::1 first.
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart at once
     try:
         sock.bind((host, port))
+        # Listening now, not once uvicorn starts: with SO_REUSEADDR a second server could bind the
+        # port while this one was starting its app, then die in uvicorn with a traceback.
+        sock.listen()
     except OSError as e:
         sock.close()
         busy = " (is another server on it?)" if e.errno == errno.EADDRINUSE else ""
