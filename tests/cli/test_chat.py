@@ -137,3 +137,13 @@ def test_ctrl_c_stops_an_answer_and_returns_to_the_prompt(chat, sigint):
     t.expect("you> ")
     t.type("/exit\r")
     assert t.proc.wait(timeout=30) == 0
+
+
+def test_piped_questions_appear_in_the_transcript(tiny_run):
+    # `tinyllm chat < questions.txt > transcript.txt`: no terminal echoes what was asked.
+    r = subprocess.run([sys.executable, "-m", "tinyllm", "chat", "--run", str(tiny_run.path), "--temperature", "0",
+                        "--max-new-tokens", "5"], input="Who has the kite?\n/reset\n", capture_output=True,
+                       text=True, env=tiny_run.env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    answer = expected_answers(tiny_run.path, ["Who has the kite?"], None, 5)[0]
+    assert r.stdout.endswith(f"\nyou> Who has the kite?\nmodel> {answer}\nyou> /reset\n(new conversation)\nyou> \n")

@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     if sys.stdin.isatty():
         _enable_line_editing()
         _take_ctrl_c()
+    # Piped in, or written to a file, the question reached no terminal next to its prompt: without
+    # it the transcript read "you> model> ..." with nothing asked.
+    echo = not (sys.stdin.isatty() and sys.stdout.isatty())
     print(f"chatting with {ckpt} ({model.num_params():,} parameters, context {session.context} tokens)")
     print(COMMANDS)
     while True:
@@ -70,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:  # at the prompt: drop the line, ask again
             print()
             continue
+        if echo:
+            print(line)
         text = line.strip()
         if text in ("/exit", "/quit"):
             return 0
