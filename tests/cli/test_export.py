@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub reads it at import
 
@@ -55,6 +58,20 @@ def test_an_out_that_cannot_be_written_is_one_line(tiny_run, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"--out {out}: cannot write" in r.stderr and "pick another --out" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_disk_that_fills_midway_is_one_line_and_leaves_nothing(tiny_run, tmp_path):
+    # A 1 MB file size limit fails the 6 MB weights file as a full disk does (EFBIG, not ENOSPC).
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    out = tmp_path / "hf"
+    r = subprocess.run([sys.executable, "-m", "tinyllm", "export", "--run", str(tiny_run.path), "--out", str(out)],
+                       capture_output=True, text=True, env=tiny_run.env, timeout=300, preexec_fn=limit)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"--out {out}: cannot write {out} (File too large)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_help_names_every_architecture_an_export_can_be():

@@ -240,6 +240,17 @@ def test_export_command_writes_the_runs_gguf(exported, tmp_path, capsys):
     llm.close()
 
 
+def test_a_run_given_as_dot_names_the_model_after_the_run(exported, tmp_path, monkeypatch):
+    # `cd RUN && tinyllm export --run . ...` wrote no general.name: the name of "." is "".
+    _, _, _, _, run_dir = exported
+    monkeypatch.chdir(run_dir)
+    out = tmp_path / "dot.gguf"
+    assert main(["export", "--run", ".", "--format", "gguf", "--out", str(out)]) == 0
+    llm = load_llama(out)
+    assert llm.metadata.get("general.name") == run_dir.name
+    llm.close()
+
+
 @pytest.mark.parametrize(("flags", "error"), [
     (["--dtype", "bf16"], "--dtype bf16 is not a --format gguf precision: use one of f32, f16, q8_0"),
     (["--dtype", "q8_0", "--format", "hf"], "--dtype q8_0 is not a --format hf precision"),

@@ -60,7 +60,8 @@ def _run_gguf(args: argparse.Namespace, dtype: str) -> int:
     from tinyllm.export.gguf import export_gguf, gguf_architecture  # torch: after --help
 
     model, _, ckpt = load_run(args, "export", decoding=False)
-    name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name
+    ckpt_dir = ckpt.resolve()  # `--run .` names the run too, not "" (the name of ".")
+    name = ckpt_dir.parent.parent.name if ckpt_dir.parent.name == "checkpoints" else ckpt_dir.name
     try:
         out = export_gguf(model, args.out, dtype=dtype, name=name)
     except OSError as e:  # written under a temporary name and renamed: nothing half-written is left

@@ -32,12 +32,15 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -151,7 +154,7 @@ def export_hf(model: GPT, out_dir: Path, *, dtype: torch.dtype | str = torch.flo
     try:
         contiguous = {k: v.detach().to("cpu", dtype).clone(memory_format=torch.contiguous_format)
                       for k, v in tensors.items()}
-        save_file(contiguous, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _save_weights(contiguous, tmp / "model.safetensors")
         hf_config.save_pretrained(str(tmp))
         # tinyllm starts a prompt with <|endoftext|> and stops at any special id (STOP_IDS).
         transformers.GenerationConfig(**_special_ids()).save_pretrained(str(tmp))
@@ -164,6 +167,18 @@ def export_hf(model: GPT, out_dir: Path, *, dtype: torch.dtype | str = torch.flo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _save_weights(tensors: dict[str, Tensor], path: Path) -> None:
+    """safetensors' save_file, its I/O errors as OSError: a full disk is then the command's one-line
+    error, not a SafetensorError traceback."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1]))) from e
 
 
 def _open_up(folder: Path, like: Path | None) -> None:
