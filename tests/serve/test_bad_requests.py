@@ -89,6 +89,8 @@ def test_wrong_types_are_400(server, model_name, field, value):
         ("top_p", 1.5),
         ("n", 0),
         ("n", 1000),
+        ("presence_penalty", 2.5),  # taken, not applied; but in OpenAI's range, as OpenAI checks it
+        ("frequency_penalty", -3),
         ("stop", ["a", "b", "c", "d", "e"]),
         ("stop", ""),
         ("messages", []),

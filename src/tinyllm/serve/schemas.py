@@ -3,7 +3,8 @@
 Why it is shaped this way:
 - Validation is strict (pydantic strict mode over the raw JSON): `"max_tokens": "5"` is a wrong
   type, not a 5, as with OpenAI's own API. Fields the server does not know are ignored, so clients
-  that send `user`, `presence_penalty`, `tools` and the like keep working.
+  that send `user`, `tools` and the like keep working; `presence_penalty` and `frequency_penalty`
+  are checked in OpenAI's range, then not applied.
 - Only what can be checked without the model lives here. Limits that depend on the model (context
   length, vocabulary, how many choices a request may ask for) are checked where the model is known.
 - `parse_body` turns pydantic's error list into one `APIError` with the offending field in
@@ -62,6 +63,10 @@ class _SamplingFields(_Strict):
     # Keys are token ids as JSON object keys (strings); whether they are in the vocabulary is
     # checked where the model is known.
     logit_bias: dict[str, float] | None = None
+    # Taken and not applied (tinyllm's sampling has no penalties), so clients that send them keep
+    # working; but checked in OpenAI's range, so a value OpenAI refuses is refused here too.
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     response_format: ResponseFormat | None = None
 
     @field_validator("logit_bias")
