@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import tinyllm.eval
+from tinyllm.cli import main
 from tinyllm.data.loader import TokenLoader
 from tinyllm.eval import qa_accuracy
 from tinyllm.runtime.checkpoint import load_model, read_config
@@ -58,6 +60,20 @@ def test_mistakes_are_one_line_errors(tiny_run, tmp_path):
     assert r.returncode == 2 and "--max-batches must be at least 1" in r.stderr
     r = tiny_run.tinyllm("eval")
     assert r.returncode == 2 and "give --run RUN_DIR" in r.stderr
+
+
+def test_qa_on_data_without_questions_is_refused_before_the_loss_pass(tiny_run, tmp_path, monkeypatch, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("The cat sat on the mat by the door. " * 200)
+    data = tmp_path / "notes"
+    assert main(["prepare", "--source", str(notes), "--out", str(data), "--quiet"]) == 0
+
+    def loss_pass(*args, **kwargs):
+        raise AssertionError("the loss pass ran before --qa's data was checked")
+
+    monkeypatch.setattr(tinyllm.eval, "evaluate_loss", loss_pass)
+    assert main(["eval", "--run", str(tiny_run.path), "--data", str(data), "--qa", "3"]) == 2
+    assert "has no builtin source" in capsys.readouterr().err
 
 
 def test_a_mix_is_reported_per_source_and_in_total(tiny_run, tmp_path):
@@ -114,7 +130,6 @@ def test_a_task_file_loads_quietly_and_a_broken_one_is_one_line(tiny_run, tmp_pa
 
 def test_a_task_given_twice_is_refused_before_anything_is_scored(tmp_path, capsys):
     # The second mc file's figures replaced the first's under "mc", the first scored for nothing.
-    from tinyllm.cli import main
 
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     for f in (first, second):
@@ -127,7 +142,6 @@ def test_a_task_given_twice_is_refused_before_anything_is_scored(tmp_path, capsy
 
 def test_flags_the_chosen_report_would_ignore_are_refused(tmp_path, capsys):
     # They were silently ignored: `--task mc=F --qa 5` printed no QA figure and no word why.
-    from tinyllm.cli import main
 
     task = tmp_path / "mine.jsonl"
     task.write_text('{"context": "a", "choices": ["b"], "gold": 0}\n')

@@ -64,9 +64,13 @@ def run(args: argparse.Namespace) -> int:
         return run_tasks(args)
     from tinyllm.data.dataset import qa_dataset, trained_dataset
     from tinyllm.eval import evaluate_loss, qa_accuracy  # torch: after --help
+    from tinyllm.eval.qa import held_out_documents
 
     model, cfg, ckpt = load_run(args, "evaluate")
     data_dir = Path(args.data) if args.data else trained_dataset(cfg.data)
+    questions = None  # their source checked now, not after the loss pass, which may take minutes
+    if args.qa:
+        questions = held_out_documents(Path(args.data) if args.data else qa_dataset(cfg.data), split=args.split)
     batch_size = args.batch_size or cfg.train.micro_batch
     loss_on = args.loss_on or cfg.data.loss_on
     result = evaluate_loss(model, data_dir, split=args.split, batch_size=batch_size, context=cfg.model.block_size,
@@ -76,9 +80,8 @@ def run(args: argparse.Namespace) -> int:
               "loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
               "tokens": result.tokens, "bytes": result.bytes, "floor": result.floor, "gap": result.gap,
               "sources": {name: figures(r) for name, r in result.sources.items()}}
-    if args.qa:
-        qa_dir = Path(args.data) if args.data else qa_dataset(cfg.data)
-        qa = qa_accuracy(model, qa_dir, max_questions=args.qa, split=args.split)
+    if questions is not None:
+        qa = qa_accuracy(model, questions, max_questions=args.qa)
         report["qa"] = {"correct": qa.correct, "total": qa.total, "accuracy": qa.accuracy, "skipped": qa.skipped}
     print(json.dumps(report) if args.json else format_report(report))
     return 0

@@ -70,14 +70,19 @@ def answer_correct(answer: str, reference: str) -> bool:
 
 
 def held_out_documents(data_dir: str | Path, *, split: str = "val", source: str = "builtin") -> Iterator[Document]:
-    """The documents of one source's split, read back from its shards in order."""
+    """The documents of one source's split, read back from its shards in order; a dataset without
+    that source is refused now, not when the documents are first read (after `tinyllm eval`'s loss pass)."""
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
     if source not in manifest["sources"]:
         raise UserError(f"{data_dir} has no {source} source (it has {', '.join(manifest['sources'])}): "
                         f"question answering needs data prepared with --source {source}")
+    return _read_back(data_dir, manifest["sources"][source]["splits"][split]["shards"])
+
+
+def _read_back(data_dir: Path, shards: list[dict]) -> Iterator[Document]:
     tok = get_tokenizer()
-    for entry in manifest["sources"][source]["splits"][split]["shards"]:
+    for entry in shards:
         shard = Shard(data_dir / entry["file"], VOCAB_SIZE, expect=entry)
         for i in range(shard.n_docs):
             yield document_from_ids(tok, shard.document(i).tolist())
