@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -91,18 +92,24 @@ def test_completions_default_to_16_tokens_and_accept_token_ids_and_echo(
     assert batch.choices[0].text == batch.choices[1].text  # greedy: n copies agree
 
 
-def test_stop_string_cuts_the_text_streaming_and_not(client, model_name):
+def test_stop_string_cuts_the_text_streaming_and_not(client, model_name, server, wait_for):
     kw = dict(model=model_name, messages=HELLO, max_tokens=40, temperature=0)
     full = client.chat.completions.create(**kw).choices[0].message.content
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert len(stop) == 3 and stop in full
     expected = full[: full.index(stop)]
+    before = httpx.get(server.url + "/health").json()
     cut = client.chat.completions.create(**kw, stop=[stop, "never appears \u2603"])
     assert cut.choices[0].message.content == expected
     assert cut.choices[0].finish_reason == "stop"
     assert cut.usage.completion_tokens < 40
     streamed = client.chat.completions.create(**kw, stop=stop, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
+    # Both ended as asked, "stop": /health counted them cancelled, as if their clients had gone.
+    assert wait_for(lambda: httpx.get(server.url + "/health").json()["active"] == 0)
+    after = httpx.get(server.url + "/health").json()
+    assert after["jobs_finished"] - before["jobs_finished"] == 2
+    assert after["jobs_cancelled"] == before["jobs_cancelled"]
 
 
 def _text(choice) -> str:

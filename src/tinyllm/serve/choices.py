@@ -99,7 +99,7 @@ class ChoiceRun:
                     text = self._texts[i].push(value)
                     if self._texts[i].stopped:
                         done[i] = True
-                        self._worker.cancel(self._jobs[i])
+                        self._worker.cancel(self._jobs[i], complete=True)
                         yield Delta(i, text, "stop")
                     elif text:
                         yield Delta(i, text)

@@ -77,6 +77,7 @@ class Job:
         self.score = score
         self.generated = 0
         self._cancelled = threading.Event()
+        self._complete = False  # cancelled because its text was complete (a stop string): finished
         self._done = False  # finished, failed or dropped: the worker forgets it this round
 
     @property
@@ -165,14 +166,23 @@ class GenerationWorker:
             self._pending.extend(jobs)
             self._cond.notify_all()
 
-    def cancel(self, job: Job) -> None:
-        """Stop `job`: a queued one never starts, a running one stops before its next token."""
+    def cancel(self, job: Job, *, complete: bool = False) -> None:
+        """Stop `job`: a queued one never starts, a running one stops before its next token.
+        `complete`: its text is whole (a stop string matched), so /health counts it finished."""
+        job._complete = job._complete or complete  # the request's own clean-up cancels it again
         job._cancelled.set()
         with self._cond:
             try:
                 self._pending.remove(job)
             except ValueError:
                 return  # running (the worker drops it on its next round) or already done
+            self._count_dropped(job)
+
+    def _count_dropped(self, job: Job) -> None:
+        """Count a job cancelled before its end (with `_cond` held: cancel() runs on other threads)."""
+        if job._complete:
+            self._jobs_finished += 1
+        else:
             self._jobs_cancelled += 1
 
     def stats(self) -> WorkerStats:
@@ -234,8 +244,8 @@ class GenerationWorker:
         for job in self._active:
             if job.cancelled and not job._done:
                 self._retire(job)
-                with self._cond:  # cancel() counts queued jobs from other threads
-                    self._jobs_cancelled += 1
+                with self._cond:
+                    self._count_dropped(job)
 
     def _start(self, job: Job) -> None:
         """Score a scoring job, or prefill a generating one and send its first token."""
