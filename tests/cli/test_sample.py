@@ -80,6 +80,22 @@ def test_a_special_token_ends_the_sample_and_is_never_printed(monkeypatch, capsy
         assert len(get_tokenizer().encode(out)) < 60
 
 
+def test_a_prompt_that_fills_the_context_leaves_room_for_the_continuation(run, capsys):
+    # With learned positions generation ends with the context: a prompt that filled it got 1 token.
+    model, cfg, _ = load_model(run)
+    prompt = "The cat sat on the mat and looked at the dog. " * 8  # 97 tokens, context 32
+    args = argparse.Namespace(run=str(run), checkpoint=None, prompt=prompt, max_new_tokens=10, temperature=0,
+                              top_k=0, top_p=None, seed=None, device="cpu")
+    assert sample.run(args) == 0
+    out, err = capsys.readouterr()
+    tok = get_tokenizer()
+    kept = tok.prompt_ids(prompt)[-(cfg.model.block_size - 10):]
+    no_stop = {t: -100 for t in STOP_IDS}  # greedy continuations here may end at once; not this one
+    assert out == prompt + tok.decode_text(generate(model, kept, 10, temperature=0, stop_ids=STOP_IDS)) + "\n"
+    assert len(list(generate(model, kept, 10, temperature=0, logit_bias=no_stop))) == 10
+    assert "keeping the prompt's last 22" in err
+
+
 def test_ctrl_c_ends_the_line_so_the_interrupted_note_starts_its_own(monkeypatch, capsys):
     # `main` prints "tinyllm sample: interrupted" on stderr; it was glued to the text on a terminal.
     def interrupted(*args, **kwargs):

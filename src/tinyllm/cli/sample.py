@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="generate text from a trained run",
         description="Load RUN_DIR's newest checkpoint (or --checkpoint) and print the prompt and its "
         "continuation as it is generated. Generation starts a new document (after <|endoftext|>) and "
-        "stops where the text ends (at <|endoftext|>, or where a chat would begin).",
+        "stops where the text ends (at <|endoftext|>, or where a chat would begin). A prompt too long for the "
+        "model's context keeps its end, leaving room for --max-new-tokens (up to half the context).",
     )
     add_run_arguments(p)
     add_quantize_argument(p)
@@ -70,6 +71,14 @@ def continuation(model, tok, prompt: str, max_new_tokens: int, **sampling) -> It
     from tinyllm.inference.textstream import stream_text
     from tinyllm.tokenizer import STOP_IDS
 
-    ids = generate(model, tok.prompt_ids(prompt), max_new_tokens, stop_ids=STOP_IDS, **sampling)
-    return stream_text(tok, ids)
+    ids = tok.prompt_ids(prompt)
+    cfg = model.config
+    # Learned positions end with the context, and generation with them (`generate`): a prompt that
+    # filled it got one token. Like chat, keep room for the continuation, up to half the context.
+    keep = cfg.block_size - min(max_new_tokens, cfg.block_size // 2)
+    if cfg.pos_emb == "learned" and len(ids) > keep:
+        warnings.warn(f"the prompt's {len(ids)} tokens and --max-new-tokens {max_new_tokens} do not fit the "
+                      f"model's context of {cfg.block_size} tokens: keeping the prompt's last {keep}", stacklevel=2)
+        ids = ids[-keep:]
+    return stream_text(tok, generate(model, ids, max_new_tokens, stop_ids=STOP_IDS, **sampling))
 
