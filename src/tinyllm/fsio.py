@@ -28,6 +28,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def publish_new(tmp: str | Path, path: str | Path) -> None:
+    """Give the finished file `tmp` the name `path`, which must not exist: FileExistsError if it
+    does, even if it was made while `tmp` was written (a rename would have replaced it)."""
+    try:
+        os.link(tmp, path)  # fails if `path` exists, in one step
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links: a check, then the rename
+        if os.path.lexists(path):
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+    fsync_dir(Path(path).parent)
+
+
 def write_synced(path: str | Path, text: str) -> None:
     """Write `text` to `path` (UTF-8) and fsync it (in place: for files inside a temporary directory)."""
     with open(path, "w", encoding="utf-8") as f:

@@ -320,6 +320,23 @@ def test_refuses_an_existing_file_and_a_bad_dtype(tmp_path):
     assert (tmp_path / "m.gguf").read_text() == "mine"
 
 
+def test_a_file_made_at_out_while_exporting_is_left_as_it_is(tmp_path, monkeypatch):
+    # The check came before the export and a rename after it: a file made in between was replaced.
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16))
+    out = tmp_path / "m.gguf"
+    gguf = pytest.importorskip("gguf")
+    write_tensors = gguf.GGUFWriter.write_tensors_to_file
+
+    def meanwhile(self, *args, **kwargs):
+        out.write_text("mine")  # another export, or the user, at the same moment
+        return write_tensors(self, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", meanwhile)
+    with pytest.raises(UserError, match="was made while the export ran"):
+        export_gguf(model, out)
+    assert out.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
 def test_missing_folders_above_the_file_are_made_as_for_hf(tmp_path):
     # The error used to name a temporary file in a folder that did not exist.
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16))

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from tinyllm.errors import UserError
 from tinyllm.export.hf_tokenizer import CHAT_TEMPLATE
+from tinyllm.fsio import fsync_file, publish_new
 from tinyllm.model.gpt import GPT, GPTConfig
 from tinyllm.tokenizer import (
     EOT,
@@ -150,7 +151,7 @@ def export_gguf(model: GPT, out: str | Path, *, dtype: str = "f32", name: str = 
     if out.exists():
         raise UserError(f"--out {out} already exists: pick a new file name or remove it first")
     out.parent.mkdir(parents=True, exist_ok=True)  # as the hf export does for its folder
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # two exports at once write two files
     try:
         writer = gguf.GGUFWriter(str(tmp), arch)
         _add_metadata(writer, gguf, model, arch, dtype, name)
@@ -160,7 +161,11 @@ def export_gguf(model: GPT, out: str | Path, *, dtype: str = "f32", name: str = 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
+        fsync_file(tmp)
+        publish_new(tmp, out)
+    except FileExistsError:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"--out {out} was made while the export ran: it is left as it is; pick another name") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
