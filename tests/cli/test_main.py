@@ -84,3 +84,14 @@ def test_an_error_every_process_meets_is_said_by_rank_0_and_the_others_let_it_ex
         assert err == "tinyllm tokenize: error: training diverged\n" and waited == []
     else:
         assert err == "" and waited == [cli._RANK0_FIRST_S]
+
+
+def test_a_home_path_joined_to_its_flag_is_the_users_home_not_a_folder_named_tilde(tmp_path, monkeypatch):
+    # `--out=~/x` reaches us unexpanded (a shell expands `--out ~/x` only): it made ./~/x.
+    home, here = tmp_path / "home", tmp_path / "here"
+    home.mkdir(), here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    (home / "notes.txt").write_text("The cat sat on the mat by the door. " * 200)
+    assert main(["prepare", "--source", "~/notes.txt", "--out=~/data", "--quiet"]) == 0
+    assert (home / "data" / "manifest.json").is_file() and list(here.iterdir()) == []

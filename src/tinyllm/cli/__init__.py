@@ -40,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flags that name a file or directory. A shell expands `--out ~/x`, not `--out=~/x`: that made a
+# folder named "~" here, the kind a later `rm -rf ~` cleans up with the user's home.
+_PATH_FLAGS = ("out", "data", "run", "init", "config", "checkpoint", "resume", "tests")
+
+
+def _expand_home(args: argparse.Namespace) -> None:
+    for name in _PATH_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+
+
 def main(argv: list[str] | None = None) -> int:
     # A crash inside native code (torch, glibc) then prints where Python was, not nothing.
     if not faulthandler.is_enabled():
@@ -58,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _expand_home(args)
     try:
         return int(args.func(args) or 0)
     except UserError as e:
