@@ -2,6 +2,7 @@
 
 import json
 import math
+import signal
 from dataclasses import replace
 
 import pytest
@@ -102,6 +103,42 @@ def test_ctrl_c_saves_before_the_last_evaluation(tmp_path, data):
     trainer.evaluate = evaluate
     result = trainer.run()
     assert result.stopped == "interrupted" and seen[-1].name == f"step-{result.steps:08d}"
+
+
+def test_ctrl_c_during_the_final_save_still_saves_the_last_step(tmp_path, data, monkeypatch):
+    """The run's last save (after its last step, no periodic one before it) answers Ctrl-C as the
+    steps do: it completes, and the run ends interrupted (exit 130, so `&& tinyllm train --stage sft`
+    does not go on); before, it was cut short and every step since the last checkpoint was lost."""
+    trainer = Trainer(config(data, max_steps=4, checkpoint_every=0, eval_every=0, sample_every=0), tmp_path,
+                      echo=False)
+    save, handler = trainer_module.ckpt.save_checkpoint, signal.getsignal(signal.SIGINT)
+
+    def ctrl_c_then_save(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.ckpt, "save_checkpoint", ctrl_c_then_save)
+    try:
+        result = trainer.run()
+    except KeyboardInterrupt:
+        pytest.fail("a Ctrl-C during the final save quit without saving")
+    assert result.stopped == "interrupted" and result.checkpoint == latest_checkpoint(tmp_path)
+    assert result.checkpoint.name == "step-00000004" and signal.getsignal(signal.SIGINT) is handler
+
+
+def test_ctrl_c_during_the_final_samples_leaves_the_last_step_saved(tmp_path, data, monkeypatch):
+    """The samples after the last step may be cut short by Ctrl-C; the step must be saved by then."""
+    trainer = Trainer(config(data, max_steps=4, checkpoint_every=0, eval_every=0, sample_every=100), tmp_path,
+                      echo=False)
+
+    def ctrl_c_at_the_end(log, model, tok, train, step, *args):
+        if step == 4:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(trainer_module.report, "write_samples", ctrl_c_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert latest_checkpoint(tmp_path).name == "step-00000004"
 
 
 def test_a_time_budget_does_not_turn_ctrl_c_into_a_budget_stop(tmp_path, data):

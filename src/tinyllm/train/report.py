@@ -17,13 +17,14 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +226,16 @@ def end_of_run_qa(log: RunLog | QuietLog, gather: Callable[[], nn.Module | None]
               f"{time.monotonic() - started:.0f}s")
     log.metrics({"step": step, "tokens": tokens, "qa_accuracy": qa.accuracy, "qa_questions": qa.total})
     return qa
+
+
+@contextlib.contextmanager
+def stop_signals(stop: Callable[[], bool], *, echo: bool) -> Iterator[None]:
+    """`install_stop_signals` while the block runs, the previous handlers after it."""
+    restore = install_stop_signals(stop, echo=echo)
+    try:
+        yield
+    finally:
+        restore()
 
 
 def install_stop_signals(stop: Callable[[], bool], *, echo: bool) -> Callable[[], None]:

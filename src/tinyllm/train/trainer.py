@@ -135,11 +135,8 @@ class Trainer:
                            sequential=sequential, loss_on=d.loss_on, rank=rank, world_size=world)
 
     def _precision(self) -> torch.dtype | None:
-        """The autocast dtype, decided once for all ranks.
-
-        "auto" on a CPU times a GEMM, which can come out either way: rank 0 decides and every rank
-        takes its answer; a run that recorded its choice (`train.auto_dtype`) keeps it (`recorded_choice`).
-        """
+        """The autocast dtype, decided once for all ranks: "auto" on a CPU times a GEMM, which can come out
+        either way, so rank 0 decides; a run that recorded its choice (`train.auto_dtype`) keeps it."""
         wanted, self.precision_note = recorded_choice(self.device, self.cfg.train.dtype, self.cfg.train.auto_dtype)
         return distributed.from_main(autocast_dtype(self.device, wanted) if self.dist.is_main else None, self.dist)
 
@@ -170,15 +167,17 @@ class Trainer:
             self.log.close()
             return self._result("already finished", self.last_ckpt)
         with self._running(first_step=self.step):
-            self._loop()
-            return self._finish()
+            report.announce(self.log, self.cfg, self._summary())
+            # Held until the last step is saved: a Ctrl-C or SIGTERM as the run ends still saves it.
+            with report.stop_signals(self.stop, echo=self.echo):
+                self._loop()
+                path = self._save_end()
+            return self._finish(path)
 
     def _loop(self) -> None:
         t = self.cfg.train
-        report.announce(self.log, self.cfg, self._summary())
-        restore_signals = report.install_stop_signals(self.stop, echo=self.echo)
-        bar = report.ProgressBar(self.schedule.expected_steps(self.step), self.step, enabled=self.echo)
-        try:
+        with contextlib.closing(report.ProgressBar(self.schedule.expected_steps(self.step), self.step,
+                                                   enabled=self.echo)) as bar:
             if self.step == 0 and t.eval_every:
                 self._evaluate()
             if self.step == 0 and t.sample_every:
@@ -207,9 +206,6 @@ class Trainer:
                 bar.update(loss, lr, self.tokens_per_step / timed[-1], self.schedule.expected_steps(self.step))
                 if last:
                     break
-        finally:
-            bar.close()
-            restore_signals()
 
     @contextlib.contextmanager
     def _running(self, first_step: int) -> Iterator[None]:
@@ -375,16 +371,20 @@ class Trainer:
 
     # -- the end of the run ---------------------------------------------------------------------
 
-    def _finish(self) -> TrainResult:
-        # A budget that runs the schedule to its end before max_steps is what stopped the run.
-        reason = self.stop_reason or ("time budget" if self.step < self.schedule.total_steps else "finished")
+    def _save_end(self) -> Path:
+        """The last step's val loss and checkpoint; the samples and QA that follow may be cut short."""
         evaluated_now = self.log.history and self.log.history[-1].get("step") == self.step and "val_loss" in self.log.history[-1]
         if not evaluated_now and self.cfg.train.eval_every:
             self.log.metrics({"step": self.step, "lr": self.schedule.last_lr, "tokens": self.tokens,
                               **self._val_loss_timed()})
+        return self.last_ckpt if self.saved_step == self.step else self._checkpoint()
+
+    def _finish(self, path: Path) -> TrainResult:
+        # A Ctrl-C, even one during the last save, is an interrupted run (exit 130); a budget may end it early.
+        reason = self.stop_reason or ("interrupted" if self.stop_requested == "interrupted" else
+                                      "time budget" if self.step < self.schedule.total_steps else "finished")
         if self.cfg.train.sample_every:
             self._sample()
-        path = self.last_ckpt if self.saved_step == self.step else self._checkpoint()
         if self.cfg.train.stage == "sft":
             self.qa = report.end_of_run_qa(self.log, partial(sharded_state.full_model, self.model, self.dist),
                                            self.qa_dir, self.cfg.train.qa_questions, step=self.step,
