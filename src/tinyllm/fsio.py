@@ -12,6 +12,7 @@ This module imports nothing from tinyllm, so anything may use it.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -42,6 +43,14 @@ def publish_new(tmp: str | Path, path: str | Path) -> None:
     else:
         os.unlink(tmp)
     fsync_dir(Path(path).parent)
+
+
+def os_error_in(e: Exception) -> OSError | None:
+    """The OSError an exception names only in its text ("... (os error 28)", as safetensors' Rust
+    I/O errors read), so that a full disk under such a library is the one-line error it is
+    everywhere else; None when it names none."""
+    code = re.search(r"\(os error (\d+)\)", str(e))
+    return OSError(int(code[1]), os.strerror(int(code[1]))) if code else None
 
 
 def write_synced(path: str | Path, text: str) -> None:

@@ -123,6 +123,18 @@ def test_a_real_write_failure_in_a_real_process(run_copy):
     assert "resuming at step 2" in r.stdout and ckpt.latest_checkpoint(run_copy).name == "step-00000004"
 
 
+def test_a_full_disk_while_the_weights_are_written_is_the_same_one_line_error(run_copy):
+    """The weights are a checkpoint's first file, so on a filling disk the likeliest to fail;
+    safetensors reports that as its own error, with the OS error only in its text."""
+    newest = ckpt.latest_checkpoint(run_copy)
+    weights = (newest / "model.safetensors").stat().st_size
+    before = checkpoint_files(run_copy)
+    r = cli("train", "--out", str(run_copy), "--max-steps", "4", preexec_fn=limit_file_size(weights // 2))
+    assert_user_error(r, "could not write checkpoint", "step-00000003 (File too large)",
+                      f"the previous checkpoint {newest} is intact", "--resume")
+    assert checkpoint_files(run_copy) == before and leftovers(run_copy) == []
+
+
 # -- the run's own logs: metrics, the text log, TensorBoard, the plot ---------------------------
 
 needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")

@@ -32,8 +32,6 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -46,6 +44,7 @@ from torch import Tensor, nn
 
 from tinyllm.errors import UserError
 from tinyllm.export.hf_tokenizer import write_hf_tokenizer
+from tinyllm.fsio import os_error_in
 from tinyllm.model.gpt import GPT, GPTConfig
 from tinyllm.tokenizer import EOT, IM_END, PAD, STOP_IDS, VOCAB_SIZE
 
@@ -175,10 +174,9 @@ def _save_weights(tensors: dict[str, Tensor], path: Path) -> None:
     try:
         save_file(tensors, str(path), metadata={"format": "pt"})
     except SafetensorError as e:
-        code = re.search(r"\(os error (\d+)\)", str(e))
-        if code is None:
+        if (error := os_error_in(e)) is None:
             raise
-        raise OSError(int(code[1]), os.strerror(int(code[1]))) from e
+        raise error from e
 
 
 def _open_up(folder: Path, like: Path | None) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_file as save_safetensors_file
@@ -46,7 +47,7 @@ from torch import nn
 
 from tinyllm.config import Config, read_toml, resolve, to_toml
 from tinyllm.errors import UserError
-from tinyllm.fsio import fsync_dir, fsync_file, write_synced
+from tinyllm.fsio import fsync_dir, fsync_file, os_error_in, write_synced
 from tinyllm.model.gpt import GPT
 from tinyllm.runtime.run_dir import CHECKPOINTS, CONFIG_FILE, SUPERSEDED
 
@@ -189,11 +190,17 @@ def save_checkpoint(
 def _write_files(
     tmp: Path, step: int, model: nn.Module | dict, optimizer: torch.optim.Optimizer | dict, state: dict, config: Config
 ) -> None:
-    if isinstance(model, dict):  # full weights gathered from a sharded model: one name per tensor
-        save_safetensors_file({k: v.contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"),
-                              metadata={"step": str(step)})
-    else:  # save_model drops the second name of a tied tensor; load_model restores the tie.
-        save_safetensors_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    try:
+        if isinstance(model, dict):  # full weights gathered from a sharded model: one name per tensor
+            save_safetensors_file({k: v.contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"),
+                                  metadata={"step": str(step)})
+        else:  # save_model drops the second name of a tied tensor; load_model restores the tie.
+            save_safetensors_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    except SafetensorError as e:
+        # A full disk, met first by the weights, the first file written: the one-line error any failed save is.
+        if (error := os_error_in(e)) is None:
+            raise
+        raise error from e
     # safetensors writes its file 0600; give it the mode the other files get from open() (the
     # temporary folder's, made by mkdir under the same umask, less x), so whoever may read the run reads its weights.
     (tmp / "model.safetensors").chmod(tmp.stat().st_mode & 0o666)
