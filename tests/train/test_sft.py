@@ -76,6 +76,16 @@ def test_sft_takes_the_model_and_data_from_the_pretrained_run(tmp_path, pretrain
     assert sft_plan(tmp_path / "sft", pretrained, **{"optim.lr": 1e-4}).config.optim.lr == 1e-4
 
 
+def test_fine_tuning_a_fine_tuned_run_keeps_its_learning_rate(tmp_path, pretrained):
+    """A second round (say, your own chat data after the built-in questions) is fine-tuning too:
+    its rate is the first round's, not 0.3x of it again."""
+    first = sft_plan(tmp_path / "first", pretrained, **QUIET, **{"train.max_steps": 1}).config
+    Trainer(first, tmp_path / "first", echo=False).run()
+    again = sft_plan(tmp_path / "again", tmp_path / "first").config
+    assert first.optim.lr == read_config(pretrained).optim.lr * 0.3
+    assert again.optim.lr == first.optim.lr and again.train.init == str(latest_checkpoint(tmp_path / "first"))
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"stage": "sft"}, "--stage sft fine-tunes a pretrained model: add --init RUN_DIR"),
     ({"init": "PRETRAINED"}, "names the pretrained run to fine-tune: add --stage sft"),

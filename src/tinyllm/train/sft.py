@@ -12,7 +12,8 @@ Why it is shaped this way:
   its own checkpoint and never reads `init` again, which is what keeps resuming exact.
 - The defaults are a layer here rather than a preset: a preset stands alone (`--preset`), these
   only mean something over a pretrained run. The learning rate is a fraction of the pretrained
-  run's peak, so it suits whichever recipe the model came from.
+  run's peak, so it suits whichever recipe the model came from; a fine-tuned run fine-tuned
+  again (on other chat data) keeps its own rate.
 - Its end-of-run score, exact answers to held-out questions, is `tinyllm.eval.qa.held_out_qa`:
   the same scoring `tinyllm eval --qa` uses, in one place.
 """
@@ -61,7 +62,9 @@ def sft_config(init: str | Path, *, config_file: str | Path | None = None,
     base = copy.deepcopy(pretrained)
     for section, values in SFT_DEFAULTS.items():
         base.setdefault(section, {}).update(values)
-    base["optim"]["lr"] = float(pretrained.get("optim", {}).get("lr", 3e-4)) * LR_SCALE
+    # A fine-tuned run's rate is already SFT's: scaled again, each further round would learn 0.3x slower.
+    scale = 1.0 if pretrained.get("train", {}).get("stage") == "sft" else LR_SCALE
+    base["optim"]["lr"] = float(pretrained.get("optim", {}).get("lr", 3e-4)) * scale
     base["train"].update(stage="sft", init=str(ckpt))
     name = str(ckpt / "config.toml")
     cfg = resolve(config_file=config_file, overrides=overrides, base=base, base_name=name)
