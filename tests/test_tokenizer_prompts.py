@@ -22,7 +22,7 @@ from tinyllm.cli import sample
 from tinyllm.data.document import Document
 from tinyllm.data.loader import TokenLoader
 from tinyllm.data.prepare import PrepareOptions, prepare
-from tinyllm.data.sources import resolve_sources
+from tinyllm.data.source_specs import resolve_sources
 from tinyllm.eval.qa import qa_accuracy
 from tinyllm.export.hf_tokenizer import write_hf_tokenizer
 from tinyllm.inference.chat import ChatSession

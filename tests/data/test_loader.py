@@ -301,7 +301,7 @@ def test_default_mode_is_unchanged_by_the_mask(chat):
 
 
 def test_alpaca_records_give_loss_only_on_the_output(tmp_path, quiet_prepare):
-    from tinyllm.data.sources import resolve_sources
+    from tinyllm.data.source_specs import resolve_sources
 
     rows = [{"instruction": f"Count to {i}.", "input": "" if i % 2 else "Use digits.",
              "output": " ".join(str(k) for k in range(1, i + 1)), "text": "ignored"} for i in range(1, 30)]

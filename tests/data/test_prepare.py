@@ -10,7 +10,7 @@ from tinyllm.data.builtin import BuiltinCorpus, entropy_floor
 from tinyllm.data.document import Document
 from tinyllm.data.manifest import MANIFEST, load_manifest
 from tinyllm.data.shards import Shard
-from tinyllm.data.sources import resolve_sources
+from tinyllm.data.source_specs import resolve_sources
 from tinyllm.errors import UserError
 from tinyllm.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 

@@ -6,7 +6,7 @@ import itertools
 
 from tinyllm.data import pydocs
 from tinyllm.data.manifest import load_manifest
-from tinyllm.data.sources import resolve_sources
+from tinyllm.data.source_specs import resolve_sources
 
 from .test_prepare import decoded
 

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tinyllm.data.document import Document
-from tinyllm.data.sources import HUB, parse_spec, resolve_sources
+from tinyllm.data.source_specs import parse_spec, resolve_sources
+from tinyllm.data.sources import HUB
 from tinyllm.errors import UserError
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tinyllm.data.prepare import PrepareOptions, prepare
-from tinyllm.data.sources import resolve_sources
+from tinyllm.data.source_specs import resolve_sources
 from tinyllm.model.gpt import GPT, GPTConfig
 
 

@@ -133,7 +133,7 @@ def test_a_mix_is_scored_row_by_row_once_per_source_and_totalled_by_tokens(tmp_p
     """Sizes and weights far apart: a pass drawn by weight would score the small source's rows
     many times over and never reach most of the big one's."""
     from tinyllm.data.prepare import PrepareOptions, prepare
-    from tinyllm.data.sources import resolve_sources
+    from tinyllm.data.source_specs import resolve_sources
 
     words = "the cat sat on a mat and ran to see a red dog under old trees".split()
     for name, n in (("small", 12), ("big", 160)):

@@ -11,7 +11,7 @@ import tinyllm.eval.qa as qa
 from tinyllm.data.builtin import BuiltinCorpus
 from tinyllm.data.document import Document, tokenize_document
 from tinyllm.data.prepare import PrepareOptions, prepare
-from tinyllm.data.sources import resolve_sources
+from tinyllm.data.source_specs import resolve_sources
 from tinyllm.errors import UserError
 from tinyllm.eval.qa import answer_correct, held_out_documents, held_out_qa, qa_accuracy, questions
 from tinyllm.model.gpt import GPT, GPTConfig

@@ -11,7 +11,7 @@ import torch
 
 from tinyllm.config import resolve
 from tinyllm.data.prepare import PrepareOptions, prepare
-from tinyllm.data.sources import resolve_sources
+from tinyllm.data.source_specs import resolve_sources
 from tinyllm.eval.loss import evaluate_loss
 from tinyllm.runtime.checkpoint import latest_checkpoint
 from tinyllm.tokenizer import PAD

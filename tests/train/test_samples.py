@@ -9,7 +9,7 @@ import pytest
 from tinyllm.config import resolve
 from tinyllm.data.prepare import PrepareOptions, prepare
 from tinyllm.data.prompts import opening_prompts
-from tinyllm.data.sources import resolve_sources
+from tinyllm.data.source_specs import resolve_sources
 from tinyllm.train.trainer import Trainer
 
 LINES = ["Before we proceed any further, hear me speak.", "You are all resolved rather to die than to famish?",

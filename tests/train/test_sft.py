@@ -17,7 +17,8 @@ import torch
 from tinyllm.config import resolve
 from tinyllm.data.builtin import BuiltinCorpus, Lexicon
 from tinyllm.data.prepare import PrepareOptions, prepare
-from tinyllm.data.sources import BuiltinSource, resolve_sources
+from tinyllm.data.source_specs import resolve_sources
+from tinyllm.data.sources import BuiltinSource
 from tinyllm.errors import UserError
 from tinyllm.eval.loss import evaluate_loss
 from tinyllm.eval.qa import qa_accuracy

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tinyllm.bench import positive_ints
 from tinyllm.data.prepare import PrepareOptions, prepare
-from tinyllm.data.sources import resolve_sources
+from tinyllm.data.source_specs import resolve_sources
 from tinyllm.errors import UserError
 
 HELP = "prepare throughput (tokens/s) on 1 and 2 cores, and packed-batch loader throughput"

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from tinyllm.data.prepare import PrepareOptions, prepare
-from tinyllm.data.sources import describe_sources, resolve_sources
+from tinyllm.data.source_specs import resolve_sources
+from tinyllm.data.sources import describe_sources
 from tinyllm.errors import UserError
 
 

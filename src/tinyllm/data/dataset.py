@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from tinyllm.data.manifest import MANIFEST
 from tinyllm.data.prepare import PrepareOptions, prepare, prepare_settings
-from tinyllm.data.sources import BUILTIN_MAX_TOKENS, resolve_sources
+from tinyllm.data.source_specs import resolve_sources
+from tinyllm.data.sources import BUILTIN_MAX_TOKENS
 from tinyllm.errors import UserError
 from tinyllm.tokenizer import get_tokenizer
 
